@@ -1,0 +1,143 @@
+"""Memory-bounded log-probabilities of target tokens from final hidden states.
+
+The naive route (`logits = hidden @ W`, `log_softmax`, gather) materialises a
+float32 `[N, L, V]` tensor in the forward pass and another in the backward pass;
+at Llama-3 vocabularies (V = 128256) that is the largest buffer of a DPO step.
+Here the sequence is cut into chunks of `chunk_size` positions and a `lax.scan`
+walks over them with a rematerialised body: each chunk's logits exist only inside
+one iteration, forward and backward, so peak temporary memory is
+O(N x chunk_size x V) instead of O(N x L x V).
+
+Token alignment is the caller's business: `targets_NxL[:, i]` is the token whose
+log-probability is read from `hidden_NxLxD[:, i]` (for a causal LM that is
+`tokens[:, i + 1]`; see `shift_for_next_token`).
+
+bf16 hidden states and unembedding are fine: the matmul accumulates in float32
+(`preferred_element_type`) and the log-softmax is done in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def shift_for_next_token(
+    tokens_NxL: jax.Array, loss_mask_NxL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Targets and mask aligned with hidden states of a causal LM.
+
+    Position i of the hidden states predicts token i+1, so the target of position i
+    is `tokens[i+1]`, counted when `loss_mask[i+1]` is set (the mask marks the
+    tokens that are scored, e.g. the response tokens). The last position predicts
+    nothing.
+    """
+    targets_NxL = jnp.concatenate([tokens_NxL[:, 1:], jnp.zeros_like(tokens_NxL[:, :1])], axis=1)
+    mask_NxL = jnp.concatenate(
+        [loss_mask_NxL[:, 1:], jnp.zeros_like(loss_mask_NxL[:, :1])], axis=1
+    ).astype(bool)
+    return targets_NxL, mask_NxL
+
+
+def _chunk_token_logprobs(
+    hidden_NxCxD: jax.Array, unembed_DxV: jax.Array, targets_NxC: jax.Array
+) -> jax.Array:
+    """log softmax(hidden @ W)[target] for one chunk, float32. [N, C]."""
+    logits_NxCxV = jnp.einsum(
+        "ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32
+    )
+    lse_NxC = jax.nn.logsumexp(logits_NxCxV, axis=-1)
+    target_logit_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
+    return target_logit_NxC - lse_NxC
+
+
+def _to_chunks(x_NxL: jax.Array, chunk_size: int) -> jax.Array:
+    """[N, L, ...] -> [L/C, N, C, ...] with zero padding of L up to a multiple of C."""
+    n, length = x_NxL.shape[:2]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    if pad:
+        x_NxL = jnp.pad(x_NxL, [(0, 0), (0, pad)] + [(0, 0)] * (x_NxL.ndim - 2))
+    x = x_NxL.reshape((n, num_chunks, chunk_size) + x_NxL.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _check_shapes(hidden_NxLxD: jax.Array, unembed_DxV: jax.Array, targets_NxL: jax.Array) -> None:
+    if hidden_NxLxD.ndim != 3:
+        raise ValueError(f"hidden states must be [N, L, D], got {hidden_NxLxD.shape}")
+    if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != hidden_NxLxD.shape[2]:
+        raise ValueError(
+            f"unembedding must be [D, V] with D={hidden_NxLxD.shape[2]}, got {unembed_DxV.shape}"
+        )
+    if targets_NxL.shape != hidden_NxLxD.shape[:2]:
+        raise ValueError(f"targets {targets_NxL.shape} must be [N, L] = {hidden_NxLxD.shape[:2]}")
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def token_logprobs(
+    hidden_NxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_NxL: jax.Array,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """Per-token log-probabilities of `targets`, float32 [N, L] (for evaluation)."""
+    _check_shapes(hidden_NxLxD, unembed_DxV, targets_NxL)
+    n, length = targets_NxL.shape
+    chunk_size = min(chunk_size, length)
+    hidden_ch = _to_chunks(hidden_NxLxD, chunk_size)
+    targets_ch = _to_chunks(targets_NxL, chunk_size)
+    body = jax.checkpoint(_chunk_token_logprobs)
+    logps_ch = jax.lax.map(lambda xs: body(xs[0], unembed_DxV, xs[1]), (hidden_ch, targets_ch))
+    return jnp.moveaxis(logps_ch, 0, 1).reshape(n, -1)[:, :length]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def sequence_logprobs(
+    hidden_NxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_NxL: jax.Array,
+    mask_NxL: jax.Array,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """Sum over masked positions of log p(target | hidden), float32 [N].
+
+    Differentiable w.r.t. hidden states and unembedding with the same memory bound
+    as the forward pass: the scan body is rematerialised, so the backward pass
+    rebuilds one chunk's logits at a time.
+    """
+    _check_shapes(hidden_NxLxD, unembed_DxV, targets_NxL)
+    if mask_NxL.shape != targets_NxL.shape:
+        raise ValueError(f"mask {mask_NxL.shape} must match targets {targets_NxL.shape}")
+    chunk_size = min(chunk_size, targets_NxL.shape[1])
+    hidden_ch = _to_chunks(hidden_NxLxD, chunk_size)
+    targets_ch = _to_chunks(targets_NxL, chunk_size)
+    mask_ch = _to_chunks(mask_NxL.astype(bool), chunk_size)  # padding is False
+
+    @jax.checkpoint
+    def chunk_sum(hidden_NxCxD, targets_NxC, mask_NxC):
+        logps_NxC = _chunk_token_logprobs(hidden_NxCxD, unembed_DxV, targets_NxC)
+        return jnp.sum(jnp.where(mask_NxC, logps_NxC, 0.0), axis=1)
+
+    def step(total_N, xs):
+        return total_N + chunk_sum(*xs), None
+
+    total_N, _ = jax.lax.scan(
+        step, jnp.zeros(targets_NxL.shape[0], jnp.float32), (hidden_ch, targets_ch, mask_ch)
+    )
+    return total_N
+
+
+def naive_sequence_logprobs(
+    hidden_NxLxD: jax.Array, unembed_DxV: jax.Array, targets_NxL: jax.Array, mask_NxL: jax.Array
+) -> jax.Array:
+    """Full-logits reference: materialises [N, L, V]. For tests and benchmarks only."""
+    logits_NxLxV = jnp.einsum(
+        "nld,dv->nlv", hidden_NxLxD, unembed_DxV, preferred_element_type=jnp.float32
+    )
+    logps_NxLxV = jax.nn.log_softmax(logits_NxLxV, axis=-1)
+    logps_NxL = jnp.take_along_axis(logps_NxLxV, targets_NxL[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask_NxL, logps_NxL, 0.0), axis=1)

@@ -1,0 +1,186 @@
+"""Plackett-Luce DPO losses over K ranked responses (DESIGN.md §1).
+
+A prompt comes with K responses ranked best first. Each response gets the score
+
+    s_k = T * (log pi_theta(y_k | x) - log pi_ref(y_k | x))
+
+and the loss is the Plackett-Luce negative log-likelihood of the observed ranking
+
+    nll = - sum_{k=1}^{K-1} [ s_k - log sum_{j=k}^{K} exp(s_j) ].
+
+K=2 is exactly DPO / SPIN's logistic loss -log sigmoid(s_1 - s_2).
+
+Conventions (all functions are pure and jittable):
+- `scores_BxK` and friends are ordered best first along K.
+- `valid_BxK` marks responses that exist. A list may be shorter than K; a masked
+  response takes part in no sum, wherever it sits in the list.
+- A list with fewer than 2 valid responses carries no ranking information: its
+  loss is 0, it is left out of the mean and counted in `num_degenerate_lists`.
+- A NaN or inf in a *valid* entry propagates into the loss on purpose, so that the
+  training loop's non-finite guard stops the run; non-finite values in *masked*
+  entries are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+VARIANTS = ("pl", "pl_top_m", "hinge")
+
+# Masked scores are replaced by this finite value rather than -inf: it vanishes in
+# every logsumexp (exp underflows to exactly 0) yet keeps gradients finite, which
+# -inf would not (logaddexp(-inf, -inf) has a NaN gradient).
+_MASKED_SCORE = -1e30
+
+
+def _as_valid(scores_BxK: jax.Array, valid_BxK: jax.Array | None) -> jax.Array:
+    if scores_BxK.ndim != 2:
+        raise ValueError(f"scores must be [B, K], got shape {scores_BxK.shape}")
+    if valid_BxK is None:
+        return jnp.ones(scores_BxK.shape, dtype=bool)
+    if valid_BxK.shape != scores_BxK.shape:
+        raise ValueError(
+            f"valid mask shape {valid_BxK.shape} does not match scores shape {scores_BxK.shape}"
+        )
+    return valid_BxK.astype(bool)
+
+
+def plackett_luce_nll(
+    scores_BxK: jax.Array,
+    valid_BxK: jax.Array | None = None,
+    top_m: int | None = None,
+) -> jax.Array:
+    """Per-list Plackett-Luce negative log-likelihood, shape [B].
+
+    Args:
+      scores_BxK: scores, best response first.
+      valid_BxK: which responses exist (default: all).
+      top_m: if given, only the first `top_m` stages of the Plackett-Luce product
+        (the top-m ranking likelihood); `None` means all K-1 stages.
+    """
+    valid_BxK = _as_valid(scores_BxK, valid_BxK)
+    scores_BxK = scores_BxK.astype(jnp.promote_types(scores_BxK.dtype, jnp.float32))
+    masked_BxK = jnp.where(valid_BxK, scores_BxK, _MASKED_SCORE)
+    # lse_BxK[:, k] = log sum_{j >= k, valid} exp(s_j): a reverse cumulative logsumexp,
+    # computed as an associative scan of logaddexp, so it is exact for |s| ~ 1e4.
+    lse_BxK = jax.lax.cumlogsumexp(masked_BxK, axis=1, reverse=True)
+    stage_BxK = masked_BxK - lse_BxK
+    take_BxK = valid_BxK
+    if top_m is not None:
+        if top_m < 1:
+            raise ValueError(f"top_m must be >= 1, got {top_m}")
+        # Stage index counts valid responses only: the m-th stage is the m-th valid one.
+        stage_idx_BxK = jnp.cumsum(valid_BxK, axis=1) - 1
+        take_BxK = take_BxK & (stage_idx_BxK < top_m)
+    return -jnp.sum(jnp.where(take_BxK, stage_BxK, 0.0), axis=1)
+
+
+def hinge_nll(scores_BxK: jax.Array, valid_BxK: jax.Array | None = None) -> jax.Array:
+    """SPIN's hinge variant for K=2: relu(1 - (s_1 - s_2)), shape [B]."""
+    valid_BxK = _as_valid(scores_BxK, valid_BxK)
+    if scores_BxK.shape[1] != 2:
+        raise ValueError(f"the hinge variant is defined for K=2, got K={scores_BxK.shape[1]}")
+    margin_B = jnp.where(valid_BxK.all(axis=1), scores_BxK[:, 0] - scores_BxK[:, 1], 1.0)
+    return jax.nn.relu(1.0 - margin_B)
+
+
+def _check_temperature(T: Any) -> None:
+    # A traced T (swept without recompiling) cannot be checked here; configs check it.
+    if isinstance(T, (int, float)) and not T > 0:
+        raise ValueError(f"temperature T must be > 0, got {T}")
+
+
+def pl_dpo_loss(
+    policy_logps: jax.Array,
+    ref_logps: jax.Array,
+    T: float | jax.Array,
+    valid: jax.Array | None = None,
+    variant: str = "pl",
+    top_m: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Plackett-Luce DPO loss of a batch of ranked lists and its metrics.
+
+    Args:
+      policy_logps: [B, K] summed response log-probs under the policy, best first.
+      ref_logps: [B, K] the same under the frozen reference.
+      T: KL temperature (DPO's beta), > 0.
+      valid: [B, K] bool, which responses exist.
+      variant: "pl" (full Plackett-Luce), "pl_top_m" (first `top_m` stages) or
+        "hinge" (SPIN's hinge, K=2).
+      top_m: number of stages for "pl_top_m".
+
+    Returns:
+      (loss, metrics): the mean loss over lists with >= 2 valid responses, and a
+      dict of device arrays (no host sync) described in `ranking_metrics`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown loss variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    if policy_logps.shape != ref_logps.shape:
+        raise ValueError(
+            f"policy_logps {policy_logps.shape} and ref_logps {ref_logps.shape} differ in shape"
+        )
+    if variant == "pl_top_m" and top_m is None:
+        raise ValueError("variant 'pl_top_m' needs top_m (number of Plackett-Luce stages)")
+    _check_temperature(T)
+    valid_BxK = _as_valid(policy_logps, valid)
+
+    policy_BxK = policy_logps.astype(jnp.float32)
+    ref_BxK = ref_logps.astype(jnp.float32)
+    # Zero masked entries first so a NaN in a padding slot cannot reach any sum.
+    scores_BxK = jnp.where(valid_BxK, T * (policy_BxK - ref_BxK), 0.0)
+
+    if variant == "hinge":
+        nll_B = hinge_nll(scores_BxK, valid_BxK)
+    else:
+        nll_B = plackett_luce_nll(scores_BxK, valid_BxK, top_m if variant == "pl_top_m" else None)
+
+    informative_B = valid_BxK.sum(axis=1) >= 2
+    num_lists = informative_B.sum()
+    loss = jnp.sum(jnp.where(informative_B, nll_B, 0.0)) / jnp.maximum(num_lists, 1)
+
+    metrics = ranking_metrics(scores_BxK, valid_BxK)
+    metrics["loss"] = loss
+    metrics["policy_logps_K"] = _masked_mean(jnp.where(valid_BxK, policy_BxK, 0.0), valid_BxK)
+    metrics["ref_logps_K"] = _masked_mean(jnp.where(valid_BxK, ref_BxK, 0.0), valid_BxK)
+    return loss, metrics
+
+
+def _masked_mean(x_BxK: jax.Array, mask_BxK: jax.Array) -> jax.Array:
+    """Mean over the batch per position, counting only masked-in entries. [K]."""
+    return jnp.sum(jnp.where(mask_BxK, x_BxK, 0.0), axis=0) / jnp.maximum(mask_BxK.sum(axis=0), 1)
+
+
+def ranking_metrics(scores_BxK: jax.Array, valid_BxK: jax.Array) -> dict[str, jax.Array]:
+    """Metrics of how well the scores reproduce the ranking (device arrays).
+
+    - scores_K: mean score per rank position.
+    - margins_Km1: mean s_k - s_{k+1} over lists where both are valid.
+    - pairwise_accuracy: fraction of ordered valid pairs (i < j) with s_i > s_j.
+    - exact_ranking_accuracy: fraction of informative lists whose valid scores are
+      strictly decreasing.
+    - num_lists / num_degenerate_lists: lists with >= 2 / < 2 valid responses.
+    """
+    K = scores_BxK.shape[1]
+    informative_B = valid_BxK.sum(axis=1) >= 2
+    pair_valid_BxKxK = valid_BxK[:, :, None] & valid_BxK[:, None, :]
+    upper_KxK = jnp.triu(jnp.ones((K, K), dtype=bool), k=1)  # pairs i < j
+    pairs_BxKxK = pair_valid_BxKxK & upper_KxK
+    correct_BxKxK = scores_BxK[:, :, None] > scores_BxK[:, None, :]
+    num_pairs = pairs_BxKxK.sum()
+    pairwise_accuracy = jnp.sum(correct_BxKxK & pairs_BxKxK) / jnp.maximum(num_pairs, 1)
+    exact_B = jnp.all(correct_BxKxK | ~pairs_BxKxK, axis=(1, 2)) & informative_B
+
+    neighbours_BxKm1 = valid_BxK[:, :-1] & valid_BxK[:, 1:]
+    margins_BxKm1 = scores_BxK[:, :-1] - scores_BxK[:, 1:]
+    num_lists = informative_B.sum()
+    return {
+        "scores_K": _masked_mean(scores_BxK, valid_BxK),
+        "margins_Km1": _masked_mean(margins_BxKm1, neighbours_BxKm1),
+        "pairwise_accuracy": pairwise_accuracy,
+        "exact_ranking_accuracy": exact_B.sum() / jnp.maximum(num_lists, 1),
+        "num_lists": num_lists,
+        "num_degenerate_lists": scores_BxK.shape[0] - num_lists,
+    }
