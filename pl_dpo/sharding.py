@@ -1,0 +1,286 @@
+"""Device mesh, regex partition rules and sharded creation of parameters.
+
+One mesh with axes ("data", "fsdp", "tensor") (DESIGN.md §4). Parameters are placed
+by *rules as data*: a sequence of `(regex, PartitionSpec)` pairs matched with
+`re.search` against the '/'-joined path of each parameter (e.g.
+`layers/3/attn/q_proj/kernel`); the first match wins. The same rules place the
+optimizer state, because optax moment paths end with the parameter path
+(`opt_state/0/mu/layers/3/attn/q_proj/kernel`).
+
+Parameters and optimizer state are created *already sharded*: shapes come from
+`eval_shape` and the real initialisation runs under `jax.jit(out_shardings=...)`,
+so no device ever holds a whole copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+BATCH_AXES: tuple[str, str] = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, P]]
+
+# Llama / Mistral / Qwen2-style decoder. Kernels are stored [in, out] (nnx.Linear).
+# Column-parallel projections (D -> F) shard their output over "tensor",
+# row-parallel ones (F -> D) their input, so the pair needs one all-reduce; "fsdp"
+# shards the D side of every matrix. A stacked-layer axis in front is left unsharded.
+DEFAULT_DECODER_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed[^/]*/embedding$", P("tensor", "fsdp")),  # [V, D]: vocab over tensor
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
+    (r"(o_proj|down_proj)/kernel$", P("tensor", "fsdp")),
+    (r"(o_proj|down_proj)/bias$", P("fsdp")),
+    (r"norm[^/]*/(scale|bias)$", P()),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
+    (r"lm_head/bias$", P("tensor")),
+)
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; at most one size may be -1 ("the rest").
+
+    Raises ValueError naming the sizes and the device count when they do not fit,
+    before anything is compiled.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    desc = f"mesh data={data} fsdp={fsdp} tensor={tensor} with {n} devices"
+    for name, s in sizes.items():
+        if not isinstance(s, (int, np.integer)) or (s < 1 and s != -1):
+            raise ValueError(f"{desc}: axis {name!r} size must be a positive int or -1, got {s!r}")
+    rest = [k for k, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"{desc}: at most one axis may be -1, got {rest}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if n % known:
+            raise ValueError(f"{desc}: the fixed axes ({known} devices) do not divide the device count {n}")
+        sizes[rest[0]] = n // known
+    if math.prod(sizes.values()) != n:
+        raise ValueError(
+            f"{desc}: sizes multiply to {math.prod(sizes.values())}, not to the device count {n}"
+        )
+    shape = tuple(int(sizes[a]) for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+    """'/'-joined path of a pytree key path; drops the `.value` of nnx Variables."""
+    parts: list[str] = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name != "value":
+                parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def match_rule(path: str, rules: Rules) -> P | None:
+    """The spec of the first rule whose regex `re.search`-matches `path`, else None."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return spec
+    return None
+
+
+def _axis_size(mesh: Mesh, entry: str | tuple[str, ...] | None) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def spec_for(
+    path: str,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules,
+    *,
+    error_on_unmatched: bool = False,
+    rank_mismatch: str = "error",
+) -> P:
+    """PartitionSpec for one array, fitted to its shape and to the mesh.
+
+    The rule's spec applies to the trailing dims (leading dims, e.g. a stacked
+    layer axis, get None). A dim not divisible by its mesh axis size is replicated
+    (and logged) instead of failing. `rank_mismatch` says what to do when the spec
+    has more entries than the array has dims: "error" or "replicate" (used for
+    optimizer states whose shapes differ from their parameter's, e.g. factored).
+    """
+    spec = match_rule(path, rules)
+    if spec is None:
+        if error_on_unmatched:
+            raise ValueError(f"parameter {path!r} (shape {tuple(shape)}) matches no partition rule")
+        return P()
+    entries = tuple(spec)
+    if len(entries) > len(shape):
+        if rank_mismatch == "replicate":
+            return P()
+        raise ValueError(
+            f"parameter {path!r}: rule spec {spec} has {len(entries)} dims but the array has "
+            f"shape {tuple(shape)}"
+        )
+    for entry in entries:
+        for name in (entry,) if isinstance(entry, str) else (entry or ()):
+            if name not in mesh.shape:
+                raise ValueError(f"parameter {path!r}: spec {spec} names axis {name!r} not in mesh {dict(mesh.shape)}")
+    entries = (None,) * (len(shape) - len(entries)) + entries
+    fitted = []
+    for dim, (size, entry) in enumerate(zip(shape, entries)):
+        n = _axis_size(mesh, entry)
+        if n > 1 and size % n:
+            log.info("replicating dim %d (size %d) of %s: not divisible by %s=%d", dim, size, path, entry, n)
+            entry = None
+        fitted.append(entry)
+    while fitted and fitted[-1] is None:  # P("x", None) == P("x"); keep specs canonical
+        fitted.pop()
+    return P(*fitted)
+
+
+def logical_to_shardings(
+    state: Any,
+    mesh: Mesh,
+    rules: Rules,
+    *,
+    error_on_unmatched: bool = False,
+    rank_mismatch: str = "error",
+) -> Any:
+    """Same pytree as `state` (nnx.State, dict, optax state...) with NamedSharding leaves.
+
+    Leaves may be arrays or ShapeDtypeStructs. nnx Variables are kept as wrappers,
+    so the result can be passed directly as `jax.jit(out_shardings=...)`.
+    """
+
+    def one(path, leaf):
+        spec = spec_for(
+            path_to_str(path),
+            np.shape(leaf),
+            mesh,
+            rules,
+            error_on_unmatched=error_on_unmatched,
+            rank_mismatch=rank_mismatch,
+        )
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their target sharding (a restore target for Orbax)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+def create_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules, **rule_kwargs: Any) -> Any:
+    """Run a pure `init_fn() -> pytree` so that its outputs are born sharded."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = logical_to_shardings(abstract, mesh, rules, **rule_kwargs)
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def create_sharded_module(
+    constructor: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, **rule_kwargs: Any
+) -> nnx.Module:
+    """Build an nnx module whose variables are created directly with their shardings.
+
+    `constructor` must build the module deterministically (e.g. with nnx.Rngs(seed)).
+    """
+    abstract = nnx.eval_shape(constructor)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = logical_to_shardings(abstract_state, mesh, rules, **rule_kwargs)
+
+    state = jax.jit(lambda: nnx.split(constructor())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def create_sharded_optimizer(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+    wrt: Any = nnx.Param,
+) -> nnx.Optimizer:
+    """An nnx.Optimizer whose state (moments, counters) is created sharded like its params.
+
+    Optimizer-state leaves whose rank differs from the rule (scalar counters,
+    factored moments) are replicated.
+    """
+    graphdef, params = nnx.split(model)
+
+    def build(model_state):
+        return nnx.Optimizer(nnx.merge(graphdef, model_state), tx, wrt=wrt)
+
+    opt_graphdef, abstract_opt = nnx.split(nnx.eval_shape(build, params))
+    shardings = logical_to_shardings(abstract_opt, mesh, rules, rank_mismatch="replicate")
+    opt_state = jax.jit(lambda s: nnx.split(build(s))[1], out_shardings=shardings)(params)
+    return nnx.merge(opt_graphdef, opt_state)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dim over ("data", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Global jax.Arrays from each process's local rows (numpy), batch dim sharded.
+
+    Every process passes its own slice; the global batch is the concatenation over
+    processes in process order. Works unchanged on a single process.
+    """
+    sharding = batch_sharding(mesh)
+    n_batch_shards = _axis_size(mesh, BATCH_AXES)
+    n_proc = jax.process_count()
+
+    def one(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError(f"batch field {path_to_str(path)!r} is a scalar; every field needs a batch dim")
+        global_rows = x.shape[0] * n_proc
+        if global_rows % n_batch_shards:
+            raise ValueError(
+                f"batch field {path_to_str(path)!r}: global batch {global_rows} "
+                f"({x.shape[0]} rows x {n_proc} processes) is not divisible by data*fsdp={n_batch_shards}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+
+    return jax.tree_util.tree_map_with_path(one, batch)
