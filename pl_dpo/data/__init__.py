@@ -1,0 +1,57 @@
+"""Data: TFDS builders (array_record, no TensorFlow), tokenisation, batching.
+
+Public API
+----------
+Sources -> examples (`Example`: example_id, prompt, responses best first,
+scores, task, meta JSON):
+
+  load_split(source, split, *, data_dir=None, files=None, max_rows=None,
+             skip_bad_rows=False, **options) -> list[Example]
+      source in {"synthetic", "ultrachat", "ultrafeedback", "ranked_jsonl"}.
+      synthetic options: seed, n_train, n_test, tasks, min_difficulty,
+      max_difficulty (splits "train", "test"; disjoint prompts).
+      Others read local files: files={split: path | [paths] | folder}.
+      ultrafeedback options: k=4, rating_field="overall_score", ties="stable"
+      ("stable" | "drop_tied_tail" | "keep_first"). ranked_jsonl: min_responses=2.
+  make_builder(...) / read_split(builder, split) / skipped_rows(builder)
+  generate_examples(SyntheticConfig(...)) -> {"train": [...], "test": [...]}
+      the same synthetic examples without TFDS (in memory).
+  check_answer(task, prompt_meta, text) -> bool   (synthetic checker)
+
+Examples -> arrays (layout documented in `pl_dpo.data.tokenize`):
+
+  tokenize_examples(tokenizer, examples, TokenizeConfig(...), k=None)
+      -> (arrays: dict[str, np.ndarray], TokenizeStats)
+  assemble_ranked(prompt_ids, response_ids, *, pad_id, k=None, seq_len=None,
+                  prompt_len=None, example_ids=None, ref_logps=None) -> arrays
+  trim_at_eos(ids, eos_id) -> list[int]
+
+Arrays -> batches:
+
+  BatchIterator(arrays, *, batch_size, seed=0, shuffle=True, drop_remainder=True,
+                num_epochs=None, length_buckets=None, process_index=0,
+                process_count=1)  -> iterator of RankedBatch; .state() / .restore()
+  prompt_batches(arrays, *, batch_size, length_buckets=None, process_index=0,
+                 process_count=1) -> iterator of PromptBatch (left-padded)
+
+A round's ranked set on disk (atomic .npz, no pickle):
+
+  save_ranked_set(path, arrays) / load_ranked_set(path) -> arrays
+
+Statistics: `python -m pl_dpo.data.stats --source=... [--files=split=path]`.
+"""
+
+from pl_dpo.data.batching import BatchIterator, PromptBatch, RankedBatch, default_buckets, prompt_batches
+from pl_dpo.data.builders import SOURCES, load_split, make_builder, read_split, skipped_rows
+from pl_dpo.data.files import BadRowPolicy, DataError
+from pl_dpo.data.ranked_set import load_ranked_set, save_ranked_set
+from pl_dpo.data.schemas import Example
+from pl_dpo.data.synthetic import TASKS, SyntheticConfig, check_answer, generate_examples
+from pl_dpo.data.tokenize import TokenizeConfig, TokenizeStats, assemble_ranked, tokenize_examples, trim_at_eos
+
+__all__ = [
+  "SOURCES", "TASKS", "BadRowPolicy", "BatchIterator", "DataError", "Example", "PromptBatch", "RankedBatch",
+  "SyntheticConfig", "TokenizeConfig", "TokenizeStats", "assemble_ranked", "check_answer", "default_buckets",
+  "generate_examples", "load_ranked_set", "load_split", "make_builder", "prompt_batches", "read_split",
+  "save_ranked_set", "skipped_rows", "tokenize_examples", "trim_at_eos",
+]
