@@ -1,0 +1,346 @@
+"""Thin Orbax wrapper: per-round policies, mid-round train state, preemption, workdir config.
+
+Layout of a workdir:
+
+    config.json            the config of the first run (check_workdir_config)
+    policies/<t>/          πθ(t): params + metadata.json-like item (RoundCheckpoints)
+    train/<step>/          mid-round state: params, opt_state, extra (TrainCheckpoints)
+
+Atomicity (DESIGN.md §8): Orbax writes `<step>.orbax-checkpoint-tmp-<ts>/` and renames it
+on commit (local/NFS), or writes `commit_success.txt` (GCS). On top of that a step is
+taken as committed only if its `_CHECKPOINT_METADATA` carries a commit timestamp and
+every item directory exists; anything else found at start-up is renamed aside to
+`<step>.incomplete-<ts>` (never deleted) so that it can neither be restored nor block
+later saves.
+
+States are nnx.State or plain pytrees; nnx.State is stored as its pure dict, so the
+files do not depend on nnx Variable classes. Restores go *onto the given shardings*:
+the target leaves are ShapeDtypeStructs with `.sharding` (see sharding.with_shardings)
+or jax.Arrays whose sharding is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from pl_dpo.sharding import path_to_str
+
+log = logging.getLogger(__name__)
+
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+
+
+# ----------------------------------------------------------------------------- state <-> files
+
+
+def _to_saveable(state: Any) -> Any:
+    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+
+
+def _restore_target(state: Any, what: str) -> Any:
+    """Pure pytree of ShapeDtypeStructs, each with the sharding it must be restored onto."""
+    pure = _to_saveable(state)
+
+    def one(path, leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            raise ValueError(
+                f"{what}: restore target {path_to_str(path)!r} has no sharding; pass ShapeDtypeStructs "
+                "with .sharding (pl_dpo.sharding.with_shardings) or jax.Arrays"
+            )
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(one, pure)
+
+
+def _from_restored(target: Any, restored: Any) -> Any:
+    if isinstance(target, nnx.State):
+        out = jax.tree.map(lambda x: x, target)  # a copy: do not mutate the caller's target
+        nnx.replace_by_pure_dict(out, restored)
+        return out
+    return restored
+
+
+def _is_committed(step_dir: epath.Path, items: Sequence[str]) -> bool:
+    meta = step_dir / _STEP_METADATA
+    if not meta.exists():
+        return False
+    try:
+        committed = json.loads(meta.read_text()).get("commit_timestamp_nsecs") is not None
+    except (ValueError, OSError):
+        return False
+    return committed and all((step_dir / item).is_dir() for item in items)
+
+
+def _set_aside_incomplete(directory: epath.Path, items: Sequence[str]) -> None:
+    """Rename step dirs Orbax would list but that are not fully committed (primary only)."""
+    if jax.process_index() == 0 and directory.exists():
+        for step_dir in directory.iterdir():
+            # Plain `<step>` names only: Orbax's own `*.orbax-checkpoint-tmp*` dirs are
+            # never listed as steps and are removed by cleanup_tmp_directories.
+            if step_dir.name.isdigit() and step_dir.is_dir() and not _is_committed(step_dir, items):
+                aside = directory / f"{step_dir.name}.incomplete-{time.time_ns()}"
+                log.warning("checkpoint %s is not committed; moved aside to %s", step_dir, aside)
+                step_dir.rename(aside)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"pl_dpo_checkpoint_scan:{directory}")
+
+
+def _manager(directory: epath.Path, items: Sequence[str], *, max_to_keep: int | None, async_save: bool):
+    _set_aside_incomplete(directory, items)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # leftovers of a killed save
+        create=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=tuple(items))
+
+
+# ----------------------------------------------------------------------------- round policies
+
+
+class RoundCheckpoints:
+    """πθ(t) for every round t, kept forever (the reference of round t and a result)."""
+
+    ITEMS = ("params", "metadata")
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.directory = epath.Path(workdir) / "policies"
+        self._mngr = _manager(self.directory, self.ITEMS, max_to_keep=None, async_save=False)
+
+    def save(self, round_idx: int, params_state: Any, metadata: Mapping[str, Any]) -> None:
+        if round_idx in self.all_rounds():
+            raise FileExistsError(f"round {round_idx} policy already saved in {self.directory}")
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(_to_saveable(params_state)),
+            metadata=ocp.args.JsonSave(dict(metadata)),
+        )
+        self._mngr.save(round_idx, args=args, force=True)
+        self._mngr.wait_until_finished()
+
+    def restore(self, round_idx: int, abstract_state: Any) -> Any:
+        """The round's policy placed on `abstract_state`'s shardings (same container type)."""
+        self._require(round_idx)
+        target = _restore_target(abstract_state, f"round {round_idx}")
+        out = self._mngr.restore(
+            round_idx, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        )
+        return _from_restored(abstract_state, out["params"])
+
+    def metadata(self, round_idx: int) -> dict[str, Any]:
+        self._require(round_idx)
+        out = self._mngr.restore(round_idx, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        return dict(out["metadata"])
+
+    def latest_round(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_rounds(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def _require(self, round_idx: int) -> None:
+        if round_idx not in self.all_rounds():
+            raise FileNotFoundError(
+                f"no committed policy for round {round_idx} in {self.directory} (have {self.all_rounds()})"
+            )
+
+    def close(self) -> None:
+        self._mngr.close()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+@dataclass
+class Preemption:
+    """Polled by the train loop at step boundaries; set by SIGTERM."""
+
+    requested: bool = False
+    saved_step: int | None = None  # the step saved because of the request
+
+    @property
+    def should_exit(self) -> bool:
+        return self.saved_step is not None
+
+
+# ----------------------------------------------------------------------------- train state
+
+
+class TrainCheckpoints:
+    """Mid-round train state every `save_every_steps` steps, on request and on SIGTERM.
+
+    Train loop contract:
+
+        ckpt = TrainCheckpoints(dir, save_every_steps=100)
+        ckpt.install_sigterm_handler()
+        restored = ckpt.restore_latest(abstract_params, abstract_opt_state)
+        for step in range(start, n_steps):
+            ... one step ...
+            ckpt.maybe_save(step + 1, params, opt_state, {"data_pos": ..., "seed": ...})
+            if ckpt.preemption.should_exit:
+                break
+        ckpt.maybe_save(n_steps, ..., force=True); ckpt.wait_until_finished()
+
+    `step` is the number of completed steps. Saves are async (the device->host copy
+    happens before maybe_save returns, so donating the buffers afterwards is safe).
+    """
+
+    ITEMS = ("params", "opt_state", "extra")
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        save_every_steps: int,
+        max_to_keep: int = 2,
+        async_save: bool = True,
+    ):
+        if save_every_steps < 1:
+            raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")
+        self.directory = epath.Path(directory)
+        self.save_every_steps = save_every_steps
+        self.preemption = Preemption()
+        self._mngr = _manager(self.directory, self.ITEMS, max_to_keep=max_to_keep, async_save=async_save)
+
+    def install_sigterm_handler(self) -> None:
+        """SIGTERM -> save at the next step boundary, then `preemption.should_exit`.
+
+        With several processes, JAX's preemption service (started by
+        jax.distributed.initialize) already catches SIGTERM and agrees on a common
+        step; a Python handler would replace its handler, so none is installed.
+        """
+        if jax.process_count() > 1:
+            return
+
+        def handler(signum, frame):
+            del signum, frame
+            log.warning("SIGTERM: saving at the next step boundary, then exiting")
+            self.preemption.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def _preemption_reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # Must be called at every step by every process (it is a sync protocol).
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.preemption.requested = True
+                return True
+            return False
+        return self.preemption.requested
+
+    def maybe_save(
+        self,
+        step: int,
+        params: Any,
+        opt_state: Any,
+        extra_json: Mapping[str, Any],
+        force: bool = False,
+    ) -> bool:
+        """Save if `step` is on the interval, forced, or a preemption was requested."""
+        preempt = self._preemption_reached(step)
+        if not (force or preempt or step % self.save_every_steps == 0):
+            return False
+        if step == self._mngr.latest_step():  # already saved this exact state
+            saved = False
+        else:
+            args = ocp.args.Composite(
+                params=ocp.args.StandardSave(_to_saveable(params)),
+                opt_state=ocp.args.StandardSave(_to_saveable(opt_state)),
+                extra=ocp.args.JsonSave({**dict(extra_json), "step": step}),
+            )
+            saved = self._mngr.save(step, args=args, force=True)
+        if preempt:
+            self._mngr.wait_until_finished()
+            self.preemption.saved_step = step
+        return saved
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def restore_latest(
+        self, abstract_params: Any, abstract_opt_state: Any
+    ) -> tuple[int, Any, Any, dict[str, Any]] | None:
+        """(step, params, opt_state, extra_json) of the newest committed step, or None."""
+        step = self._mngr.latest_step()
+        if step is None:
+            return None
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(_restore_target(abstract_params, f"train step {step} params")),
+            opt_state=ocp.args.StandardRestore(_restore_target(abstract_opt_state, f"train step {step} opt_state")),
+            extra=ocp.args.JsonRestore(),
+        )
+        out = self._mngr.restore(step, args=args)
+        params = _from_restored(abstract_params, out["params"])
+        opt_state = _from_restored(abstract_opt_state, out["opt_state"])
+        extra = dict(out["extra"])
+        extra.pop("step", None)
+        return step, params, opt_state, extra
+
+    def wait_until_finished(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+# ----------------------------------------------------------------------------- workdir config
+
+
+class WorkdirConfigMismatch(ValueError):
+    pass
+
+
+def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = "<missing>"
+
+
+def check_workdir_config(
+    workdir: str | os.PathLike, config: Mapping[str, Any], keys_that_must_match: Sequence[str]
+) -> None:
+    """Write `workdir/config.json` on the first run; later runs must agree on the given keys.
+
+    Keys may be dotted (`loss.K`). Values are compared after a JSON round trip, so a
+    tuple and a list with the same items match. Raises WorkdirConfigMismatch naming
+    the key, the old and the new value.
+    """
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        config = config.to_dict()
+    new = json.loads(json.dumps(config, default=str, sort_keys=True))
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f"config.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
+            tmp.rename(path)  # atomic: a reader sees the whole file or none
+        return
+    old = json.loads(path.read_text())
+    for key in keys_that_must_match:
+        a, b = _lookup(old, key), _lookup(new, key)
+        if a != b:
+            raise WorkdirConfigMismatch(
+                f"workdir {workdir} was written by an incompatible config: {key!r} was {a!r}, now {b!r} "
+                f"(see {path}); use a new --workdir or restore the old value"
+            )
