@@ -108,6 +108,12 @@ def test_assemble_ranked_and_trim():
   assert arrays["tokens_NxKxL"][0, 1].tolist() == [1, 5, 9, 9, 2]
   assert arrays["loss_mask_NxKxL"][1, 0].tolist() == [False, False, False, True, False]
   assert arrays["valid_NxK"].tolist() == [[True, True, False], [True, False, False]]
+  # A missing response holds the prompt alone: attended to, never in the loss.
+  assert arrays["tokens_NxKxL"][1, 2].tolist() == [1, 6, 7, 0, 0]
+  assert arrays["attn_valid_NxKxL"][1, 2].tolist() == [True, True, True, False, False]
+  assert not arrays["loss_mask_NxKxL"][~arrays["valid_NxK"]].any()
+  with pytest.raises(ValueError, match="empty prompt"):
+    assemble_ranked([[]], [[[2]]], pad_id=0)
   assert arrays["prompt_tokens_NxP"].tolist() == [[0, 1, 5], [1, 6, 7]]
   assert arrays["example_ids_N"].tolist() == [10, 11] and arrays["ref_logps_NxK"].dtype == np.float32
   with pytest.raises(ValueError, match="need L>=5"):

@@ -9,7 +9,9 @@ Layout of the arrays (N examples, K responses, L tokens, P prompt tokens):
                            False and the summed log-prob of a response is
                            sum_i mask[i] * log p(tokens[i] | tokens[:i]).
   attn_valid_NxKxL  bool   True on non-padding tokens (prompt + response).
-  valid_NxK         bool   response k exists (lists shorter than K are padded).
+  valid_NxK         bool   response k exists. A missing one (list shorter than K)
+                           holds the prompt alone (attn_valid on the prompt, no
+                           loss_mask), so no row is fully masked.
   prompt_tokens_NxP int32  the prompt alone, LEFT-padded (for generation).
   prompt_valid_NxP  bool   True on the prompt's real tokens.
   example_ids_N     int64  index of the example in the input list.
@@ -213,9 +215,15 @@ def assemble_ranked(
   pvalid = np.zeros((n, prompt_len), bool)
   for i, (p, rs) in enumerate(zip(prompt_ids, response_ids)):
     lp = len(p)
-    if lp:
-      ptoks[i, prompt_len - lp :] = p
-      pvalid[i, prompt_len - lp :] = True
+    if lp == 0:  # The first response token needs a position to be predicted from.
+      raise ValueError(f"assemble_ranked: example {i} has an empty prompt")
+    ptoks[i, prompt_len - lp :] = p
+    pvalid[i, prompt_len - lp :] = True
+    # Missing responses (j >= len(rs)) hold the prompt alone: valid False, no
+    # loss, but every row attends to real tokens (a fully masked row would give
+    # NaN in attention, and NaN * 0 is still NaN).
+    tokens[i, :, :lp] = p
+    attn_valid[i, :, :lp] = True
     for j, r in enumerate(rs):
       if len(r) == 0:
         raise ValueError(f"assemble_ranked: example {i} response {j} is empty")
