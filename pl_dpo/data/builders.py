@@ -213,8 +213,17 @@ def make_builder(
     if source == "ultrafeedback" and options.get("ties", "stable") not in schemas.TIE_RULES:
       raise ValueError(f"ultrafeedback: ties={options['ties']!r} not in {schemas.TIE_RULES}")
     config = _make_config(source, files, options, max_rows, skip_bad_rows)
-  builder = _BUILDERS[source](config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  cls = _BUILDERS[source]
+  builder = cls(config=config, data_dir=data_dir, file_format="array_record")
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except OSError:
+    # Several processes building the same dataset into a shared data_dir: TFDS
+    # writes into a private temporary folder and renames it; the loser's rename
+    # fails because the winner's complete folder is already there. Use that one.
+    builder = cls(config=config, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      raise
   return builder
 
 
