@@ -190,10 +190,12 @@ class TrainCheckpoints:
         restored = ckpt.restore_latest(abstract_params, abstract_opt_state)
         for step in range(start, n_steps):
             ... one step ...
+            if ckpt.should_save(step + 1):   # optional: e.g. check the loss is finite first
+                ...
             ckpt.maybe_save(step + 1, params, opt_state, {"data_pos": ..., "seed": ...})
             if ckpt.preemption.should_exit:
                 break
-        ckpt.maybe_save(n_steps, ..., force=True); ckpt.wait_until_finished()
+        ckpt.maybe_save(n_steps, ..., force=True); ckpt.close()
 
     `step` is the number of completed steps. Saves are async (the device->host copy
     happens before maybe_save returns, so donating the buffers afterwards is safe).
@@ -213,33 +215,57 @@ class TrainCheckpoints:
         self.directory = epath.Path(directory)
         self.save_every_steps = save_every_steps
         self.preemption = Preemption()
+        self._previous_handler: Any = None
+        self._decided: tuple[int, bool] | None = None  # (step, preemption reached at it)
         self._mngr = _manager(self.directory, self.ITEMS, max_to_keep=max_to_keep, async_save=async_save)
 
     def install_sigterm_handler(self) -> None:
         """SIGTERM -> save at the next step boundary, then `preemption.should_exit`.
 
+        The previous handler comes back on the first SIGTERM (so a second one kills
+        at once) and on close() (so a SIGTERM outside this phase is not swallowed).
         With several processes, JAX's preemption service (started by
         jax.distributed.initialize) already catches SIGTERM and agrees on a common
         step; a Python handler would replace its handler, so none is installed.
         """
         if jax.process_count() > 1:
             return
+        previous = signal.getsignal(signal.SIGTERM)
 
         def handler(signum, frame):
             del signum, frame
             log.warning("SIGTERM: saving at the next step boundary, then exiting")
             self.preemption.requested = True
+            signal.signal(signal.SIGTERM, previous)
 
         signal.signal(signal.SIGTERM, handler)
+        self._previous_handler = previous
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
 
     def _preemption_reached(self, step: int) -> bool:
         if jax.process_count() > 1:
-            # Must be called at every step by every process (it is a sync protocol).
+            # A sync protocol: every process calls it at every step, with the same steps.
             if multihost_utils.reached_preemption_sync_point(step):
                 self.preemption.requested = True
                 return True
             return False
         return self.preemption.requested
+
+    def should_save(self, step: int, force: bool = False) -> bool:
+        """Whether maybe_save(step) will save: interval, forced, or preemption.
+
+        Lets the loop do work that must precede a save (e.g. read metrics and stop
+        on a NaN) only when one is due. Call it at most once per step (multi-process
+        preemption is a per-step protocol); maybe_save reuses its answer.
+        """
+        if self._decided is None or self._decided[0] != step:
+            self._decided = (step, self._preemption_reached(step))
+        preempt = self._decided[1]
+        return force or preempt or step % self.save_every_steps == 0
 
     def maybe_save(
         self,
@@ -249,10 +275,13 @@ class TrainCheckpoints:
         extra_json: Mapping[str, Any],
         force: bool = False,
     ) -> bool:
-        """Save if `step` is on the interval, forced, or a preemption was requested."""
-        preempt = self._preemption_reached(step)
-        if not (force or preempt or step % self.save_every_steps == 0):
+        """Save if `step` is on the interval, forced, or a preemption was requested.
+
+        Returns whether a save was started (False if `step` is already saved).
+        """
+        if not self.should_save(step, force):
             return False
+        preempt = self._decided[1]
         if step == self._mngr.latest_step():  # already saved this exact state
             saved = False
         else:
@@ -293,6 +322,7 @@ class TrainCheckpoints:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
+        self._restore_handler()
         self._mngr.wait_until_finished()
         self._mngr.close()
 

@@ -119,6 +119,25 @@ def test_train_checkpoints_interval_keep_and_restore(tmp_path):
     assert mu.sharding.spec == P("fsdp", "tensor")
 
 
+def test_sigterm_flag_in_process_and_handler_restored(tmp_path):
+    mesh = shd.make_mesh(2, 2, 2)
+    params, opt_state = _train_state(mesh)
+    before = signal.getsignal(signal.SIGTERM)
+    tc = ck.TrainCheckpoints(tmp_path / "train", save_every_steps=100)
+    tc.install_sigterm_handler()
+    assert not tc.should_save(1) and not tc.maybe_save(1, params, opt_state, {})
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, the process lives on
+    time.sleep(0.05)
+    assert tc.preemption.requested and not tc.preemption.should_exit
+    assert signal.getsignal(signal.SIGTERM) is before  # a second SIGTERM would act as before
+    assert tc.should_save(2)
+    assert tc.maybe_save(2, params, opt_state, {"data_pos": 2})
+    assert tc.preemption.should_exit and tc.preemption.saved_step == 2 and tc.latest_step() == 2
+    tc.install_sigterm_handler()
+    tc.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_half_written_checkpoints_are_never_latest(tmp_path):
     mesh = shd.make_mesh(2, 2, 2)
     params, opt_state = _train_state(mesh)

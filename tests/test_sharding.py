@@ -243,3 +243,27 @@ def test_sharded_step_matches_single_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params8, params1)
     assert loss1[-1] < loss1[0]  # the step trains
     assert state8["layers"][0]["attn"]["q_proj"]["kernel"].get_value().sharding.spec == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+def test_default_rules_cover_the_project_decoder(preset):
+    """Every parameter of the real Decoder (stacked layers) is matched by a rule."""
+    from pl_dpo.models import config as model_config
+    from pl_dpo.models import decoder
+
+    cfg = model_config.tiny_config(preset)
+    abstract = nnx.state(nnx.eval_shape(lambda: decoder.create_model(cfg, seed=0)), nnx.Param)
+    mesh = shd.make_mesh(2, 2, 2)
+    sh = shd.logical_to_shardings(abstract, mesh, shd.DEFAULT_DECODER_RULES, error_on_unmatched=True)
+    got = {shd.path_to_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(sh)[0]}
+    assert got["embed/embedding"] == P("tensor", "fsdp")
+    assert got["layers/attn/q_proj/kernel"] == P(None, "fsdp", "tensor")
+    assert got["layers/attn/o_proj/kernel"] == P(None, "tensor", "fsdp")
+    assert got["layers/mlp/gate_proj/kernel"] == P(None, "fsdp", "tensor")
+    assert got["layers/mlp/down_proj/kernel"] == P(None, "tensor", "fsdp")
+    assert got["layers/input_norm/scale"] == P()
+    assert got["final_norm/scale"] == P()
+    if "lm_head/kernel" in got:
+        assert got["lm_head/kernel"] == P("fsdp", "tensor")
+    if preset == "tiny-qwen2":
+        assert got["layers/attn/k_proj/bias"] == P(None, "tensor")
