@@ -1,0 +1,278 @@
+"""The self-play loop (DESIGN.md §2): SFT -> assistants -> rounds of generate, rank, score, train.
+
+Workdir layout (every stage is skipped when its output is already committed, so a
+killed run resumes where it stopped and ends with the same parameters):
+
+    config.json                  the first run's config (later runs must agree, config_lib.WORKDIR_KEYS)
+    tokenizer/                   built once when no tokenizer path is configured
+    sft/policies/0               πθ(0)  (sft/train: its mid-phase state)
+    sft/eval_0.json              πθ(0)'s held-out metrics and greedy answers
+    assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
+    <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
+    <mode>/round_<t>/train       mid-round train state
+    <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
+    metrics.jsonl, tensorboard/  every step and every evaluation
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from pl_dpo import checkpoint, config_lib, evaluate, sampler, sharding, train
+from pl_dpo.data import (TokenizeConfig, assemble_ranked, load_ranked_set, load_split, save_ranked_set,
+                         tokenize_examples)
+from pl_dpo.data.tokenize import encode_examples
+from pl_dpo.metric_log import MetricLog
+from pl_dpo.models import Decoder, create_model, from_pretrained, save_pretrained
+from pl_dpo.phase import PhaseSpec, train_phase
+from pl_dpo.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _rng(seed: int, *labels: Any) -> jax.Array:
+    """A key derived from the seed and a stage label (stable across runs and processes)."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, labels)).encode()))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
+
+
+def _read_json(path: str) -> Any | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class SelfPlay:
+    """Holds what every stage of a run shares: mesh, tokenizer, data, logs."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.validate(config)
+        # Orbax wants absolute paths.
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        workdir = self.workdir
+        devices = jax.devices()[: config.mesh.get("num_devices", 0) or None]
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+        self.rules = sharding.DEFAULT_DECODER_RULES
+        checkpoint.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+        self.tokenizer = self._tokenizer()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.tok_cfg = TokenizeConfig(max_prompt_len=config.data.max_prompt_len,
+                                      max_response_len=config.data.max_response_len)
+        self.train_examples = self._load("train", config.data.get("num_train"))
+        test = self._load("test", config.eval.num_prompts)
+        self.sft_arrays, _ = tokenize_examples(self.tokenizer, self.train_examples, self.tok_cfg, k=1)
+        prompt_ids, response_ids, _ = encode_examples(self.tokenizer, self.train_examples, self.tok_cfg)
+        self.train_prompt_ids, self.train_answer_ids = prompt_ids, [r[0] for r in response_ids]
+        self.train_response_ids = response_ids  # offline mode ranks these
+        test_prompts, test_responses, _ = encode_examples(self.tokenizer, test, self.tok_cfg)
+        arrays, _ = tokenize_examples(self.tokenizer, test, self.tok_cfg, k=1)
+        self.heldout = evaluate.HeldOut(examples=test, arrays=arrays, prompt_ids=test_prompts,
+                                        answer_ids=[r[0] for r in test_responses],
+                                        checkable=config.data.source == "synthetic")
+        self.metric_log = MetricLog(workdir)
+        self.table: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------------------- inputs
+
+    def _tokenizer(self):
+        path = self.config.tokenizer.get("path")
+        if path:
+            return load_tokenizer(path)
+        path = os.path.join(self.workdir, "tokenizer")
+        if not os.path.exists(os.path.join(path, "tokenizer.json")) and jax.process_index() == 0:
+            build_tiny_tokenizer(path, vocab_size=self.config.tokenizer.vocab_size)
+        return load_tokenizer(path)
+
+    def _load(self, split: str, limit: int | None):
+        data = self.config.data
+        options = dict(data.get("options", {}) or {})
+        files = dict(data.get("files", {}) or {}) or None
+        examples = load_split(data.source, split, data_dir=os.path.join(self.workdir, "tfds"), files=files,
+                              skip_bad_rows=data.get("skip_bad_rows", False), **options)
+        return examples[:limit] if limit else examples
+
+    # --------------------------------------------------------------------------- models
+
+    def _abstract(self, model_cfg: ml_collections.ConfigDict):
+        decoder_cfg = config_lib.model_config(model_cfg, len(self.tokenizer))
+        abstract = nnx.eval_shape(lambda: create_model(decoder_cfg, seed=0))
+        graphdef, state = nnx.split(abstract)
+        shardings = sharding.logical_to_shardings(state, self.mesh, self.rules)
+        return graphdef, sharding.with_shardings(state, shardings)
+
+    def _initial_model(self, model_cfg: ml_collections.ConfigDict, seed: int) -> Decoder:
+        if model_cfg.get("hf_path"):
+            _, target = self._abstract(model_cfg)
+            return from_pretrained(model_cfg.hf_path, param_dtype=model_cfg.param_dtype,
+                                   compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat,
+                                   shardings=jax.tree.map(lambda a: a.sharding, target))
+        decoder_cfg = config_lib.model_config(model_cfg, len(self.tokenizer))
+        return sharding.create_sharded_module(lambda: create_model(decoder_cfg, seed=seed), self.mesh, self.rules)
+
+    def restore_policy(self, lineage: str, model_cfg: ml_collections.ConfigDict, index: int) -> Decoder:
+        graphdef, target = self._abstract(model_cfg)
+        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
+        try:
+            return nnx.merge(graphdef, ckpts.restore(index, target))
+        finally:
+            ckpts.close()
+
+    def _saved(self, lineage: str, index: int) -> bool:
+        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
+        try:
+            return index in ckpts.all_rounds()
+        finally:
+            ckpts.close()
+
+    def _save_policy(self, lineage: str, index: int, model: Decoder, metadata: dict[str, Any]) -> None:
+        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
+        try:
+            ckpts.save(index, nnx.state(model), metadata)
+        finally:
+            ckpts.close()
+
+    def supervised_model(self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim,
+                         batch_size: int) -> Decoder:
+        """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0)."""
+        if self._saved(lineage, 0):
+            return self.restore_policy(lineage, model_cfg, 0)
+        seed = self.config.seed + zlib.crc32(lineage.encode()) % 1000
+        model = self._initial_model(model_cfg, seed)
+        if steps > 0:
+            n = self.sft_arrays["tokens_NxKxL"].shape[0]
+            epochs = -(-steps * batch_size // n)
+            spec = PhaseSpec(name=lineage, directory=os.path.join(self.workdir, lineage), num_epochs=epochs,
+                             batch_size=batch_size, seed=seed, optim=optim,
+                             save_every_steps=self.config.checkpoint.save_every_steps, max_steps=steps)
+            model = train_phase(model, self.sft_arrays, train.sft_objective(self.config.logprob_chunk), spec,
+                                mesh=self.mesh, rules=self.rules, metric_log=self.metric_log)
+        self._save_policy(lineage, 0, model, {"lineage": lineage, "sft_steps": steps})
+        return model
+
+    # --------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, lineage: str, index: int, model: Decoder, baseline) -> dict[str, Any]:
+        path = os.path.join(self.workdir, lineage, f"eval_{index}.json")
+        cached = _read_json(path)
+        if cached is None:
+            metrics, responses, correct = evaluate.evaluate_policy(
+                model, self.heldout, self.tokenizer, batch_size=self.config.eval.batch_size,
+                max_new_tokens=self.config.sampling.max_new_tokens, baseline=baseline)
+            cached = {"metrics": metrics, "responses": responses,
+                      "correct": None if correct is None else correct.tolist()}
+            self.metric_log.write(f"eval/{lineage}", index, metrics)
+            _write_json(path, cached)
+        row = {"policy": lineage if lineage in ("sft",) else f"{lineage} round {index}", **cached["metrics"]}
+        self.table.append(row)
+        log.info("eval %s", row)
+        return cached
+
+    # --------------------------------------------------------------------------- generation
+
+    def samples(self, model: Decoder, label: str, progress_desc: str) -> list[list[int]]:
+        s = self.config.sampling
+        cfg = sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                     top_p=s.top_p, eos_ids=(self.eos_id,), pad_id=self.pad_id)
+        with tqdm(total=len(self.train_prompt_ids), desc=progress_desc, unit="prompt", leave=False,
+                  disable=jax.process_index() != 0) as bar:
+            return evaluate.generate_responses(model, self.sft_arrays, cfg, _rng(self.config.seed, label),
+                                               s.batch_size, self.eos_id, progress=bar)
+
+    def assistant_samples(self, index: int) -> list[list[int]]:
+        """Samples of assistant `index` on the training prompts, generated once and cached."""
+        lineage = f"assistant_{index}"
+        path = os.path.join(self.workdir, lineage, "samples.npz")
+        if os.path.exists(path):
+            z = load_ranked_set(path)
+            return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]
+        a = self.config.assistants[index]
+        model = self.supervised_model(lineage, a.model, a.sft_steps, a.optim, a.batch_size)
+        out = self.samples(model, f"{lineage}/samples", f"{lineage} samples")
+        width = max(len(r) for r in out)
+        tokens = np.full((len(out), width), self.pad_id, np.int32)
+        for i, r in enumerate(out):
+            tokens[i, : len(r)] = r
+        save_ranked_set(path, {"tokens": tokens, "lengths": np.array([len(r) for r in out], np.int32)})
+        return out
+
+    def ranked_set(self, mode: str, t: int, policy: Decoder, K: int, reference: Decoder) -> dict[str, np.ndarray]:
+        """Round t's ranked lists [answer, assistants..., πθ(t) sample] with reference log-probs."""
+        round_dir = os.path.join(self.workdir, mode, "offline" if mode == "offline" else f"round_{t}")
+        path = os.path.join(round_dir, "ranked.npz")
+        if os.path.exists(path):
+            return load_ranked_set(path)
+        if mode == "offline":
+            arrays, _ = tokenize_examples(self.tokenizer, self.train_examples, self.tok_cfg, k=K)
+        else:
+            assistants = [self.assistant_samples(i) for i in range(K - 2)]
+            own = self.samples(policy, f"{mode}/round_{t}/samples", f"{mode} round {t} samples")
+            lists = [[answer, *(a[n] for a in assistants), own[n]] for n, answer in enumerate(self.train_answer_ids)]
+            L = self.config.data.max_prompt_len + self.config.data.max_response_len
+            arrays = assemble_ranked(self.train_prompt_ids, lists, pad_id=self.pad_id, k=K, seq_len=L,
+                                     prompt_len=self.config.data.max_prompt_len)
+            arrays["policy_sample_correct_N"] = np.array(
+                [own[n] == a for n, a in enumerate(self.train_answer_ids)], bool)
+        arrays["ref_logps_NxK"] = evaluate.score_ranked(reference, arrays, self.config.eval.batch_size)
+        if jax.process_index() == 0:
+            save_ranked_set(path, arrays)
+        return arrays
+
+    # --------------------------------------------------------------------------- the loop
+
+    def run(self) -> list[dict[str, Any]]:
+        c = self.config
+        sft = self.supervised_model("sft", c.model, c.sft.steps, c.sft.optim, c.sft.batch_size)
+        sft_eval = self.evaluate("sft", 0, sft, baseline=None)
+        correct = None if sft_eval["correct"] is None else np.array(sft_eval["correct"])
+        baseline = evaluate.sft_baseline(sft, self.heldout, sft_eval["responses"], correct, pad_id=self.pad_id,
+                                         batch_size=c.eval.batch_size)
+        for mode in config_lib.modes_of(c):
+            K = config_lib.list_size(c, mode)
+            for t in range(c.rounds.num):
+                if self._saved(mode, t + 1):
+                    policy = self.restore_policy(mode, c.model, t + 1)
+                else:
+                    # A fresh restore: training donates the buffers of the model it starts from.
+                    start = self.restore_policy(*(("sft", c.model, 0) if t == 0 else (mode, c.model, t)))
+                    reference = sft if mode == "offline" else start
+                    arrays = self.ranked_set(mode, t, start, K, reference)
+                    optim = ml_collections.ConfigDict(c.rounds.optim.to_dict())
+                    if c.rounds.get("lr_per_round"):
+                        optim.lr = float(c.rounds.lr_per_round[t])
+                    spec = PhaseSpec(name=f"{mode}/round_{t}", directory=os.path.join(self.workdir, mode, f"round_{t}"),
+                                     num_epochs=c.rounds.epochs, batch_size=c.rounds.batch_size,
+                                     seed=c.seed + 7919 * (t + 1), optim=optim,
+                                     save_every_steps=c.checkpoint.save_every_steps,
+                                     max_steps=c.rounds.get("max_steps"))
+                    objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
+                    policy = train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules,
+                                         metric_log=self.metric_log)
+                    self._save_policy(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
+                self.evaluate(mode, t + 1, policy, baseline)
+            if c.get("export_hf"):
+                out = os.path.join(self.workdir, mode, "hf_export")
+                if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
+                    save_pretrained(policy, out)
+                    self.tokenizer.save_pretrained(out)
+        self.metric_log.close()
+        return self.table
