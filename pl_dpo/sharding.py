@@ -162,7 +162,7 @@ def spec_for(
     for dim, (size, entry) in enumerate(zip(shape, entries)):
         n = _axis_size(mesh, entry)
         if n > 1 and size % n:
-            log.info("replicating dim %d (size %d) of %s: not divisible by %s=%d", dim, size, path, entry, n)
+            log.warning("replicating dim %d (size %d) of %s: not divisible by %s=%d", dim, size, path, entry, n)
             entry = None
         fitted.append(entry)
     while fitted and fitted[-1] is None:  # P("x", None) == P("x"); keep specs canonical
