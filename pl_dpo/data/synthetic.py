@@ -1,16 +1,21 @@
 """Built-in verifiable tasks: the embedded default dataset.
 
-Three task families, each with a difficulty knob (number of digits / items):
+Three task families, each with a difficulty knob d (1..8):
 
-  add      "What is 37 + 5?"       -> "42"        difficulty = max operand digits
-  sort     "Sort: 3140"            -> "0134"      difficulty = number of digits
-  reverse  "Reverse: a b c d"      -> "d c b a"   difficulty = number of letters
+  add      "What is 37 + 5?"       -> "42"        operands of up to d digits (one has d)
+  sort     "Sort: 3140"            -> "0134"      d+1 digits
+  reverse  "Reverse: a b c d"      -> "d c b a"   d+1 letters
 
 Formats are chosen for the tiny tokenizer (`pl_dpo.tokenizer`): digits are one
 token each and " x" (space + letter) is one token, so even at max_difficulty=8
 a templated prompt is at most 26 tokens and an answer at most 10 (EOS included);
-at the default max_difficulty=3, at most 16 and 5. A ~1M
-parameter model trained briefly solves short instances and fails long ones.
+at the default max_difficulty=3, at most 16 and 5.
+
+Measured (2026-11-26, a throwaway torch check, not part of the suite): a 0.89M
+parameter 4-layer transformer, SFT for 2 minutes on one CPU thread (613 steps of
+batch 64) on 4000 examples at max_difficulty=4, greedy decoding of 300 held-out
+prompts: reverse 96/97, sort 65/94, add 8/109 (169/300). Sort and add get
+harder with d, so there is room left for preference training.
 
 Examples are generated from a seed, deduplicated by prompt, and split into
 train / test with no prompt in both. `check_answer` recomputes the ground truth
