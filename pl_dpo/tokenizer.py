@@ -70,7 +70,9 @@ def build_tiny_tokenizer(
 ) -> PreTrainedTokenizerFast:
   """Trains a byte-level BPE tokenizer on `corpus` and saves it to `out_dir`.
 
-  Deterministic: the same corpus and vocab_size give the same files. The
+  Deterministic: the same corpus and vocab_size give the same files.
+  vocab_size is an upper bound: a small corpus learns fewer merges (the default
+  corpus gives 328 ids), so size models by `len(tokenizer)`. The
   returned tokenizer (and `AutoTokenizer.from_pretrained(out_dir)`) has
   bos/eos/pad set, the role markers as special tokens and a chat template.
   """

@@ -254,6 +254,8 @@ def tokenize_examples(
 ) -> tuple[dict[str, np.ndarray], TokenizeStats]:
   """Examples -> (arrays, stats) with L = max_prompt_len + max_response_len, P = max_prompt_len.
 
+  k: keep the best k responses of each list (k=1: SFT on the best answer) and
+  make K exactly k; None: K is the longest list.
   Fixed L / P (rather than the longest row) so that every split and round of a
   run has the same shapes; the batch iterator cuts L down to a bucket per batch.
   """
