@@ -123,6 +123,15 @@ def test_sharded_load_and_index_file_and_bf16_export(model, tmp_path):
   valid = np.ones((2, 6), bool)
   np.testing.assert_allclose(_forward(loaded, tokens, valid), _forward(model, tokens, valid), atol=1e-5)
 
+  # The pytree form, as pl_dpo.sharding builds it from its regex rules.
+  from pl_dpo import sharding
+  abstract_state = nnx.state(nnx.eval_shape(lambda: create_model(model.config, seed=0)))
+  mesh3 = sharding.make_mesh(data=1, fsdp=-1, tensor=2)
+  tree = sharding.logical_to_shardings(abstract_state, mesh3, sharding.DEFAULT_DECODER_RULES)
+  loaded3 = from_pretrained(str(shard_dir), shardings=tree)
+  assert loaded3.layers.mlp.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+  np.testing.assert_allclose(_forward(loaded3, tokens, valid), _forward(model, tokens, valid), atol=1e-5)
+
   save_pretrained(loaded, str(tmp_path / "bf16"), dtype="bfloat16")
   assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
   back = from_pretrained(str(tmp_path / "bf16"), param_dtype="bfloat16", compute_dtype="bfloat16")

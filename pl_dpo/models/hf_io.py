@@ -79,6 +79,16 @@ class _TensorFiles:
       handle.__exit__(None, None, None)
 
 
+def _flat_shardings(tree: Any) -> dict[str, jax.sharding.Sharding]:
+  """'/'-joined parameter path -> Sharding, from a pytree shaped like `nnx.state(model)` (Variables or not)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+  out = {}
+  for path, leaf in leaves:
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    out["/".join(str(k) for k in keys if k != "value")] = leaf
+  return out
+
+
 def _sharding_for(shardings: Shardings, path: str, shape: tuple[int, ...], flat: dict[str, Any]):
   if shardings is None:
     return None
@@ -100,7 +110,7 @@ def from_pretrained(path: str, *, param_dtype: str = "float32", compute_dtype: s
                           attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  flat_shardings = {} if shardings is None or callable(shardings) else dict(_flat_params(shardings))
+  flat_shardings = {} if shardings is None or callable(shardings) else _flat_shardings(shardings)
   files = _TensorFiles(path)
   used: set[str] = set()
   try:
