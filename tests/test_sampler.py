@@ -119,6 +119,10 @@ def test_eos_stops_rows_and_pads(model):
     assert (toks[b, n:] == 0).all() and val[b, :n].all() and not val[b, n:].any()
     assert (np.asarray(out.logprobs_BxT)[b, n:] == 0).all()
   assert lengths[0] == 4
+  # Every token is a stop token: all rows stop after one token (and the loop exits early).
+  stop_all = sampler.SamplingConfig(max_new_tokens=12, temperature=1.0, eos_ids=tuple(range(VOCAB)), pad_id=0)
+  out = sampler.generate(model, tokens, valid, 0, stop_all)
+  assert (np.asarray(out.lengths_B) == 1).all() and (np.asarray(out.tokens_BxT)[:, 1:] == 0).all()
 
 
 def test_buckets_avoid_recompiling_and_keys_are_per_row(model):

@@ -95,7 +95,10 @@ def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, 
   b, t, n, h = q_BxTxNxH.shape
   kh = k_BxSxKxH.shape[2]
   scale = h ** -0.5
+  if impl == "cudnn" and t == 1:
+    impl = "xla"  # one-query decode steps are bandwidth bound; cuDNN's fused kernel targets long query blocks
   if impl in ("xla", "cudnn"):
+    # cuDNN takes a general mask as a bias; it wants bf16/fp16 q/k/v (compute_dtype) and a GPU.
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=scale,
                                         implementation=impl)
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kh, n // kh, h)
