@@ -106,7 +106,7 @@ class Decoder(nnx.Module):
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool))
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array, cache: KVCache,
-             write_index: jax.Array) -> tuple[jax.Array, KVCache]:
+             write_index: jax.Array | int) -> tuple[jax.Array, KVCache]:
     """Runs T new tokens written to cache slots [write_index, write_index + T); they attend to every earlier valid
     slot. Prefill is T = prompt length at write_index 0; a decode step is T = 1. Returns (hidden_BxTxD, cache)."""
     cfg = self.config
@@ -114,7 +114,11 @@ class Decoder(nnx.Module):
     x = self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype))
     cos, sin = rope_cos_sin(positions_BxT, rope_inv_freq(cfg))
     valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT.astype(bool), (0, write_index))
-    mask = _attention_mask(valid_BxS, write_index + jnp.arange(t), cfg.sliding_window)
+    # A prefill into an empty cache (write_index the constant 0) only needs to attend to its own T keys, not to
+    # all S slots: this halves the prefill's score matrices when S = prompt + new tokens.
+    prefill = isinstance(write_index, int) and write_index == 0
+    mask = _attention_mask(valid_BxS[:, :t] if prefill else valid_BxS, write_index + jnp.arange(t),
+                           cfg.sliding_window)
     graphdef, state = nnx.split(self.layers)
 
     # The whole cache rides in the scan carry and only the new slots are written (in place under XLA), rather than
@@ -126,7 +130,8 @@ class Decoder(nnx.Module):
       q, k, v = block.qkv(x_BxTxD, cos, sin)
       k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, write_index, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, write_index, 0, 0))
-      x_BxTxD = block.finish(x_BxTxD, q, k_cache[layer], v_cache[layer], mask)
+      keys, values = (k, v) if prefill else (k_cache[layer], v_cache[layer])
+      x_BxTxD = block.finish(x_BxTxD, q, keys, values, mask)
       return (x_BxTxD, k_cache, v_cache), None
 
     (x, k_cache, v_cache), _ = jax.lax.scan(
