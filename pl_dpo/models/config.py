@@ -9,7 +9,6 @@ One `DecoderConfig` describes every supported family (Hugging Face `model_type`)
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
