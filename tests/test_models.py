@@ -184,3 +184,14 @@ def test_bad_tensor_errors_name_the_tensor(model, tmp_path):
   os.remove(file)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     from_pretrained(str(folder))
+
+
+def test_legacy_rope_fields_are_read():
+  hf = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64, "rope_theta": 5e5,
+        "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16}, "eos_token_id": [2, 7]}
+  cfg = from_hf_config(hf)
+  assert cfg.rope_theta == 5e5 and cfg.rope_scaling_dict["rope_type"] == "llama3" and cfg.head_dim == 4
+  assert cfg.eos_ids == (2, 7) and cfg.num_kv_heads == 2
+  assert from_hf_config({**hf, "rope_scaling": None, "rope_theta": None}).rope_theta == 10000.0
