@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import special, stats
 
 from pl_dpo import sampler
@@ -168,3 +169,17 @@ def test_bad_input_errors(model):
     sampler.SamplingConfig(max_new_tokens=2, top_p=0.0)
   with pytest.raises(ValueError, match="max_new_tokens"):
     sampler.SamplingConfig(max_new_tokens=0)
+
+
+def test_sharded_model_generates_the_same_tokens(model):
+  from pl_dpo import sharding
+  mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=2 if len(jax.devices()) % 2 == 0 else 1)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.logical_to_shardings(state, mesh, sharding.DEFAULT_DECODER_RULES))
+  sharded = nnx.merge(graphdef, state)
+  tokens, valid = _prompts(8)
+  cfg = sampler.SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, pad_id=0)
+  ref = sampler.generate(model, tokens, valid, 7, cfg)
+  out = sampler.generate(sharded, tokens, valid, 7, cfg)
+  np.testing.assert_array_equal(out.tokens_BxT, ref.tokens_BxT)
+  np.testing.assert_allclose(out.logprobs_BxT, ref.logprobs_BxT, atol=1e-5)
