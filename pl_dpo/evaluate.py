@@ -36,15 +36,18 @@ def _score_batch(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxK
     return logps.reshape(B, K)
 
 
-def score_ranked(model: Decoder, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+def score_ranked(model: Decoder, arrays: dict[str, np.ndarray], batch_size: int,
+                 length_buckets: tuple[int, ...] | None = None) -> np.ndarray:
     """Summed response log-probs [N, K] of a ranked set under `model` (0 where invalid).
 
-    These are the reference log-probs of a round when `model` is πθ(t)."""
+    These are the reference log-probs of a round when `model` is πθ(t). One length
+    bucket (the arrays' L) by default: scoring is not a hot path, a compile is."""
     graphdef, params = nnx.split(model)
     n, k, _ = arrays["tokens_NxKxL"].shape
     out = np.zeros((n, k), np.float32)
     it = BatchIterator({**arrays, "example_ids_N": np.arange(n, dtype=np.int64)}, batch_size=batch_size,
-                       shuffle=False, drop_remainder=False, num_epochs=1)
+                       shuffle=False, drop_remainder=False, num_epochs=1,
+                       length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],))
     for batch in it:
         logps = _score_batch(graphdef, params, batch.tokens_BxKxL, batch.loss_mask_BxKxL,
                              batch.attn_valid_BxKxL, batch.positions_BxKxL)

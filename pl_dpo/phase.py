@@ -54,6 +54,8 @@ class PhaseSpec:
     save_every_steps: int
     # Steps beyond which a test or a budget stops the phase; None: all epochs.
     max_steps: int | None = None
+    # Sequence-length buckets of the batches (one compile each); None: powers of two up to L.
+    length_buckets: tuple[int, ...] | None = None
 
 
 def _numbered_batches(it: BatchIterator, start_step: int) -> Iterator[tuple[int, RankedBatch]]:
@@ -70,7 +72,7 @@ def train_phase(model: Decoder, arrays: dict[str, np.ndarray], objective: train.
     The step donates its state, so `model`'s buffers are consumed: the caller must
     not use `model` afterwards (no second copy of the weights is ever held)."""
     it = BatchIterator(arrays, batch_size=spec.batch_size, seed=spec.seed, shuffle=True, drop_remainder=True,
-                       num_epochs=spec.num_epochs, process_index=jax.process_index(),
+                       num_epochs=spec.num_epochs, length_buckets=spec.length_buckets, process_index=jax.process_index(),
                        process_count=jax.process_count())
     num_steps = it.steps_per_epoch * spec.num_epochs
     if spec.max_steps is not None:
@@ -94,8 +96,7 @@ def train_phase(model: Decoder, arrays: dict[str, np.ndarray], objective: train.
     tokens_per_batch = spec.batch_size * arrays["tokens_NxKxL"].shape[1] * L
 
     def on_step_done(step: int, st: train.TrainState, flush) -> None:
-        due = step % spec.save_every_steps == 0 or step == num_steps or ckpts.preemption.requested
-        if due:
+        if ckpts.should_save(step, force=step == num_steps):
             flush()  # raises on a non-finite loss before anything is saved
         ckpts.maybe_save(step, st.params, st.opt_state, {"data": it.state()}, force=step == num_steps)
 
@@ -106,14 +107,16 @@ def train_phase(model: Decoder, arrays: dict[str, np.ndarray], objective: train.
         latest = ckpts.latest_step()
         return "none" if latest is None else f"{ckpts.directory}/{latest}"
 
-    with tqdm(total=num_steps, initial=start_step, desc=spec.name, unit="step", leave=False,
-              disable=jax.process_index() != 0) as bar:
-        result = train.run_phase(
-            train_step=step_fn, state=state, batches=_numbered_batches(it, start_step), num_steps=num_steps,
-            start_step=start_step, mesh=mesh, tokens_per_batch=tokens_per_batch, on_step_done=on_step_done,
-            on_metrics=on_metrics, stop_requested=lambda: ckpts.preemption.should_exit,
-            last_checkpoint=last_checkpoint, progress=bar)
-    ckpts.close()
+    try:
+        with tqdm(total=num_steps, initial=start_step, desc=spec.name, unit="step", leave=False,
+                  disable=jax.process_index() != 0) as bar:
+            result = train.run_phase(
+                train_step=step_fn, state=state, batches=_numbered_batches(it, start_step), num_steps=num_steps,
+                start_step=start_step, mesh=mesh, tokens_per_batch=tokens_per_batch, on_step_done=on_step_done,
+                on_metrics=on_metrics, stop_requested=lambda: ckpts.preemption.should_exit,
+                last_checkpoint=last_checkpoint, progress=bar)
+    finally:
+        ckpts.close()  # waits for an async save in flight, also when a NaN stopped the phase
     if ckpts.preemption.should_exit and result.steps < num_steps:
         raise Preempted(f"{spec.name}: SIGTERM, state saved at step {result.steps} in {ckpts.directory}; "
                         "run the same command again to resume")

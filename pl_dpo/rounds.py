@@ -111,6 +111,9 @@ class SelfPlay:
                               skip_bad_rows=data.get("skip_bad_rows", False), **options)
         return examples[:limit] if limit else examples
 
+    def _length_buckets(self) -> tuple[int, ...] | None:
+        return tuple(self.config.data.get("length_buckets", ()) or ()) or None
+
     # --------------------------------------------------------------------------- models
 
     def _abstract(self, model_cfg: ml_collections.ConfigDict):
@@ -163,7 +166,8 @@ class SelfPlay:
             epochs = -(-steps * batch_size // n)
             spec = PhaseSpec(name=lineage, directory=os.path.join(self.workdir, lineage), num_epochs=epochs,
                              batch_size=batch_size, seed=seed, optim=optim,
-                             save_every_steps=self.config.checkpoint.save_every_steps, max_steps=steps)
+                             save_every_steps=self.config.checkpoint.save_every_steps, max_steps=steps,
+                             length_buckets=self._length_buckets())
             model = train_phase(model, self.sft_arrays, train.sft_objective(self.config.logprob_chunk), spec,
                                 mesh=self.mesh, rules=self.rules, metric_log=self.metric_log)
         self._save_policy(lineage, 0, model, {"lineage": lineage, "sft_steps": steps})
@@ -263,7 +267,7 @@ class SelfPlay:
                                      num_epochs=c.rounds.epochs, batch_size=c.rounds.batch_size,
                                      seed=c.seed + 7919 * (t + 1), optim=optim,
                                      save_every_steps=c.checkpoint.save_every_steps,
-                                     max_steps=c.rounds.get("max_steps"))
+                                     max_steps=c.rounds.get("max_steps"), length_buckets=self._length_buckets())
                     objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
                     policy = train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules,
                                          metric_log=self.metric_log)

@@ -130,6 +130,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
 # ----------------------------------------------------------------------------- the step
 
 
+def global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 @dataclasses.dataclass
 class TrainState:
     """What a phase trains: parameters and optimizer state (device pytrees)."""
@@ -163,7 +167,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.Grad
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
         return params, opt_state, metrics
 
     return jax.jit(

@@ -1,0 +1,155 @@
+"""The self-play job end to end, in real subprocesses: demo, resume after SIGKILL, reference identity."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from pl_dpo import checkpoint, config_lib, evaluate, rounds, sharding, train
+from pl_dpo.checkpoint import WorkdirConfigMismatch
+from pl_dpo.data import load_ranked_set
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shortened demo: 2 rounds of SPIN and aSFT, 2 epochs = 24 steps a round, a checkpoint every 3 steps.
+OVERRIDES = ["--config.rounds.num=2", "--config.rounds.epochs=2", "--config.rounds.max_steps=24", "--config.checkpoint.save_every_steps=3"]
+
+
+def main_cmd(workdir, *extra):
+    return [sys.executable, "-m", "pl_dpo.main", "--config=configs/demo.py:quick", f"--workdir={workdir}",
+            *OVERRIDES, *extra]
+
+
+def subprocess_env(tmp_root):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # one CPU device, as on a user's machine
+    env["JAX_PLATFORMS"] = "cpu"
+    # Later runs reuse the first run's compiled programs (same programs, same numerics).
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tmp_root, "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def load_config(*overrides):
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import demo
+
+    config = demo.get_config("quick")
+    for item in OVERRIDES + list(overrides):
+        key, value = item.removeprefix("--config.").split("=")
+        *sections, field = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = value if isinstance(node[field], str) else int(value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    workdir = str(root / "reference")
+    proc = subprocess.run(main_cmd(workdir), cwd=REPO, env=subprocess_env(str(root)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, workdir, proc.stdout
+
+
+def restore_params(workdir, lineage, index, *overrides):
+    config = load_config(*overrides)
+    sp = rounds.SelfPlay(config, workdir)
+    model = sp.restore_policy(lineage, config.model, index)
+    return sp, model
+
+
+def test_demo_runs_end_to_end(reference_run):
+    _, workdir, stdout = reference_run
+    for row in ("| sft |", "| spin round 1 |", "| spin round 2 |", "| asft round 1 |", "| asft round 2 |"):
+        assert row in stdout
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    phases = {r["phase"] for r in records}
+    assert {"sft", "assistant_0", "spin/round_0", "spin/round_1", "asft/round_0", "eval/spin"} <= phases
+    train = [r for r in records if r["phase"] == "asft/round_0"]
+    assert len(train) == 24 and len(train[0]["scores_K"]) == 3 and "pairwise_accuracy" in train[0]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_reference_logps_are_the_restored_round_policy(reference_run):
+    """Round t's stored reference log-probs equal scoring its ranked set with the saved
+    πθ(t) restored from disk, bit for bit; round 1 starts from exactly policy 1."""
+    _, workdir, _ = reference_run
+    sp, policy1 = restore_params(workdir, "spin", 1)
+    arrays = load_ranked_set(os.path.join(workdir, "spin", "round_1", "ranked.npz"))
+    again = evaluate.score_ranked(policy1, arrays, sp.config.eval.batch_size)
+    np.testing.assert_array_equal(again, arrays["ref_logps_NxK"])
+    # The saved policy 1 is bit-identical to the final train state of round 0.
+    tx = train.make_optimizer(sp.config.rounds.optim, 24)
+    _, state, state_sh = train.init_train_state(policy1, tx, sp.mesh, sp.rules)
+    final = checkpoint.TrainCheckpoints(os.path.join(workdir, "spin", "round_0", "train"), 3)
+    step, params, _, _ = final.restore_latest(sharding.with_shardings(state.params, state_sh.params),
+                                              sharding.with_shardings(state.opt_state, state_sh.opt_state))
+    final.close()
+    assert step == 24
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run):
+    root, ref_workdir, _ = reference_run
+    workdir = str(root / "killed")
+    env = subprocess_env(str(root))
+    cmd = main_cmd(workdir, "--config.modes=spin")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_ckpt = os.path.join(workdir, "spin", "round_1", "train", "3")
+    deadline = time.time() + 300
+    while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # Killed mid-round: round 1's policy (πθ(2)) was not written yet.
+    assert not os.path.exists(os.path.join(workdir, "spin", "policies", "2"))
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, ref_policy = restore_params(ref_workdir, "spin", 2)
+    _, got_policy = restore_params(workdir, "spin", 2, "--config.modes=spin")
+    from flax import nnx
+
+    for a, b in zip(jax.tree.leaves(nnx.state(ref_policy)), jax.tree.leaves(nnx.state(got_policy))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_incompatible_workdir_is_refused_before_compiling(reference_run):
+    _, workdir, _ = reference_run
+    config = load_config()
+    config.loss.T = 0.5
+    with pytest.raises(WorkdirConfigMismatch, match="'loss'"):
+        rounds.SelfPlay(config, workdir)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.loss.update(K=1), "K=1"),
+    (lambda c: c.loss.update(T=0.0), "T=0.0 must be > 0"),
+    (lambda c: c.update(modes="spin", loss=dict(c.loss.to_dict(), K=3)), "does not fit mode 'spin'"),
+    (lambda c: c.update(modes="asft", loss=dict(c.loss.to_dict(), K=2)), "does not fit mode 'asft'"),
+    (lambda c: c.update(modes="dpo"), "unknown \\['dpo'\\]"),
+    (lambda c: c.loss.update(variant="ipo"), "valid variants"),
+    (lambda c: c.sampling.update(max_new_tokens=99), "max_new_tokens=99 exceeds"),
+])
+def test_bad_config_is_refused(change, message):
+    config = load_config()
+    change(config)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_mesh_that_does_not_divide_devices_is_refused(tmp_path):
+    config = load_config()
+    config.mesh.update(data=3, fsdp=1, tensor=1, num_devices=0)
+    with pytest.raises(ValueError, match="3"):
+        rounds.SelfPlay(config, str(tmp_path))

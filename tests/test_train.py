@@ -1,0 +1,159 @@
+"""The jitted PL-DPO / SFT step: sharded vs single device, NaN guard, optimizer."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from pl_dpo import losses, phase, sharding, train
+from pl_dpo.data import BatchIterator, assemble_ranked
+from pl_dpo.metric_log import MetricLog
+from pl_dpo.models import create_model, tiny_config
+
+OPTIM = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_steps=2, decay="cosine", final_lr_fraction=0.1,
+                                       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+                                       grad_accum_steps=1))
+LOSS = ml_collections.ConfigDict(dict(T=0.5, variant="pl", top_m=0))
+
+
+def ranked_arrays(n=16, K=3, vocab=64, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, rng.integers(3, 8)).tolist() for _ in range(n)]
+    lists = [[rng.integers(3, vocab, rng.integers(1, 6)).tolist() for _ in range(rng.integers(2, K + 1))]
+             for _ in range(n)]
+    arrays = assemble_ranked(prompts, lists, pad_id=0, k=K, seq_len=16)
+    arrays["ref_logps_NxK"] = (rng.normal(size=(n, K)) * 3 - 20).astype(np.float32)
+    return arrays
+
+
+def tiny_model(seed=0):
+    return create_model(tiny_config("tiny-llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8), seed=seed)
+
+
+def run_steps(mesh, arrays, steps=3):
+    model = tiny_model()
+    tx = train.make_optimizer(OPTIM, steps)
+    graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
+    step_fn = train.make_train_step(graphdef, train.pl_dpo_objective(LOSS, chunk_size=8), tx, state_sh,
+                                    sharding.batch_sharding(mesh))
+    it = BatchIterator(arrays, batch_size=8, seed=0, length_buckets=(16,))
+    losses_ = []
+    for _ in range(steps):
+        batch = sharding.shard_batch(next(it), mesh)
+        params, opt_state, metrics = step_fn(state.params, state.opt_state, batch)
+        state = train.TrainState(params, opt_state)
+        losses_.append(float(metrics["loss"]))
+    return losses_, jax.tree.map(np.asarray, state.params)
+
+
+def test_sharded_step_matches_single_device():
+    """8 simulated devices on a 2x2x2 mesh vs 1 device: same losses and parameters
+    after 3 AdamW steps (tolerance 1e-5: only the reduction order differs)."""
+    arrays = ranked_arrays()
+    mesh8 = sharding.make_mesh(2, 2, 2)
+    mesh1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    losses8, params8 = run_steps(mesh8, arrays)
+    losses1, params1 = run_steps(mesh1, arrays)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_objective_equals_loss_of_separately_computed_logps():
+    """The [B*K, L] single forward equals scoring each response alone with the full logits."""
+    arrays = ranked_arrays(n=4)
+    model = tiny_model()
+    batch = next(BatchIterator(arrays, batch_size=4, shuffle=False, length_buckets=(16,)))
+    loss, _ = train.pl_dpo_objective(LOSS, chunk_size=4)(model, batch)
+    B, K, L = batch.tokens_BxKxL.shape
+    policy = np.zeros((B, K), np.float32)
+    for b in range(B):
+        for k in range(K):
+            tokens = batch.tokens_BxKxL[b, k][None]
+            logits = model.logits(model(tokens, batch.positions_BxKxL[b, k][None], batch.attn_valid_BxKxL[b, k][None]))
+            logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float64 if jax.config.x64_enabled else jnp.float32))
+            tok_logp = np.take_along_axis(np.asarray(logp), tokens[0, 1:, None], -1)[:, 0]
+            policy[b, k] = (tok_logp * batch.loss_mask_BxKxL[b, k, 1:]).sum()
+    want, _ = losses.pl_dpo_loss(jnp.asarray(policy), jnp.asarray(batch.ref_logps_BxK), LOSS.T, batch.valid_BxK)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_first_step_scores_are_zero_when_reference_is_the_policy():
+    """With ref log-probs computed by the policy itself, every score s_k = 0 at step 0."""
+    from pl_dpo import evaluate
+
+    arrays = ranked_arrays(n=8)
+    model = tiny_model()
+    arrays["ref_logps_NxK"] = evaluate.score_ranked(model, arrays, batch_size=4)
+    batch = next(BatchIterator(arrays, batch_size=8, shuffle=False, length_buckets=(16,)))
+    _, metrics = train.pl_dpo_objective(LOSS, chunk_size=8)(model, batch)
+    np.testing.assert_allclose(metrics["scores_K"], 0.0, atol=1e-5)
+
+
+def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
+    arrays = ranked_arrays(n=32)
+    bad_example = 5
+
+    def poisoned(model, batch):
+        loss, metrics = train.pl_dpo_objective(LOSS, chunk_size=8)(model, batch)
+        poison = jnp.where(jnp.any(batch.example_ids_B == bad_example), jnp.nan, 1.0)
+        return loss * poison, metrics
+
+    spec = phase.PhaseSpec(name="nan-test", directory=str(tmp_path), num_epochs=3, batch_size=8, seed=0,
+                           optim=OPTIM, save_every_steps=2, length_buckets=(16,))
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with pytest.raises(train.NonFiniteLossError) as err:
+        phase.train_phase(tiny_model(), arrays, poisoned, spec, mesh=mesh, rules=sharding.DEFAULT_DECODER_RULES,
+                          metric_log=MetricLog(str(tmp_path / "logs")))
+    message = str(err.value)
+    assert "non-finite loss" in message and f"{bad_example}" in message
+    step = int(message.split("at step ")[1].split()[0])
+    # The batch of that step holds the poisoned example (order is a function of seed and epoch).
+    it = BatchIterator(arrays, batch_size=8, seed=0, length_buckets=(16,))
+    batches = [next(it) for _ in range(step + 1)]
+    assert bad_example in batches[step].example_ids_B
+    # The named checkpoint exists, holds no NaN, and is older than the bad step.
+    from pl_dpo import checkpoint
+
+    ckpt_dir = message.split("last good checkpoint: ")[1].strip()
+    saved_step = int(os.path.basename(ckpt_dir)) if ckpt_dir != "none" else None
+    if saved_step is not None:
+        assert saved_step <= step
+        ckpts = checkpoint.TrainCheckpoints(os.path.join(tmp_path, "train"), 2)
+        model = tiny_model()
+        tx = train.make_optimizer(OPTIM, 12)
+        _, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
+        got = ckpts.restore_latest(sharding.with_shardings(state.params, state_sh.params),
+                                   sharding.with_shardings(state.opt_state, state_sh.opt_state))
+        assert got[0] == saved_step
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(got[1]))
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
+def test_schedule_warmup_and_decay(decay):
+    cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), decay=decay, warmup_steps=4, lr=1.0))
+    sched = train.learning_rate_schedule(cfg, total_steps=20)
+    assert float(sched(0)) == 0.0 and abs(float(sched(4)) - 1.0) < 1e-6
+    end = float(sched(20))
+    assert (abs(end - 1.0) < 1e-6) if decay == "constant" else (abs(end - 0.1) < 1e-6)
+
+
+def test_optimizer_errors_and_rmsprop_accumulation():
+    with pytest.raises(ValueError, match="adamw' or 'rmsprop"):
+        train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="sgd")), 10)
+    with pytest.raises(ValueError, match="optim.decay"):
+        train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), decay="step")), 10)
+    cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="rmsprop", grad_accum_steps=2, rms_decay=0.9))
+    tx = train.make_optimizer(cfg, 10)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    assert np.all(np.asarray(updates["w"]) == 0)  # first micro-step: accumulate only
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    assert np.all(np.asarray(updates["w"]) != 0)
