@@ -38,23 +38,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", files={}, skip_bad_rows=False, num_train=0,
         options=dict(seed=0, n_train=400 if quick else 2000, n_test=64 if quick else 300,
-                     tasks=("add", "sort", "reverse"), min_difficulty=1, max_difficulty=4),
+                     tasks=("add", "sort", "reverse"), min_difficulty=1, max_difficulty=3),
         max_prompt_len=40, max_response_len=16,
         # One sequence length (40 + 16) for every batch: at this size a recompile costs more than padding.
         length_buckets=(56,)))
 
     c.sft = ml_collections.ConfigDict(dict(steps=20 if quick else 300, batch_size=32, optim=optimizer(3e-3)))
     c.assistants = [ml_collections.ConfigDict(dict(
-        sft_steps=30 if quick else 900, batch_size=32, optim=optimizer(3e-3),
+        sft_steps=30 if quick else 400, batch_size=32, optim=optimizer(3e-3),
         model=ml_collections.ConfigDict(dict(
             preset="tiny-llama", hf_path="", param_dtype="float32", compute_dtype="float32", remat="none",
-            overrides=dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
-                           head_dim=32, max_position_embeddings=128)))))]
+            overrides=dict(hidden_size=96, intermediate_size=288, num_layers=3, num_heads=4, num_kv_heads=2,
+                           head_dim=24, max_position_embeddings=128)))))]
 
-    c.loss = ml_collections.ConfigDict(dict(K=0, T=0.1, variant="pl", top_m=0))
+    c.loss = ml_collections.ConfigDict(dict(K=0, T=5.0, variant="pl", top_m=0))
     c.rounds = ml_collections.ConfigDict(dict(
-        num=1 if quick else 2, epochs=1, batch_size=32, max_steps=4 if quick else None,
-        optim=optimizer(1e-3, warmup=5, decay="linear"), lr_per_round=()))
+        num=1 if quick else 2, epochs=2, batch_size=32, max_steps=4 if quick else None,
+        optim=optimizer(3e-4, warmup=5, decay="linear"), lr_per_round=()))
     c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
                                                 batch_size=256))
     c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=128))

@@ -26,15 +26,6 @@ from pl_dpo.models import Decoder
 
 log = logging.getLogger(__name__)
 
-# RankedBatch is a plain frozen dataclass of numpy arrays; as a pytree it can be
-# sharded and passed to jit as one argument.
-try:
-    jax.tree_util.register_dataclass(
-        RankedBatch, data_fields=[f.name for f in dataclasses.fields(RankedBatch)], meta_fields=[])
-except ValueError:  # already registered
-    pass
-
-
 class Preempted(SystemExit):
     """SIGTERM arrived; the phase saved its state and the run must stop (exit code 143)."""
 

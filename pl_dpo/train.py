@@ -27,12 +27,22 @@ import optax
 from flax import nnx
 
 from pl_dpo import logprobs, losses, sharding
+from pl_dpo.data import RankedBatch
 from pl_dpo.models import Decoder
 
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, jax.Array]
 Objective = Callable[[Decoder, Any], tuple[jax.Array, Metrics]]
+
+
+# RankedBatch is a plain frozen dataclass of numpy arrays; as a pytree it can be
+# sharded and passed to jit as one argument.
+try:
+    jax.tree_util.register_dataclass(
+        RankedBatch, data_fields=[f.name for f in dataclasses.fields(RankedBatch)], meta_fields=[])
+except ValueError:  # already registered
+    pass
 
 
 class NonFiniteLossError(RuntimeError):
