@@ -11,7 +11,8 @@ import ml_collections
 from pl_dpo.losses import VARIANTS
 from pl_dpo.models import DecoderConfig, tiny_config
 
-MODES = ("spin", "asft", "ladder", "offline")
+# "sft" is the control arm: the same rounds and gradient steps, spent on more SFT epochs.
+MODES = ("spin", "asft", "ladder", "offline", "sft")
 # Keys that must not change between runs on one workdir (the saved work depends on them).
 WORKDIR_KEYS = ("seed", "modes", "model", "tokenizer", "data", "assistants", "loss", "sft",
                 "rounds.epochs", "rounds.batch_size", "sampling")
@@ -30,7 +31,9 @@ def modes_of(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def list_size(config: ml_collections.ConfigDict, mode: str) -> int:
-    """K of a mode: spin 2, asft 3, ladder 2 + #assistants, offline config.loss.K."""
+    """K of a mode: spin 2, asft 3, ladder 2 + #assistants, offline config.loss.K (sft: 1)."""
+    if mode == "sft":
+        return 1
     n_assist = len(config.assistants)
     derived = {"spin": 2, "asft": 3, "ladder": 2 + n_assist, "offline": config.loss.K}[mode]
     k = config.loss.K
@@ -66,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.T={config.loss.T} must be > 0")
     if config.loss.variant not in VARIANTS:
         raise ConfigError(f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(VARIANTS)}")
-    if config.loss.variant == "hinge" and any(list_size(config, m) != 2 for m in modes):
+    if config.loss.variant == "hinge" and any(list_size(config, m) != 2 for m in modes if m != "sft"):
         raise ConfigError("config.loss.variant='hinge' is defined for K=2 only")
     if config.rounds.num < 1 or config.rounds.epochs < 1:
         raise ConfigError(f"config.rounds.num={config.rounds.num} and rounds.epochs={config.rounds.epochs} must be >= 1")

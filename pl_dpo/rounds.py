@@ -9,6 +9,7 @@ killed run resumes where it stopped and ends with the same parameters):
     sft/eval_0.json              πθ(0)'s held-out metrics and greedy answers
     assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
     <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
+                                 (mode "sft", the control arm, trains on the dataset answers instead)
     <mode>/round_<t>/train       mid-round train state
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
     metrics.jsonl, tensorboard/  every step and every evaluation
@@ -186,7 +187,8 @@ class SelfPlay:
                       "correct": None if correct is None else correct.tolist()}
             self.metric_log.write(f"eval/{lineage}", index, metrics)
             _write_json(path, cached)
-        row = {"policy": lineage if lineage in ("sft",) else f"{lineage} round {index}", **cached["metrics"]}
+        name = "sft" if (lineage, index) == ("sft", 0) else f"{lineage} round {index}"
+        row = {"policy": name, **cached["metrics"]}
         self.table.append(row)
         log.info("eval %s", row)
         return cached
@@ -259,7 +261,11 @@ class SelfPlay:
                     # A fresh restore: training donates the buffers of the model it starts from.
                     start = self.restore_policy(*(("sft", c.model, 0) if t == 0 else (mode, c.model, t)))
                     reference = sft if mode == "offline" else start
-                    arrays = self.ranked_set(mode, t, start, K, reference)
+                    if mode == "sft":  # control arm: more SFT epochs, same number of steps as a round
+                        arrays, objective = self.sft_arrays, train.sft_objective(c.logprob_chunk)
+                    else:
+                        arrays = self.ranked_set(mode, t, start, K, reference)
+                        objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
                     optim = ml_collections.ConfigDict(c.rounds.optim.to_dict())
                     if c.rounds.get("lr_per_round"):
                         optim.lr = float(c.rounds.lr_per_round[t])
@@ -268,7 +274,6 @@ class SelfPlay:
                                      seed=c.seed + 7919 * (t + 1), optim=optim,
                                      save_every_steps=c.checkpoint.save_every_steps,
                                      max_steps=c.rounds.get("max_steps"), length_buckets=self._length_buckets())
-                    objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
                     policy = train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules,
                                          metric_log=self.metric_log)
                     self._save_policy(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
