@@ -37,45 +37,39 @@ def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0):
   return tokens, valid
 
 
-def _time_ours(model, tokens, valid, cfg, runs: int):
-  t0 = time.perf_counter()
-  jax.block_until_ready(sampler.generate(model, tokens, valid, 0, cfg).tokens_BxT)
-  first = time.perf_counter() - t0
-  times = []
-  for r in range(runs):
-    t0 = time.perf_counter()
-    out = sampler.generate(model, tokens, valid, r + 1, cfg)
+def _ours(model, tokens, valid, cfg):
+  def run(seed: int):
+    out = sampler.generate(model, tokens, valid, seed, cfg)
     jax.block_until_ready(out.tokens_BxT)
-    times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
-  return med, first - med, np.asarray(out.tokens_BxT)
+    return np.asarray(out.tokens_BxT)
+  return run
 
 
-def _time_hf(folder: str, tokens, valid, new_tokens: int, runs: int, dtype: str):
+def _hf(folder: str, tokens, valid, new_tokens: int, dtype: str, threads: int):
   import torch
   import transformers
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(threads)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
   ids = torch.tensor(tokens, dtype=torch.long, device=device)
   mask = torch.tensor(valid.astype(np.int64), device=device)
 
-  def run():
+  def run(seed: int):
+    del seed  # greedy
     with torch.no_grad():
       out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
     if device == "cuda":
       torch.cuda.synchronize()
-    return out
+    return out[:, tokens.shape[1]:].cpu().numpy()
+  return run
 
-  run()  # warm-up
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    out = run()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out[:, tokens.shape[1]:].cpu().numpy()
+
+def _timed(run, seed: int):
+  t0 = time.perf_counter()
+  out = run(seed)
+  return time.perf_counter() - t0, out
 
 
 def _bandwidth_bound(config, batch: int, prompt_len: int, new_tokens: int, gbps: float) -> float:
@@ -100,6 +94,7 @@ def main() -> None:
                       help="also time HF generate (default: on, except with --llama_1b)")
   parser.add_argument("--llama_1b", action="store_true",
                       help="Llama-3.2-1B shape, bf16, batch 64, 256-token prompts, 256 new tokens")
+  parser.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--hbm_gbps", type=float, default=0.0, help="memory bandwidth (GB/s) for the bound")
   args = parser.parse_args()
   if args.llama_1b:
@@ -111,17 +106,27 @@ def main() -> None:
   model = create_model(config, seed=0)
   tokens, valid = _prompts(args.batch, args.prompt_len, config.vocab_size)
   cfg = sampler.SamplingConfig(max_new_tokens=args.new_tokens, greedy=True, eos_ids=(), pad_id=0)
-  ours_s, compile_s, ours_tokens = _time_ours(model, tokens, valid, cfg, args.runs)
+  runners = {"ours": _ours(model, tokens, valid, cfg)}
+  folder = tempfile.TemporaryDirectory()
+  if hf:
+    save_pretrained(model, folder.name)
+    runners["hf"] = _hf(folder.name, tokens, valid, args.new_tokens, args.dtype, args.torch_threads)
+  first = {name: _timed(run, 0)[0] for name, run in runners.items()}  # compile / warm-up
+  times = {name: [] for name in runners}
+  outs = {}
+  for r in range(args.runs):  # interleaved, so a load change on a shared machine hits both sides alike
+    for name, run in runners.items():
+      t, outs[name] = _timed(run, r + 1)
+      times[name].append(t)
+  med = {name: statistics.median(ts) for name, ts in times.items()}
   new = args.batch * args.new_tokens
-  ours_tps = new / ours_s
-
+  ours_tps = new / med["ours"]
+  compile_s = first["ours"] - med["ours"]
   hf_cell, speed_cell, agree_cell = "-", "-", "-"
   if hf:
-    with tempfile.TemporaryDirectory() as folder:
-      save_pretrained(model, folder)
-      hf_s, hf_tokens = _time_hf(folder, tokens, valid, args.new_tokens, args.runs, args.dtype)
-    hf_cell, speed_cell = f"{new / hf_s:,.0f}", f"{hf_s / ours_s:.1f}x"
-    agree_cell = f"{(hf_tokens == ours_tokens).mean():.3f}"
+    hf_cell, speed_cell = f"{new / med['hf']:,.0f}", f"{med['hf'] / med['ours']:.1f}x"
+    agree_cell = f"{(outs['hf'] == outs['ours']).mean():.3f}"
+  folder.cleanup()
   bound_cell = "-"
   if args.hbm_gbps:
     bound = _bandwidth_bound(config, args.batch, args.prompt_len, args.new_tokens, args.hbm_gbps)

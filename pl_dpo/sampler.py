@@ -133,10 +133,12 @@ def sample_logits(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
 def _generate_padded(graphdef, state, tokens_BxP, valid_BxP, keys_B, sampling: SamplingConfig):
   _TRACES[0] += 1
-  # Decoding re-reads every weight per token: cast once to the compute dtype instead of at every step.
+  # Decoding re-reads every weight per token: cast once to the compute dtype, and split the stacked layer weights
+  # into per-layer arrays once, instead of at every step.
   cdt = jnp.dtype(nnx.merge(graphdef, state).config.compute_dtype)
   state = jax.tree.map(lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
   model: Decoder = nnx.merge(graphdef, state)
+  layer_params = model.layer_params()
   b, p = tokens_BxP.shape
   t = sampling.max_new_tokens
   cache = model.init_cache(b, p + t)
@@ -158,7 +160,8 @@ def _generate_padded(graphdef, state, tokens_BxP, valid_BxP, keys_B, sampling: S
     lps = lps.at[:, step].set(jnp.where(live_B, lp_B, 0.0))
     mlps = mlps.at[:, step].set(jnp.where(live_B, mlp_B, 0.0))
     done_B = done_B | jnp.isin(tok_B, eos)
-    hidden, cache = model.decode(tok_B[:, None], pos_B[:, None], live_B[:, None], cache, p + step)
+    hidden, cache = model.decode(tok_B[:, None], pos_B[:, None], live_B[:, None], cache, p + step,
+                                 layer_params=layer_params)
     return (step + 1, cache, model.logits(hidden)[:, 0], pos_B + 1, done_B, toks, valid, lps, mlps)
 
   init = (jnp.int32(0), cache, logits_BxV, valid_BxP.sum(axis=1).astype(jnp.int32), jnp.zeros((b,), bool),

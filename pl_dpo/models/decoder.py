@@ -30,10 +30,11 @@ from pl_dpo.models.layers import Block, Linear, RMSNorm, rope_cos_sin, rope_inv_
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Keys/values of every layer for S slots; slot s of row b holds a real token iff valid_BxS[b, s]."""
+  """Keys/values for S slots, one [B, K, S, H] buffer per layer; slot s of row b holds a real token iff
+  valid_BxS[b, s]. Slots are the second-to-last axis, so attention reads each (row, kv-head) block contiguously."""
 
-  k_LxBxSxKxH: jax.Array
-  v_LxBxSxKxH: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid_BxS: jax.Array
 
 
@@ -101,42 +102,62 @@ class Decoder(nnx.Module):
   # --------------------------------------------------------------------------------------------- cached decoding
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     cfg = self.config
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.compute_dtype)
-    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool))
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    return KVCache(zeros, zeros, jnp.zeros((batch, max_len), bool))
+
+  def layer_params(self, dtype=None) -> list[nnx.State]:
+    """One state per layer, sliced off the stacked weights (optionally cast). A decode loop calls this once,
+    outside the loop, so that no step slices the stacked weights again."""
+    _, state = nnx.split(self.layers)
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    return [jax.tree.map(lambda a, i=i: cast(a[i]), state) for i in range(self.config.num_layers)]
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array, cache: KVCache,
-             write_index: jax.Array | int) -> tuple[jax.Array, KVCache]:
+             write_index: jax.Array | int, *, layer_params: list[nnx.State] | None = None
+             ) -> tuple[jax.Array, KVCache]:
     """Runs T new tokens written to cache slots [write_index, write_index + T); they attend to every earlier valid
-    slot. Prefill is T = prompt length at write_index 0; a decode step is T = 1. Returns (hidden_BxTxD, cache)."""
+    slot. Prefill is T = prompt length at write_index 0 (the int); a decode step is T = 1. Returns
+    (hidden_BxTxD, cache). `layer_params`: from `layer_params()`, reused across steps (else sliced here)."""
     cfg = self.config
     t = tokens_BxT.shape[1]
     x = self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype))
     cos, sin = rope_cos_sin(positions_BxT, rope_inv_freq(cfg))
     valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT.astype(bool), (0, write_index))
-    # A prefill into an empty cache (write_index the constant 0) only needs to attend to its own T keys, not to
-    # all S slots: this halves the prefill's score matrices when S = prompt + new tokens.
-    prefill = isinstance(write_index, int) and write_index == 0
-    mask = _attention_mask(valid_BxS[:, :t] if prefill else valid_BxS, write_index + jnp.arange(t),
-                           cfg.sliding_window)
-    graphdef, state = nnx.split(self.layers)
+    graphdef = nnx.graphdef(self.layers)
 
-    # The whole cache rides in the scan carry and only the new slots are written (in place under XLA), rather than
-    # emitting per-layer caches as scan outputs, which would copy the full cache at every decode step.
-    def body(carry, xs):
-      x_BxTxD, k_cache, v_cache = carry
-      layer_state, layer = xs
+    def write(cache_BxKxSxH, new_BxTxKxH):
+      new = new_BxTxKxH.transpose(0, 2, 1, 3).astype(cache_BxKxSxH.dtype)
+      return jax.lax.dynamic_update_slice(cache_BxKxSxH, new, (0, 0, write_index, 0))
+
+    if isinstance(write_index, int) and write_index == 0:
+      # Prefill into an empty cache: attend only to the T new keys (not all S slots), with the layers scanned
+      # (compile time independent of depth); the per-layer keys/values come out as scan outputs.
+      mask = _attention_mask(valid_BxS[:, :t], jnp.arange(t), cfg.sliding_window)
+
+      def body(x_BxTxD, layer_state):
+        block = nnx.merge(graphdef, layer_state)
+        q, k, v = block.qkv(x_BxTxD, cos, sin)
+        return block.finish(x_BxTxD, q, k, v, mask), (k, v)
+
+      x, (k_LxBxTxKxH, v_LxBxTxKxH) = jax.lax.scan(body, x, nnx.state(self.layers))
+      ks = tuple(write(c, k_LxBxTxKxH[i]) for i, c in enumerate(cache.k))
+      vs = tuple(write(c, v_LxBxTxKxH[i]) for i, c in enumerate(cache.v))
+      return self.final_norm(x), KVCache(ks, vs, valid_BxS)
+
+    # Decode steps: a Python loop over layers with one cache buffer per layer. Each layer's new slots are written in
+    # place and its attention reads that buffer directly: with a stacked [L, ...] cache or stacked weights every
+    # step would copy a layer slice of both (XLA materialises dynamic slices), doubling a bandwidth-bound step.
+    mask = _attention_mask(valid_BxS, write_index + jnp.arange(t), cfg.sliding_window)
+    layer_params = self.layer_params() if layer_params is None else layer_params
+    ks, vs = list(cache.k), list(cache.v)
+    for i, layer_state in enumerate(layer_params):
       block = nnx.merge(graphdef, layer_state)
-      q, k, v = block.qkv(x_BxTxD, cos, sin)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, write_index, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, write_index, 0, 0))
-      keys, values = (k, v) if prefill else (k_cache[layer], v_cache[layer])
-      x_BxTxD = block.finish(x_BxTxD, q, keys, values, mask)
-      return (x_BxTxD, k_cache, v_cache), None
-
-    (x, k_cache, v_cache), _ = jax.lax.scan(
-        body, (x, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), (state, jnp.arange(cfg.num_layers)))
-    return self.final_norm(x), KVCache(k_cache, v_cache, valid_BxS)
+      q, k, v = block.qkv(x, cos, sin)
+      ks[i], vs[i] = write(ks[i], k), write(vs[i], v)
+      x = block.finish(x, q, ks[i], vs[i], mask, kv_layout="BKSH")
+    return self.final_norm(x), KVCache(tuple(ks), tuple(vs), valid_BxS)
 
 
 def create_model(config: DecoderConfig, *, seed: int) -> Decoder:

@@ -89,23 +89,25 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
 
 
 # -------------------------------------------------------------------------------------------------- attention
-def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array,
-              impl: str) -> jax.Array:
-  """Grouped-query attention with a boolean mask (True = attend). Returns [B, T, N, H]."""
+def attention(q_BxTxNxH: jax.Array, k: jax.Array, v: jax.Array, mask_BxTxS: jax.Array, impl: str,
+              kv_layout: str = "BSKH") -> jax.Array:
+  """Grouped-query attention with a boolean mask (True = attend). Returns [B, T, N, H].
+
+  k/v are [B, S, K, H] ("BSKH", fresh keys) or [B, K, S, H] ("BKSH", the KV cache's layout: per (row, head) the
+  slots are contiguous, so decode steps read the cache without transposing it)."""
   b, t, n, h = q_BxTxNxH.shape
-  kh = k_BxSxKxH.shape[2]
+  kh = k.shape[2] if kv_layout == "BSKH" else k.shape[1]
   scale = h ** -0.5
-  if impl == "cudnn" and t == 1:
-    impl = "xla"  # one-query decode steps are bandwidth bound; cuDNN's fused kernel targets long query blocks
-  if impl in ("xla", "cudnn"):
+  if impl in ("xla", "cudnn") and kv_layout == "BSKH":
     # cuDNN takes a general mask as a bias; it wants bf16/fp16 q/k/v (compute_dtype) and a GPU.
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=scale,
-                                        implementation=impl)
+    return jax.nn.dot_product_attention(q_BxTxNxH, k, v, mask=mask_BxTxS[:, None], scale=scale, implementation=impl)
+  # Cached decoding always takes this path: one query per row is bandwidth bound and needs no fused kernel.
+  kv = "bskh" if kv_layout == "BSKH" else "bksh"
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kh, n // kh, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum(f"btkgh,{kv}->bkgts", q_BxTxKxGxH, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v)
   return out.reshape(b, t, n, h)
 
 
@@ -128,10 +130,10 @@ class Attention(nnx.Module):
     v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
     return q, k, v
 
-  def out(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+  def out(self, q_BxTxNxH, keys, values, mask_BxTxS, kv_layout: str = "BSKH"):
     b, t = q_BxTxNxH.shape[:2]
-    o = attention(q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype), v_BxSxKxH.astype(q_BxTxNxH.dtype), mask_BxTxS,
-                  self.impl)
+    o = attention(q_BxTxNxH, keys.astype(q_BxTxNxH.dtype), values.astype(q_BxTxNxH.dtype), mask_BxTxS, self.impl,
+                  kv_layout)
     return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -159,9 +161,9 @@ class Block(nnx.Module):
     """Queries, keys and values of the new tokens (RoPE applied)."""
     return self.attn.qkv(self.input_norm(x_BxTxD), cos, sin)
 
-  def finish(self, x_BxTxD, q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask_BxTxS):
+  def finish(self, x_BxTxD, q_BxTxNxH, keys, values, mask_BxTxS, kv_layout: str = "BSKH"):
     """Attention over the given keys/values (the new ones, or the cache holding them) + residual + MLP."""
-    x_BxTxD = x_BxTxD + self.attn.out(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, mask_BxTxS)
+    x_BxTxD = x_BxTxD + self.attn.out(q_BxTxNxH, keys, values, mask_BxTxS, kv_layout)
     return x_BxTxD + self.mlp(self.post_attn_norm(x_BxTxD))
 
   def __call__(self, x_BxTxD, cos, sin, mask_BxTxS):
