@@ -5,11 +5,14 @@ The config is an `ml_collections.ConfigDict` (see configs/demo.py for every fiel
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import ml_collections
 
 from pl_dpo.losses import VARIANTS
-from pl_dpo.models import DecoderConfig, tiny_config
+from pl_dpo.models import DecoderConfig, from_hf_config, tiny_config
 
 # "sft" is the control arm: the same rounds and gradient steps, spent on more SFT epochs.
 MODES = ("spin", "asft", "ladder", "offline", "sft")
@@ -41,7 +44,9 @@ def list_size(config: ml_collections.ConfigDict, mode: str) -> int:
         raise ConfigError("mode 'asft' needs one assistant model (config.assistants)")
     if mode == "ladder" and n_assist < 1:
         raise ConfigError("mode 'ladder' needs at least one assistant model (config.assistants)")
-    if k and k != derived and mode != "offline":
+    # loss.K sizes the offline lists; with no offline arm it must agree with every self-play mode.
+    offline_arm = "offline" in modes_of(config)
+    if k and k != derived and mode != "offline" and not offline_arm:
         raise ConfigError(f"config.loss.K={k} does not fit mode {mode!r}, which ranks K={derived} responses "
                           f"(spin: K=2, asft: K=3, ladder: 2 + number of assistants)")
     if not derived or derived < 2:
@@ -50,12 +55,19 @@ def list_size(config: ml_collections.ConfigDict, mode: str) -> int:
 
 
 def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> DecoderConfig:
+    """The decoder of a model section: a Hugging Face folder's config.json when `hf_path`
+    is set (numerics from the section), else a named preset with overrides."""
+    numerics = {key: model_cfg[key] for key in ("param_dtype", "compute_dtype", "remat", "attention_impl")
+                if model_cfg.get(key)}
+    if model_cfg.get("hf_path"):
+        cfg_file = os.path.join(model_cfg.hf_path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise ConfigError(f"config.model.hf_path={model_cfg.hf_path!r}: {cfg_file} does not exist")
+        with open(cfg_file, encoding="utf-8") as f:
+            return from_hf_config(json.load(f), where=cfg_file, **numerics)
     overrides = dict(model_cfg.get("overrides", {}) or {})
     overrides.setdefault("vocab_size", vocab_size)
-    for key in ("param_dtype", "compute_dtype", "remat", "attention_impl"):
-        if model_cfg.get(key) is not None:
-            overrides[key] = model_cfg[key]
-    return tiny_config(model_cfg.preset, **overrides)
+    return tiny_config(model_cfg.preset, **{**overrides, **numerics})
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -94,5 +106,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if name in ("sft.batch_size", "rounds.batch_size") and value % batch_shards:
             raise ConfigError(f"config.{name}={value} must be divisible by mesh data*fsdp={batch_shards}")
     for i, assistant in enumerate(config.assistants):
-        if assistant.sft_steps < 1 and not assistant.get("hf_path"):
-            raise ConfigError(f"config.assistants[{i}] needs sft_steps >= 1 or an hf_path")
+        if assistant.sft_steps < 1 and not assistant.model.get("hf_path"):
+            raise ConfigError(f"config.assistants[{i}] needs sft_steps >= 1 or a model.hf_path")
+        if assistant.get("tokenizer_path") and (assistant.sft_steps > 0 or not assistant.model.get("hf_path")):
+            raise ConfigError(f"config.assistants[{i}] has its own tokenizer: it must be a pretrained "
+                              "model.hf_path used as is (sft_steps=0)")

@@ -17,6 +17,7 @@ killed run resumes where it stopped and ends with the same parameters):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -96,7 +97,8 @@ class SelfPlay:
     # --------------------------------------------------------------------------- inputs
 
     def _tokenizer(self):
-        path = self.config.tokenizer.get("path")
+        # A configured folder, else the model's own folder, else a tiny one built once.
+        path = self.config.tokenizer.get("path") or self.config.model.get("hf_path")
         if path:
             return load_tokenizer(path)
         path = os.path.join(self.workdir, "tokenizer")
@@ -162,6 +164,8 @@ class SelfPlay:
             return self.restore_policy(lineage, model_cfg, 0)
         seed = self.config.seed + zlib.crc32(lineage.encode()) % 1000
         model = self._initial_model(model_cfg, seed)
+        if steps == 0 and lineage != "sft":
+            return model  # a pretrained assistant used as is: its folder is its checkpoint
         if steps > 0:
             n = self.sft_arrays["tokens_NxKxL"].shape[0]
             epochs = -(-steps * batch_size // n)
@@ -195,14 +199,34 @@ class SelfPlay:
 
     # --------------------------------------------------------------------------- generation
 
-    def samples(self, model: Decoder, label: str, progress_desc: str) -> list[list[int]]:
+    def samples(self, model: Decoder, label: str, progress_desc: str, arrays: dict[str, np.ndarray] | None = None,
+                eos_id: int | None = None, pad_id: int | None = None) -> list[list[int]]:
+        """One sampled response per training prompt (default: the policy's tokenisation)."""
         s = self.config.sampling
+        eos_id = self.eos_id if eos_id is None else eos_id
         cfg = sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                     top_p=s.top_p, eos_ids=(self.eos_id,), pad_id=self.pad_id)
+                                     top_p=s.top_p, eos_ids=(eos_id,), pad_id=self.pad_id if pad_id is None else pad_id)
         with tqdm(total=len(self.train_prompt_ids), desc=progress_desc, unit="prompt", leave=False,
                   disable=jax.process_index() != 0) as bar:
-            return evaluate.generate_responses(model, self.sft_arrays, cfg, _rng(self.config.seed, label),
-                                               s.batch_size, self.eos_id, progress=bar)
+            return evaluate.generate_responses(model, self.sft_arrays if arrays is None else arrays, cfg,
+                                               _rng(self.config.seed, label), s.batch_size, eos_id, progress=bar)
+
+    def _foreign_samples(self, index: int, model: Decoder, tokenizer_path: str) -> list[list[int]]:
+        """Samples of an assistant with its own tokenizer: prompts in its chat template,
+        answers decoded to text and tokenised again with the policy's tokenizer."""
+        tok = load_tokenizer(tokenizer_path)
+        arrays, _ = tokenize_examples(tok, self.train_examples, self.tok_cfg, k=1)
+        ids = self.samples(model, f"assistant_{index}/samples", f"assistant_{index} samples", arrays=arrays,
+                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
+        out = []
+        for example, text in zip(self.train_examples, texts):
+            if not text:  # an empty answer is still a (bad) answer: EOS alone
+                out.append([self.eos_id])
+                continue
+            retokenised = dataclasses.replace(example, responses=(text,))
+            out.append(encode_examples(self.tokenizer, [retokenised], self.tok_cfg)[1][0][0])
+        return out
 
     def assistant_samples(self, index: int) -> list[list[int]]:
         """Samples of assistant `index` on the training prompts, generated once and cached."""
@@ -213,12 +237,16 @@ class SelfPlay:
             return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]
         a = self.config.assistants[index]
         model = self.supervised_model(lineage, a.model, a.sft_steps, a.optim, a.batch_size)
-        out = self.samples(model, f"{lineage}/samples", f"{lineage} samples")
+        if a.get("tokenizer_path"):
+            out = self._foreign_samples(index, model, a.tokenizer_path)
+        else:
+            out = self.samples(model, f"{lineage}/samples", f"{lineage} samples")
         width = max(len(r) for r in out)
         tokens = np.full((len(out), width), self.pad_id, np.int32)
         for i, r in enumerate(out):
             tokens[i, : len(r)] = r
-        save_ranked_set(path, {"tokens": tokens, "lengths": np.array([len(r) for r in out], np.int32)})
+        if jax.process_index() == 0:
+            save_ranked_set(path, {"tokens": tokens, "lengths": np.array([len(r) for r in out], np.int32)})
         return out
 
     def ranked_set(self, mode: str, t: int, policy: Decoder, K: int, reference: Decoder) -> dict[str, np.ndarray]:
@@ -273,7 +301,7 @@ class SelfPlay:
                                      num_epochs=c.rounds.epochs, batch_size=c.rounds.batch_size,
                                      seed=c.seed + 7919 * (t + 1), optim=optim,
                                      save_every_steps=c.checkpoint.save_every_steps,
-                                     max_steps=c.rounds.get("max_steps"), length_buckets=self._length_buckets())
+                                     max_steps=c.rounds.get("max_steps") or None, length_buckets=self._length_buckets())
                     policy = train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules,
                                          metric_log=self.metric_log)
                     self._save_policy(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})

@@ -1,0 +1,107 @@
+"""Offline, ladder and continued-SFT modes end to end, HF export, and the paper configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import asft, demo, offline, spin
+from pl_dpo import config_lib
+from pl_dpo.data import SyntheticConfig, generate_examples
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_paper_configs_are_valid():
+    for module in (spin, offline, demo):
+        config_lib.validate(module.get_config())
+    c = asft.get_config()
+    c.assistants[0].model.hf_path = "/models/assistant"
+    config_lib.validate(c)
+    assert config_lib.list_size(c, "asft") == 3 and spin.get_config().rounds.lr_per_round == (5e-7, 5e-7, 1e-7)
+    with pytest.raises(config_lib.ConfigError, match="needs sft_steps >= 1 or a model.hf_path"):
+        config_lib.validate(asft.get_config())
+    for module in (spin, asft, offline, demo):
+        assert module.sweep() and all(isinstance(job, dict) for job in module.sweep())
+
+
+def write_ranked_jsonl(path, examples, rng):
+    """Synthetic prompts with [answer, one-digit-off answer, reversed answer]: a ranking by correctness."""
+    with open(path, "w") as f:
+        for e in examples:
+            answer = e.responses[0]
+            chars = list(answer)
+            i = int(rng.integers(len(chars)))
+            chars[i] = "7" if chars[i] != "7" else "3"
+            f.write(json.dumps({"prompt": e.prompt, "responses": [answer, "".join(chars), answer[::-1] + "0"]}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("modes")
+    splits = generate_examples(SyntheticConfig(seed=3, n_train=96, n_test=32))
+    rng = np.random.default_rng(0)
+    for split, examples in splits.items():
+        write_ranked_jsonl(root / f"{split}.jsonl", examples, rng)
+    workdir = root / "run"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "pl_dpo.main", "--config=configs/offline.py:tiny", f"--workdir={workdir}",
+           f"--config.data.files.train={root / 'train.jsonl'}", f"--config.data.files.test={root / 'test.jsonl'}",
+           "--config.modes=offline,ladder,sft", "--config.rounds.num=2", "--config.export_hf=True"]
+    proc = subprocess.run(cmd + ["--config.rounds.max_steps=6"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc.stdout
+
+
+def test_offline_ladder_and_sft_modes(offline_run):
+    workdir, stdout = offline_run
+    for row in ("| sft |", "| offline round 1 |", "| offline round 2 |", "| ladder round 2 |", "| sft round 2 |"):
+        assert row in stdout
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    ladder = [r for r in records if r["phase"] == "ladder/round_0"]
+    offline_ = [r for r in records if r["phase"] == "offline/round_1"]
+    assert len(ladder[0]["scores_K"]) == 4 and len(offline_[0]["scores_K"]) == 3
+    # Offline: one ranked set for every round, its reference the fixed SFT policy.
+    assert os.path.exists(workdir / "offline" / "offline" / "ranked.npz")
+    assert not os.path.exists(workdir / "offline" / "round_1" / "ranked.npz")
+    # The continued-SFT arm trains the NLL on the answers: no ranking metrics.
+    sft_train = [r for r in records if r["phase"] == "sft/round_0"]
+    assert sft_train and "pairwise_accuracy" not in sft_train[0]
+    # Both assistants were trained and sampled once.
+    for i in (0, 1):
+        assert os.path.exists(workdir / f"assistant_{i}" / "samples.npz")
+
+
+def test_exported_policy_loads_in_transformers(offline_run):
+    """The last policy, exported as a Hugging Face folder, gives the same logits in torch."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    workdir, _ = offline_run
+    export = workdir / "sft" / "hf_export"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    ids = tok("What is 2 + 3?")["input_ids"]
+    with torch.no_grad():
+        torch_logits = hf(torch.tensor([ids])).logits[0].numpy()
+
+    import jax.numpy as jnp
+
+    from pl_dpo import rounds
+
+    config = offline.get_config("tiny")
+    config.modes = "offline,ladder,sft"
+    config.rounds.num = 2
+    config.rounds.max_steps = 6
+    config.export_hf = True
+    config.data.files = dict(train=str(workdir.parent / "train.jsonl"), test=str(workdir.parent / "test.jsonl"))
+    sp = rounds.SelfPlay(config, str(workdir))
+    policy = sp.restore_policy("sft", config.model, 2)
+    tokens = jnp.asarray([ids])
+    positions = jnp.arange(len(ids))[None]
+    ours = policy.logits(policy(tokens, positions, jnp.ones_like(tokens, bool)))[0]
+    np.testing.assert_allclose(np.asarray(ours), torch_logits, atol=1e-4)
