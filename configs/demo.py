@@ -6,7 +6,7 @@ A tiny Llama-style policy (~0.2M parameters) is fine-tuned on the built-in verif
 tasks (addition, sorting, reversal); a larger assistant (~0.8M) is trained the same
 way for longer. Then two self-play arms start from the same SFT policy: SPIN (K=2:
 answer > own sample) and aSFT (K=3: answer > assistant sample > own sample), two
-rounds each. The run ends with a table of held-out exact match (greedy decoding
+rounds each (three rounds each). The run ends with a table of held-out exact match (greedy decoding
 checked by the task checker), answer log-likelihood, implicit-reward accuracy and
 win rate against the SFT policy. Expected: both arms above the SFT row in exact
 match and answer log-likelihood (see README for the measured numbers).
@@ -36,8 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # T=5, not the paper's 0.1: at small T, pushing the policy's own samples down has no
     # saturation and drags the answers' likelihood down with it on this task (README).
     c.loss.T = 5.0
-    c.rounds.update(num=1 if quick else 2, epochs=2, max_steps=4 if quick else 0,
-                    optim=optimizer(3e-4, warmup=5, decay="linear"))
+    c.rounds.update(num=1 if quick else 3, epochs=2, max_steps=4 if quick else 0,
+                    optim=optimizer(5e-4, warmup=5, decay="linear"))
     c.sampling.batch_size = 256
     c.eval.batch_size = 128
     c.mesh.num_devices = 1  # one CPU device: tiny models gain nothing from sharding
