@@ -1,0 +1,159 @@
+"""Read a sweep's job workdirs into per-(arm, seed, round) records and aggregate over seeds.
+
+One record per evaluated policy of one arm of one job: the arm (mode), its K, T, the
+training-set size, the seed, the round t (0 = πθ(0), the SFT start every arm of a job
+shares), the held-out metrics (from `<lineage>/eval_<t>.json`, the same values as the
+`eval/<lineage>` records of metrics.jsonl, which a job seeded by experiments/sweep.py
+may have received by copy) and training diagnostics of the round that produced it
+(from metrics.jsonl and the round's ranked set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+K_OF_MODE = {"spin": 2, "asft": 3, "sft": 1}  # ladder: 2 + number of assistants; offline: loss.K
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """What a study varies: the arm and its settings (seeds are aggregated over)."""
+
+    mode: str
+    K: int
+    T: float | None  # None for the SFT control arm (no temperature)
+    num_train: int
+
+
+@dataclasses.dataclass
+class Record:
+    cell: Cell
+    seed: int
+    round: int
+    metrics: dict[str, float]
+    job: str
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _k(mode: str, cfg: dict[str, Any]) -> int:
+    if mode == "ladder":
+        return 2 + len(cfg.get("assistants") or [])
+    if mode == "offline":
+        return int(cfg["loss"]["K"])
+    return K_OF_MODE[mode]
+
+
+def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (mode, round index t): mean loss / pairwise accuracy over the round's last quarter of steps."""
+    per_phase: dict[str, list[dict[str, Any]]] = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            for line in f:
+                if "/round_" not in line:
+                    continue
+                rec = json.loads(line)
+                if not str(rec.get("phase", "")).startswith("eval/"):
+                    per_phase.setdefault(rec["phase"], []).append(rec)
+    out = {}
+    for phase, recs in per_phase.items():
+        mode, _, t = phase.partition("/round_")
+        by_step = {r["step"]: r for r in recs}  # a resumed round may log a step twice: keep the last
+        steps = sorted(by_step)
+        tail = [by_step[s] for s in steps[-max(1, len(steps) // 4):]]
+        summary = {}
+        for key in ("loss", "pairwise_accuracy"):
+            values = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
+            if values:
+                summary[f"train_{key}"] = float(np.mean(values))
+        out[(mode, int(t))] = summary
+    return out
+
+
+def _own_sample_correct(job: str, mode: str, t: int) -> float | None:
+    path = os.path.join(job, mode, f"round_{t}", "ranked.npz")
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        if "policy_sample_correct_N" not in z.files:
+            return None
+        return float(np.mean(z["policy_sample_correct_N"]))
+
+
+def read_job(job: str) -> list[Record]:
+    """The records of one job workdir (empty when it has not evaluated anything yet)."""
+    cfg_path = os.path.join(job, "config.json")
+    start_path = os.path.join(job, "sft", "eval_0.json")
+    if not (os.path.exists(cfg_path) and os.path.exists(start_path)):
+        return []
+    cfg = _read_json(cfg_path)
+    num_train = int(cfg["data"].get("num_train") or cfg["data"].get("options", {}).get("n_train", 0))
+    seed = int(cfg["seed"])
+    start = _read_json(start_path)["metrics"]
+    train = _train_summary(os.path.join(job, "metrics.jsonl"))
+    records = []
+    for mode in [m.strip() for m in str(cfg["modes"]).split(",") if m.strip()]:
+        cell = Cell(mode, _k(mode, cfg), None if mode == "sft" else float(cfg["loss"]["T"]), num_train)
+        records.append(Record(cell, seed, 0, dict(start), job))
+        # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .
+        for path in glob.glob(os.path.join(job, mode, "eval_*.json")):
+            t = int(os.path.basename(path)[len("eval_"):-len(".json")])
+            if t == 0:
+                continue
+            metrics = dict(_read_json(path)["metrics"])
+            metrics.update(train.get((mode, t - 1), {}))
+            own = _own_sample_correct(job, mode, t - 1)
+            if own is not None:
+                metrics["own_sample_correct"] = own
+            records.append(Record(cell, seed, t, metrics, job))
+    return records
+
+
+def read_sweep(sweep_dir: str) -> list[Record]:
+    """Every job under `sweep_dir`; a (cell, seed, round) present in two jobs is counted once."""
+    seen, out = set(), []
+    for job in sorted(glob.glob(os.path.join(sweep_dir, "*", ""))):
+        for rec in read_job(job.rstrip(os.sep)):
+            key = (rec.cell, rec.seed, rec.round)
+            if key not in seen:
+                seen.add(key)
+                out.append(rec)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float  # sample standard deviation over seeds (0 with one seed)
+    n: int
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "-"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}" + ("" if self.n >= 3 else f" (n={self.n})")
+
+
+def stat(values: Iterable[float]) -> Stat:
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return Stat(float("nan"), float("nan"), 0)
+    return Stat(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+
+
+def aggregate(records: list[Record], metric: str) -> dict[tuple[Cell, int], Stat]:
+    """(cell, round) -> mean ± std over seeds of `metric`."""
+    groups: dict[tuple[Cell, int], list[float]] = {}
+    for r in records:
+        if metric in r.metrics:
+            groups.setdefault((r.cell, r.round), []).append(r.metrics[metric])
+    return {key: stat(v) for key, v in groups.items()}

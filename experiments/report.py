@@ -1,0 +1,297 @@
+"""Turn a sweep's runs into a markdown report with tables (mean ± std over seeds) and PNG plots.
+
+    .venv/bin/python experiments/report.py --sweep_dir=runs/study --out=experiments/RESULTS.md
+
+The reference setting is the temperature shared by the most arms (`--ref_T`) on the
+largest training set; the sections are written when the sweep varies what they need:
+arms vs round (rounds vs SFT epochs, K), T, training-set size, training diagnostics,
+and an appendix with every cell. Text between `<!-- findings:begin -->` and
+`<!-- findings:end -->` in an existing `--out` file is kept, so hand-written findings
+survive regeneration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collect import Cell, Record, aggregate, read_sweep  # noqa: E402
+
+ARM_ORDER = {"sft": 0, "spin": 1, "asft": 2, "ladder": 3, "offline": 4}
+METRICS = ("exact_match", "answer_logp_per_token", "win_rate_vs_sft", "reward_accuracy")
+FINDINGS = ("<!-- findings:begin -->", "<!-- findings:end -->")
+
+
+def arm_label(cell: Cell) -> str:
+    return "SFT control (more epochs)" if cell.mode == "sft" else f"{cell.mode} (K={cell.K})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Report:
+    def __init__(self, records: list[Record], plots_dir: str, plots_rel: str, ref_T: float | None = None):
+        self.records, self.plots_dir, self.plots_rel = records, plots_dir, plots_rel
+        self.cells = sorted({r.cell for r in records}, key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train))
+        self.ref_n = max(c.num_train for c in self.cells)
+        arms_per_T = Counter(c.T for c in self.cells if c.T is not None and c.num_train == self.ref_n)
+        self.ref_T = ref_T if ref_T is not None else max(arms_per_T, key=lambda t: (arms_per_T[t], t))
+        self.agg = {m: aggregate(records, m) for m in (*METRICS, "own_sample_correct", "train_pairwise_accuracy")}
+        self.plots: list[str] = []
+
+    def rounds(self, cell: Cell) -> list[int]:
+        return sorted({r.round for r in self.records if r.cell == cell})
+
+    def cell_stat(self, metric: str, cell: Cell, t: int):
+        return self.agg[metric].get((cell, t))
+
+    def fmt(self, metric: str, cell: Cell, t: int) -> str:
+        s = self.cell_stat(metric, cell, t)
+        return s.fmt() if s else "-"
+
+    def ref_arms(self) -> list[Cell]:
+        return [c for c in self.cells if c.num_train == self.ref_n and c.T in (None, self.ref_T)]
+
+    # ------------------------------------------------------------------ sections
+
+    def arms_section(self) -> str:
+        arms = self.ref_arms()
+        rounds = sorted({t for c in arms for t in self.rounds(c)})
+        out = [f"## Arms vs round (T={self.ref_T:g}, {self.ref_n} training prompts)\n",
+               "Round 0 is πθ(0), the SFT start shared by every arm of a seed. The SFT control spends the "
+               "same number of gradient steps per round on more SFT epochs on the dataset answers.\n"]
+        for metric in METRICS:
+            rows = [[arm_label(c)] + [self.fmt(metric, c, t) for t in rounds] for c in arms]
+            out.append(f"**{metric}**\n\n" + _table(["arm"] + [f"round {t}" for t in rounds], rows) + "\n")
+        tasks = sorted({k for r in self.records for k in r.metrics if k.startswith("exact_match/")})
+        if tasks:
+            per_task = {k: aggregate(self.records, k) for k in tasks}
+            cell_fmt = lambda k, c, t: per_task[k][(c, t)].fmt() if (c, t) in per_task[k] else "-"
+            rows = [["SFT start (round 0)"] + [cell_fmt(k, arms[0], 0) for k in tasks]]
+            for c in arms:
+                last = self.rounds(c)[-1]
+                rows.append([f"{arm_label(c)} round {last}"] + [cell_fmt(k, c, last) for k in tasks])
+            out.append("**exact match per task (last round)**\n\n" + _table(["policy"] + tasks, rows) + "\n")
+        out.append(self.plot_vs_round(arms, "arms_vs_round.png", "arms vs round"))
+        return "\n".join(out)
+
+    def T_section(self) -> str:
+        by_K = {}
+        for c in self.cells:
+            if c.T is not None and c.num_train == self.ref_n:
+                by_K.setdefault(c.K, []).append(c)
+        by_K = {k: sorted(v, key=lambda c: c.T) for k, v in by_K.items() if len(v) >= 2}
+        if not by_K:
+            return ""
+        out = [f"## Temperature T ({self.ref_n} training prompts)\n"]
+        for metric in ("exact_match", "answer_logp_per_token", "reward_accuracy"):
+            header, rows = ["T"], {}
+            for K, cells in sorted(by_K.items()):
+                common = sorted(set.intersection(*(set(self.rounds(c)) for c in cells)) - {0})
+                header += [f"K={K} round {t}" for t in common]
+                for c in cells:
+                    rows.setdefault(c.T, {}).update({f"K={K} round {t}": self.fmt(metric, c, t) for t in common})
+            table = [[f"{T:g}"] + [rows[T].get(h, "-") for h in header[1:]] for T in sorted(rows)]
+            out.append(f"**{metric}**\n\n" + _table(header, table) + "\n")
+        for K, cells in sorted(by_K.items()):
+            out.append(self.plot_vs_round(cells, f"T_vs_round_K{K}.png", f"K={K}: by T", by_T=True))
+        out.append(self.plot_vs_T(by_K))
+        return "\n".join(out)
+
+    def size_section(self) -> str:
+        sizes = sorted({c.num_train for c in self.cells})
+        if len(sizes) < 2:
+            return ""
+        arms = [c for c in self.cells if c.T in (None, self.ref_T)]
+        modes = sorted({c.mode for c in arms if len({a.num_train for a in arms if a.mode == c.mode}) == len(sizes)},
+                       key=lambda m: ARM_ORDER.get(m, 9))
+        out = [f"## Training-set size (T={self.ref_T:g})\n"]
+        for metric in ("exact_match", "answer_logp_per_token"):
+            header, rows = ["training prompts", "SFT start"], []
+            common = None
+            for m in modes:
+                rs = set.intersection(*(set(self.rounds(c)) for c in arms if c.mode == m)) - {0}
+                common = rs if common is None else common & rs
+            common = sorted(common or [])
+            for m in modes:
+                header += [f"{m} round {t}" for t in common]
+            for n in sizes:
+                row = [str(n)]
+                first = next(c for c in arms if c.num_train == n and c.mode == modes[0])
+                row.append(self.fmt(metric, first, 0))
+                for m in modes:
+                    c = next(c for c in arms if c.num_train == n and c.mode == m)
+                    row += [self.fmt(metric, c, t) for t in common]
+                rows.append(row)
+            out.append(f"**{metric}**\n\n" + _table(header, rows) + "\n")
+        out.append(self.plot_size(arms, modes, sizes))
+        return "\n".join(out)
+
+    def diagnostics_section(self) -> str:
+        cells = [c for c in self.cells if c.mode != "sft" and c.num_train == self.ref_n]
+        if not any(self.agg["own_sample_correct"].get((c, t)) for c in cells for t in self.rounds(c)):
+            return ""
+        rounds = sorted({t for c in cells for t in self.rounds(c)} - {0})
+        rows = []
+        for c in cells:
+            rows.append([arm_label(c), f"{c.T:g}"] + [
+                f"{self.fmt('own_sample_correct', c, t)} / {self.fmt('train_pairwise_accuracy', c, t)}"
+                for t in rounds])
+        return ("## Training diagnostics\n\nPer round: fraction of training prompts whose own sample (the "
+                "lowest-ranked response) already equals the answer / pairwise ranking accuracy of the implicit "
+                "reward over the round's last quarter of steps.\n\n"
+                + _table(["arm", "T"] + [f"round {t - 1}→{t}" for t in rounds], rows) + "\n")
+
+    def appendix(self) -> str:
+        rows = []
+        for c in self.cells:
+            for t in self.rounds(c):
+                s = self.cell_stat("exact_match", c, t)
+                rows.append([c.mode, str(c.K), "-" if c.T is None else f"{c.T:g}", str(c.num_train), str(t),
+                             str(s.n if s else 0)] + [self.fmt(m, c, t) for m in METRICS])
+        return ("## Appendix: every cell\n\n" +
+                _table(["mode", "K", "T", "train", "round", "seeds", *METRICS], rows) + "\n")
+
+    # ------------------------------------------------------------------ plots
+
+    def _save(self, fig, name: str, title: str) -> str:
+        os.makedirs(self.plots_dir, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.plots_dir, name), dpi=110)
+        plt.close(fig)
+        self.plots.append(name)
+        return f"![{title}]({self.plots_rel}/{name})\n"
+
+    def _series(self, metric: str, cell: Cell):
+        pts = [(t, self.cell_stat(metric, cell, t)) for t in self.rounds(cell)]
+        pts = [(t, s) for t, s in pts if s and s.n]
+        return [t for t, _ in pts], [s.mean for _, s in pts], [s.std for _, s in pts]
+
+    def plot_vs_round(self, cells: list[Cell], name: str, title: str, by_T: bool = False) -> str:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
+            for c in cells:
+                x, y, e = self._series(metric, c)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"T={c.T:g}" if by_T else arm_label(c))
+            ax.set_xlabel("round (0 = SFT start)")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{title} (mean ± std over seeds)")
+        return self._save(fig, name, title)
+
+    def plot_vs_T(self, by_K: dict[int, list[Cell]]) -> str:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
+            for K, cells in sorted(by_K.items()):
+                last = max(set.intersection(*(set(self.rounds(c)) for c in cells)))
+                stats = [self.cell_stat(metric, c, last) for c in cells]
+                ax.errorbar([c.T for c in cells], [s.mean for s in stats], yerr=[s.std for s in stats],
+                            marker="o", capsize=3, label=f"K={K}, round {last}")
+            start = self.cell_stat(metric, next(iter(by_K.values()))[0], 0)
+            if start:
+                ax.axhline(start.mean, color="gray", ls="--", label="SFT start")
+            ax.set_xscale("log")
+            ax.set_xlabel("T")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("metric vs T per K (mean ± std over seeds)")
+        return self._save(fig, "vs_T.png", "metric vs T")
+
+    def plot_size(self, arms: list[Cell], modes: list[str], sizes: list[int]) -> str:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
+            first = [next(c for c in arms if c.num_train == n and c.mode == modes[0]) for n in sizes]
+            s0 = [self.cell_stat(metric, c, 0) for c in first]
+            ax.errorbar(sizes, [s.mean for s in s0], yerr=[s.std for s in s0], marker="o", capsize=3,
+                        color="gray", ls="--", label="SFT start")
+            for m in modes:
+                cells = [next(c for c in arms if c.num_train == n and c.mode == m) for n in sizes]
+                last = max(set.intersection(*(set(self.rounds(c)) for c in cells)))
+                st = [self.cell_stat(metric, c, last) for c in cells]
+                ax.errorbar(sizes, [s.mean for s in st], yerr=[s.std for s in st], marker="o", capsize=3,
+                            label=f"{arm_label(cells[0])} round {last}")
+            ax.set_xscale("log")
+            ax.set_xlabel("training prompts")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("training-set size (mean ± std over seeds)")
+        return self._save(fig, "train_size.png", "training-set size")
+
+
+def _wall_time(sweep_dir: str) -> str:
+    path = os.path.join(sweep_dir, "sweep_log.jsonl")
+    if not os.path.exists(path):
+        return "no sweep_log.jsonl"
+    with open(path, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    ok = [r for r in recs if r["rc"] == 0]
+    span = max(r["end"] for r in recs) - min(r["end"] - r["seconds"] for r in recs) if recs else 0
+    return (f"{len(ok)} job runs finished, {sum(r['seconds'] for r in ok) / 60:.1f} min of job time "
+            f"({sum(r['seconds'] for r in recs) / 60:.1f} min including failed/interrupted runs), "
+            f"{span / 60:.1f} min from first start to last end")
+
+
+def build(sweep_dir: str, out: str, plots_dir: str | None = None, ref_T: float | None = None,
+          command: str | None = None) -> str:
+    records = read_sweep(sweep_dir)
+    if not records:
+        raise SystemExit(f"report: no evaluated job under {sweep_dir} (each job needs config.json and sft/eval_0.json)")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    plots_dir = plots_dir or os.path.join(out_dir, "plots")
+    rep = Report(records, plots_dir, os.path.relpath(plots_dir, out_dir), ref_T)
+    jobs = sorted({r.job for r in records})
+    seeds = sorted({r.seed for r in records})
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = "?"
+    findings = f"{FINDINGS[0]}\n(no findings written yet)\n{FINDINGS[1]}"
+    if os.path.exists(out):
+        old = open(out, encoding="utf-8").read()
+        if FINDINGS[0] in old and FINDINGS[1] in old:
+            findings = old[old.index(FINDINGS[0]): old.index(FINDINGS[1]) + len(FINDINGS[1])]
+    parts = [
+        "# Results\n",
+        f"Generated by `{command or 'experiments/report.py'}` from {len(jobs)} jobs in `{sweep_dir}` "
+        f"(seeds {seeds}; code at commit {commit}). Wall time: {_wall_time(sweep_dir)}. "
+        "Cells: mean ± sample std over seeds; (n=…) marks cells with fewer than 3 seeds.\n",
+        findings + "\n",
+        rep.arms_section(), rep.T_section(), rep.size_section(), rep.diagnostics_section(), rep.appendix(),
+    ]
+    text = "\n".join(p for p in parts if p)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"report: {out} ({len(records)} records, {len(jobs)} jobs); plots in {plots_dir}: {', '.join(rep.plots)}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sweep_dir", required=True, help="parent folder of the job workdirs")
+    p.add_argument("--out", required=True, help="markdown file to write")
+    p.add_argument("--plots_dir", default=None, help="PNG folder (default: plots/ next to --out)")
+    p.add_argument("--ref_T", type=float, default=None, help="temperature of the reference arms")
+    args = p.parse_args(argv)
+    build(args.sweep_dir, args.out, args.plots_dir, args.ref_T,
+          command="python experiments/report.py " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

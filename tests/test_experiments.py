@@ -1,0 +1,109 @@
+"""experiments/: sweep helpers, job naming and commands, aggregation, and the quick study end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from configs import study
+from configs.sweeps import concat, product, zip_
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import collect  # noqa: E402
+import report  # noqa: E402
+import sweep  # noqa: E402
+
+
+def test_product_zip_concat():
+    jobs = product(seed=[0, 1], **{"loss.T": [0.1, 1.0]})
+    assert jobs == [{"seed": 0, "loss.T": 0.1}, {"seed": 0, "loss.T": 1.0},
+                    {"seed": 1, "loss.T": 0.1}, {"seed": 1, "loss.T": 1.0}]
+    z = zip_(**{"data.num_train": [500, 1000], "sft.steps": [100, 200]})
+    assert z == [{"data.num_train": 500, "sft.steps": 100}, {"data.num_train": 1000, "sft.steps": 200}]
+    assert product(z, seed=[3]) == [{**z[0], "seed": 3}, {**z[1], "seed": 3}]
+    assert concat(jobs[:2], jobs[1:3]) == jobs[:3]  # the duplicate kept once, order kept
+    with pytest.raises(ValueError, match="different lengths"):
+        zip_(a=[1, 2], b=[1])
+    with pytest.raises(ValueError, match="set by two axes"):
+        product([{"seed": 0}], seed=[1])
+    with pytest.raises(TypeError, match="list of values"):
+        product(modes="spin")
+    with pytest.raises(ValueError, match="no values"):
+        product(seed=[])
+
+
+def test_study_sweep_covers_the_four_questions():
+    jobs = study.sweep()
+    base = study.get_config()
+    resolved = [sweep.apply_overrides(base, j) for j in jobs]
+    for seed in study.SEEDS:
+        mine = [c for c in resolved if c.seed == seed]
+        assert any(set(c.modes.split(",")) >= {"spin", "asft", "ladder", "sft"} and c.rounds.num >= 3 for c in mine)
+        assert len({c.loss.T for c in mine if "asft" in c.modes}) >= 4  # K=2 and K=3 at >= 4 temperatures
+        assert len({c.data.num_train or c.data.options.n_train for c in mine}) >= 3
+    temps = sorted({c.loss.T for c in resolved})
+    assert temps[-1] / temps[0] >= 100  # two orders of magnitude
+    assert len(study.sweep("quick")) == 2
+
+
+def test_job_names_commands_and_bad_overrides(capsys):
+    assert sweep.job_name({"seed": 1, "modes": "spin,asft", "loss.T": 0.1}) == "loss.T=0.1__modes=spin+asft__seed=1"
+    assert sweep.job_name({}) == "base"
+    base = study.get_config()
+    with pytest.raises(KeyError, match="no field 'Tau'"):
+        sweep.apply_overrides(base, {"loss.Tau": 1.0})
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        sweep.apply_overrides(base, {"nope.x": 1})
+    assert sweep.apply_overrides(base, {"loss.T": 0.1}).loss.T == 0.1 and base.loss.T == 5.0  # a copy
+    assert sweep.main(["--config", os.path.join(REPO, "configs/study.py"), "--print", "--sweep_dir", "/fleet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(study.sweep())
+    assert lines[1].startswith("python -m pl_dpo.main --config=")
+    assert "--workdir=/fleet/loss.T=0.1__modes=spin+asft__rounds.num=2__seed=0" in lines[1]
+    assert "--config.loss.T=0.1" in lines[1] and "--config.modes=spin,asft" in lines[1]
+
+
+def test_stat_matches_numpy():
+    values = [0.2, 0.25, 0.31]
+    s = collect.stat(values)
+    assert s.n == 3 and s.mean == pytest.approx(np.mean(values)) and s.std == pytest.approx(np.std(values, ddof=1))
+    assert collect.stat([0.5]).std == 0.0 and collect.stat([]).n == 0
+    assert collect.stat(values).fmt() == f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    assert collect.stat([0.5]).fmt().endswith("(n=1)")
+
+
+def test_quick_study_end_to_end(tmp_path):
+    """Two tiny jobs: the second starts from the first's SFT; the report has its tables and plots."""
+    sweep_dir, out = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
+    config = os.path.join(REPO, "configs/study.py")
+    assert sweep.main(["--config", config, "--quick", "--sweep_dir", sweep_dir]) == 0
+    with open(os.path.join(sweep_dir, "sweep_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert [r["rc"] for r in log] == [0, 0]
+    assert log[0]["copied"] == [] and {"tokenizer", "tfds", "sft"} <= set(log[1]["copied"])
+    jobs = [os.path.join(sweep_dir, r["job"]) for r in log]
+    evals = [json.load(open(os.path.join(j, "sft", "eval_0.json")))["metrics"] for j in jobs]
+    assert evals[0] == evals[1]
+    # A finished sweep reruns nothing.
+    assert sweep.main(["--config", config, "--quick", "--sweep_dir", sweep_dir]) == 0
+    with open(os.path.join(sweep_dir, "sweep_log.jsonl")) as f:
+        assert len(f.readlines()) == 2
+
+    records = collect.read_sweep(sweep_dir)
+    assert sorted((r.cell.T, r.round) for r in records) == [(1.0, 0), (1.0, 1), (5.0, 0), (5.0, 1)]
+    text = report.build(sweep_dir, out)
+    assert "| spin (K=2) |" in text and "## Temperature T" in text and "## Appendix: every cell" in text
+    for name in ("arms_vs_round.png", "T_vs_round_K2.png", "vs_T.png"):
+        with open(tmp_path / "plots" / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Hand-written findings survive regeneration.
+    with open(out) as f:
+        edited = f.read().replace("(no findings written yet)", "SPIN helps.")
+    with open(out, "w") as f:
+        f.write(edited)
+    assert "SPIN helps." in report.build(sweep_dir, out)
