@@ -13,6 +13,10 @@ Layers are stacked: every per-layer weight has a leading layer axis and the forw
 
 Kernels are (in, out), i.e. the transpose of torch's Linear.weight. `__call__` returns final hidden states (after the
 final norm) in the compute dtype; `logits` maps them to float32 logits.
+
+Cached decoding (`init_cache`, `decode`, `layer_params`; used by `pl_dpo.sampler`): prefill scans the layers like the
+training forward; single-token steps loop over layers in Python with one [B, K, S, H] cache buffer per layer and
+per-layer weights split off once per generation, so a step copies no cache or weight slices.
 """
 
 from __future__ import annotations
