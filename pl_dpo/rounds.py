@@ -109,7 +109,7 @@ class SelfPlay:
     def _load(self, split: str, limit: int | None):
         data = self.config.data
         options = dict(data.get("options", {}) or {})
-        files = dict(data.get("files", {}) or {}) or None
+        files = {split: path for split, path in dict(data.get("files", {}) or {}).items() if path} or None
         examples = load_split(data.source, split, data_dir=os.path.join(self.workdir, "tfds"), files=files,
                               skip_bad_rows=data.get("skip_bad_rows", False), **options)
         return examples[:limit] if limit else examples

@@ -149,7 +149,8 @@ def test_optimizer_errors_and_rmsprop_accumulation():
         train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="sgd")), 10)
     with pytest.raises(ValueError, match="optim.decay"):
         train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), decay="step")), 10)
-    cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="rmsprop", grad_accum_steps=2, rms_decay=0.9))
+    cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="rmsprop", grad_accum_steps=2, rms_decay=0.9,
+                                         warmup_steps=0))
     tx = train.make_optimizer(cfg, 10)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
