@@ -11,7 +11,10 @@ task data is fixed, data.options.seed=0, so every seed sees the same 2000/300 pr
      assistants), every arm 3 rounds of 2 epochs with the same batch size and lr;
   3. T in {0.1, 1, 5, 25} (250x) for K=2 and K=3, 2 rounds;
   4. training-set size: the first 500 / 1000 / 2000 training prompts (data.num_train;
-     same held-out set), SPIN and the SFT control, 2 rounds.
+     same held-out set), SPIN and the SFT control, 2 rounds;
+  5. (added after the first results: the 300-step SFT start is far from converged, so the
+     control arm gains more than SPIN) rounds vs epochs again from a 4x longer SFT start
+     (sft.steps=1200), SPIN and the control arm, 3 rounds.
 Jobs 1+2 are one job per seed (modes share SFT and assistants); experiments/sweep.py seeds
 the T and size jobs of a seed with that job's SFT / assistants when their configs agree.
 
@@ -29,6 +32,7 @@ from configs.sweeps import concat, product
 SEEDS = (0, 1, 2)
 T_VALUES = (0.1, 1.0, 5.0, 25.0)
 NUM_TRAIN = (500, 1000, 0)  # 0: all 2000
+LONG_SFT_STEPS = 1200
 
 
 def _optimizer(lr: float, warmup: int = 10, decay: str = "cosine") -> ml_collections.ConfigDict:
@@ -94,4 +98,6 @@ def sweep(arg: str | None = None) -> list[dict]:
             product([{"seed": seed, "modes": "spin,sft", "rounds.num": 2}],
                     **{"data.num_train": [n for n in NUM_TRAIN if n]}),
         )
+    # 5 comes last: the first four studies are complete before it starts.
+    jobs += [{"seed": seed, "modes": "spin,sft", "sft.steps": LONG_SFT_STEPS} for seed in SEEDS]
     return jobs

@@ -30,6 +30,7 @@ class Cell:
     K: int
     T: float | None  # None for the SFT control arm (no temperature)
     num_train: int
+    sft_steps: int  # length of the SFT that made πθ(0)
 
 
 @dataclasses.dataclass
@@ -80,14 +81,22 @@ def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]
     return out
 
 
-def _own_sample_correct(job: str, mode: str, t: int) -> float | None:
+def _rank_correct(job: str, mode: str, t: int) -> dict[str, float]:
+    """Round t's ranked set: the fraction of prompts whose rank-k response equals the answer (rank 0),
+    for k = 1..K-1 (assistant samples, then the policy's own sample last)."""
     path = os.path.join(job, mode, f"round_{t}", "ranked.npz")
     if not os.path.exists(path):
-        return None
+        return {}
     with np.load(path) as z:
-        if "policy_sample_correct_N" not in z.files:
-            return None
-        return float(np.mean(z["policy_sample_correct_N"]))
+        tokens, mask = z["tokens_NxKxL"], z["loss_mask_NxKxL"].astype(bool)
+    K = tokens.shape[1]
+    answers = [row[0][m[0]].tolist() for row, m in zip(tokens, mask)]
+    out = {}
+    for k in range(1, K):
+        same = [row[k][m[k]].tolist() == a for row, m, a in zip(tokens, mask, answers)]
+        out[f"rank{k}_correct"] = float(np.mean(same))
+    out["own_sample_correct"] = out[f"rank{K - 1}_correct"]
+    return out
 
 
 def read_job(job: str) -> list[Record]:
@@ -103,7 +112,8 @@ def read_job(job: str) -> list[Record]:
     train = _train_summary(os.path.join(job, "metrics.jsonl"))
     records = []
     for mode in [m.strip() for m in str(cfg["modes"]).split(",") if m.strip()]:
-        cell = Cell(mode, _k(mode, cfg), None if mode == "sft" else float(cfg["loss"]["T"]), num_train)
+        cell = Cell(mode, _k(mode, cfg), None if mode == "sft" else float(cfg["loss"]["T"]), num_train,
+                    int(cfg["sft"]["steps"]))
         records.append(Record(cell, seed, 0, dict(start), job))
         # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .
         for path in glob.glob(os.path.join(job, mode, "eval_*.json")):
@@ -112,9 +122,7 @@ def read_job(job: str) -> list[Record]:
                 continue
             metrics = dict(_read_json(path)["metrics"])
             metrics.update(train.get((mode, t - 1), {}))
-            own = _own_sample_correct(job, mode, t - 1)
-            if own is not None:
-                metrics["own_sample_correct"] = own
+            metrics.update(_rank_correct(job, mode, t - 1))
             records.append(Record(cell, seed, t, metrics, job))
     return records
 

@@ -45,11 +45,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 class Report:
     def __init__(self, records: list[Record], plots_dir: str, plots_rel: str, ref_T: float | None = None):
         self.records, self.plots_dir, self.plots_rel = records, plots_dir, plots_rel
-        self.cells = sorted({r.cell for r in records}, key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train))
+        self.all_cells = sorted({r.cell for r in records},
+                                key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train, c.sft_steps))
+        # The reference SFT length is the most common one; other lengths get their own section.
+        self.ref_sft = Counter(c.sft_steps for c in self.all_cells).most_common(1)[0][0]
+        self.cells = [c for c in self.all_cells if c.sft_steps == self.ref_sft]
         self.ref_n = max(c.num_train for c in self.cells)
         arms_per_T = Counter(c.T for c in self.cells if c.T is not None and c.num_train == self.ref_n)
         self.ref_T = ref_T if ref_T is not None else max(arms_per_T, key=lambda t: (arms_per_T[t], t))
-        self.agg = {m: aggregate(records, m) for m in (*METRICS, "own_sample_correct", "train_pairwise_accuracy")}
+        diag = ("own_sample_correct", "train_pairwise_accuracy", "rank1_correct", "rank2_correct")
+        self.agg = {m: aggregate(records, m) for m in (*METRICS, *diag)}
         self.plots: list[str] = []
 
     def rounds(self, cell: Cell) -> list[int]:
@@ -70,7 +75,7 @@ class Report:
     def arms_section(self) -> str:
         arms = self.ref_arms()
         rounds = sorted({t for c in arms for t in self.rounds(c)})
-        out = [f"## Arms vs round (T={self.ref_T:g}, {self.ref_n} training prompts)\n",
+        out = [f"## Arms vs round (T={self.ref_T:g}, {self.ref_n} training prompts, {self.ref_sft} SFT steps)\n",
                "Round 0 is πθ(0), the SFT start shared by every arm of a seed. The SFT control spends the "
                "same number of gradient steps per round on more SFT epochs on the dataset answers.\n"]
         for metric in METRICS:
@@ -140,30 +145,55 @@ class Report:
         out.append(self.plot_size(arms, modes, sizes))
         return "\n".join(out)
 
+    def sft_length_section(self) -> str:
+        lengths = sorted({c.sft_steps for c in self.all_cells})
+        if len(lengths) < 2:
+            return ""
+        arms = [c for c in self.all_cells if c.num_train == self.ref_n and c.T in (None, self.ref_T)]
+        modes = [m for m in ARM_ORDER if all(any(c.mode == m and c.sft_steps == n for c in arms) for n in lengths)]
+        cells = [c for c in arms if c.mode in modes]
+        rounds = sorted({t for c in cells for t in self.rounds(c)})
+        out = [f"## Length of the SFT start (T={self.ref_T:g}, {self.ref_n} training prompts)\n"]
+        for metric in ("exact_match", "answer_logp_per_token"):
+            rows = [[f"{n}", arm_label(c)] + [self.fmt(metric, c, t) for t in rounds]
+                    for n in lengths for c in cells if c.sft_steps == n]
+            out.append(f"**{metric}**\n\n" + _table(["SFT steps", "arm"] + [f"round {t}" for t in rounds], rows) + "\n")
+        for n in lengths:
+            out.append(self.plot_vs_round([c for c in cells if c.sft_steps == n], f"sft{n}_vs_round.png",
+                                          f"SFT start of {n} steps"))
+        return "\n".join(out)
+
     def diagnostics_section(self) -> str:
-        cells = [c for c in self.cells if c.mode != "sft" and c.num_train == self.ref_n]
+        cells = [c for c in self.all_cells if c.mode != "sft" and c.num_train == self.ref_n]
         if not any(self.agg["own_sample_correct"].get((c, t)) for c in cells for t in self.rounds(c)):
             return ""
         rounds = sorted({t for c in cells for t in self.rounds(c)} - {0})
         rows = []
         for c in cells:
-            rows.append([arm_label(c), f"{c.T:g}"] + [
-                f"{self.fmt('own_sample_correct', c, t)} / {self.fmt('train_pairwise_accuracy', c, t)}"
-                for t in rounds])
-        return ("## Training diagnostics\n\nPer round: fraction of training prompts whose own sample (the "
-                "lowest-ranked response) already equals the answer / pairwise ranking accuracy of the implicit "
-                "reward over the round's last quarter of steps.\n\n"
-                + _table(["arm", "T"] + [f"round {t - 1}→{t}" for t in rounds], rows) + "\n")
+            for t in rounds:
+                if (c, t) not in self.agg["own_sample_correct"]:
+                    continue
+                ranks = [self.fmt(f"rank{k}_correct", c, t) for k in (1, 2) if k < c.K - 1]
+                rows.append([arm_label(c), f"{c.T:g}", str(c.sft_steps), f"{t - 1}→{t}",
+                             self.fmt("own_sample_correct", c, t), ", ".join(ranks) or "-",
+                             self.fmt("train_pairwise_accuracy", c, t)])
+        return ("## Training diagnostics\n\nPer round, on the training prompts: the fraction whose own sample "
+                "(the lowest-ranked response) already equals the answer; the same for the assistants' samples "
+                "(strongest first); the implicit reward's pairwise ranking accuracy over the round's last quarter "
+                "of steps.\n\n"
+                + _table(["arm", "T", "SFT steps", "round", "own sample = answer", "assistant samples = answer",
+                          "train pairwise acc."], rows) + "\n")
 
     def appendix(self) -> str:
         rows = []
-        for c in self.cells:
+        for c in self.all_cells:
             for t in self.rounds(c):
                 s = self.cell_stat("exact_match", c, t)
-                rows.append([c.mode, str(c.K), "-" if c.T is None else f"{c.T:g}", str(c.num_train), str(t),
+                rows.append([c.mode, str(c.K), "-" if c.T is None else f"{c.T:g}", str(c.num_train),
+                             str(c.sft_steps), str(t),
                              str(s.n if s else 0)] + [self.fmt(m, c, t) for m in METRICS])
         return ("## Appendix: every cell\n\n" +
-                _table(["mode", "K", "T", "train", "round", "seeds", *METRICS], rows) + "\n")
+                _table(["mode", "K", "T", "train", "SFT steps", "round", "seeds", *METRICS], rows) + "\n")
 
     # ------------------------------------------------------------------ plots
 
@@ -273,7 +303,8 @@ def build(sweep_dir: str, out: str, plots_dir: str | None = None, ref_T: float |
         f"(seeds {seeds}; code at commit {commit}). Wall time: {_wall_time(sweep_dir)}. "
         "Cells: mean ± sample std over seeds; (n=…) marks cells with fewer than 3 seeds.\n",
         findings + "\n",
-        rep.arms_section(), rep.T_section(), rep.size_section(), rep.diagnostics_section(), rep.appendix(),
+        rep.arms_section(), rep.T_section(), rep.size_section(), rep.sft_length_section(),
+        rep.diagnostics_section(), rep.appendix(),
     ]
     text = "\n".join(p for p in parts if p)
     with open(out, "w", encoding="utf-8") as f:
