@@ -36,16 +36,22 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, D={args.hidden}, "
-          f"chunk={args.chunk_size}, dtype={args.dtype}, median of {args.repeats}")
+    print(
+        f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, D={args.hidden}, "
+        f"chunk={args.chunk_size}, dtype={args.dtype}, median of {args.repeats}"
+    )
     print("| N x L x V | variant | compiled temp memory | fwd+bwd time |")
     print("|---|---|---|---|")
     for shape in args.shapes.split(","):
         N, L, V = (int(x) for x in shape.split("x"))
         D = args.hidden
         rng = np.random.default_rng(0)
-        abstract = (jax.ShapeDtypeStruct((N, L, D), dtype), jax.ShapeDtypeStruct((D, V), dtype),
-                    jax.ShapeDtypeStruct((N, L), jnp.int32), jax.ShapeDtypeStruct((N, L), jnp.bool_))
+        abstract = (
+            jax.ShapeDtypeStruct((N, L, D), dtype),
+            jax.ShapeDtypeStruct((D, V), dtype),
+            jax.ShapeDtypeStruct((N, L), jnp.int32),
+            jax.ShapeDtypeStruct((N, L), jnp.bool_),
+        )
         inputs = None
         variants = {
             "naive (full logits)": logprobs.naive_sequence_logprobs,
@@ -57,10 +63,12 @@ def main() -> None:
             timing = "not run (over --max_run_gib)"
             if temp_gib <= args.max_run_gib:
                 if inputs is None:
-                    inputs = (jnp.asarray(rng.normal(size=(N, L, D)), dtype),
-                              jnp.asarray(rng.normal(size=(D, V)) / np.sqrt(D), dtype),
-                              jnp.asarray(rng.integers(0, V, (N, L)), jnp.int32),
-                              jnp.asarray(rng.random((N, L)) < 0.5))
+                    inputs = (
+                        jnp.asarray(rng.normal(size=(N, L, D)), dtype),
+                        jnp.asarray(rng.normal(size=(D, V)) / np.sqrt(D), dtype),
+                        jnp.asarray(rng.integers(0, V, (N, L)), jnp.int32),
+                        jnp.asarray(rng.random((N, L)) < 0.5),
+                    )
                 jax.block_until_ready(compiled(*inputs))
                 times = []
                 for _ in range(args.repeats):

@@ -33,13 +33,25 @@ def bench_jax(model, batch, args) -> float:
     from pl_dpo import sharding, train
 
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-5, warmup_steps=0, decay="constant", b1=0.9,
-                                           b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=0.0))
+    optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-5,
+            warmup_steps=0,
+            decay="constant",
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=0.0,
+        )
+    )
     tx = train.make_optimizer(optim, 100)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
     loss_cfg = ml_collections.ConfigDict(dict(T=0.1, variant="pl", top_m=0))
-    step = train.make_train_step(graphdef, train.pl_dpo_objective(loss_cfg, args.chunk), tx, state_sh,
-                                 sharding.batch_sharding(mesh))
+    step = train.make_train_step(
+        graphdef, train.pl_dpo_objective(loss_cfg, args.chunk), tx, state_sh, sharding.batch_sharding(mesh)
+    )
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -104,16 +116,24 @@ def main() -> None:
     from pl_dpo.models import create_model, save_pretrained, tiny_config
 
     heads = max(args.hidden // 64, 1)
-    cfg = tiny_config("tiny-llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_layers=args.layers, num_heads=heads,
-                      num_kv_heads=max(heads // 2, 1), head_dim=args.hidden // heads,
-                      max_position_embeddings=max(args.seq, 128))
+    cfg = tiny_config(
+        "tiny-llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        num_layers=args.layers,
+        num_heads=heads,
+        num_kv_heads=max(heads // 2, 1),
+        head_dim=args.hidden // heads,
+        max_position_embeddings=max(args.seq, 128),
+    )
     model = create_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     prompt_len = args.seq // 4
     prompts = [rng.integers(3, args.vocab, prompt_len).tolist() for _ in range(args.batch)]
-    lists = [[rng.integers(3, args.vocab, args.seq - prompt_len).tolist() for _ in range(args.K)]
-             for _ in range(args.batch)]
+    lists = [
+        [rng.integers(3, args.vocab, args.seq - prompt_len).tolist() for _ in range(args.K)] for _ in range(args.batch)
+    ]
     arrays = assemble_ranked(prompts, lists, pad_id=0, k=args.K, seq_len=args.seq)
     arrays["ref_logps_NxK"] = np.full((args.batch, args.K), -100.0, np.float32)
     batch = next(BatchIterator(arrays, batch_size=args.batch, shuffle=False, length_buckets=(args.seq,)))
@@ -124,12 +144,16 @@ def main() -> None:
         save_pretrained(model, hf_dir)
         t_torch = bench_torch(hf_dir, batch, args)
     t_jax = bench_jax(model, batch, args)
-    print(f"model: {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); "
-          f"batch B={args.batch} x K={args.K} x L={args.seq} = {tokens} tokens; device {jax.devices()[0].device_kind}")
+    print(
+        f"model: {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); "
+        f"batch B={args.batch} x K={args.K} x L={args.seq} = {tokens} tokens; device {jax.devices()[0].device_kind}"
+    )
     print("| implementation | step time (median) | tokens/s |")
     print("|---|---|---|")
-    print(f"| Hugging Face PyTorch, TRL-style (reference forward, full logits) | {t_torch * 1e3:.0f} ms | "
-          f"{tokens / t_torch:,.0f} |")
+    print(
+        f"| Hugging Face PyTorch, TRL-style (reference forward, full logits) | {t_torch * 1e3:.0f} ms | "
+        f"{tokens / t_torch:,.0f} |"
+    )
     print(f"| pl_dpo (JAX, precomputed reference, chunked log-probs) | {t_jax * 1e3:.0f} ms | {tokens / t_jax:,.0f} |")
     print(f"speed-up: {t_torch / t_jax:.2f}x")
 

@@ -27,9 +27,17 @@ from configs.common import model, optimizer
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = spin.get_config(arg)
     c.modes = "asft"
-    c.assistants = [ml_collections.ConfigDict(dict(
-        sft_steps=0, batch_size=64, optim=optimizer(1e-5), tokenizer_path="",
-        model=model(hf_path="", param_dtype="bfloat16", compute_dtype="bfloat16")))]
+    c.assistants = [
+        ml_collections.ConfigDict(
+            dict(
+                sft_steps=0,
+                batch_size=64,
+                optim=optimizer(1e-5),
+                tokenizer_path="",
+                model=model(hf_path="", param_dtype="bfloat16", compute_dtype="bfloat16"),
+            )
+        )
+    ]
     return c
 
 

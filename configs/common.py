@@ -5,29 +5,75 @@ from __future__ import annotations
 import ml_collections
 
 
-def optimizer(lr: float, warmup: int = 10, decay: str = "cosine", name: str = "adamw", clip_norm: float = 1.0,
-              grad_accum_steps: int = 1, final_lr_fraction: float = 0.1) -> ml_collections.ConfigDict:
+def optimizer(
+    lr: float,
+    warmup: int = 10,
+    decay: str = "cosine",
+    name: str = "adamw",
+    clip_norm: float = 1.0,
+    grad_accum_steps: int = 1,
+    final_lr_fraction: float = 0.1,
+) -> ml_collections.ConfigDict:
     """optax optimizer section: AdamW or RMSprop, linear warmup, then constant / linear / cosine decay."""
-    return ml_collections.ConfigDict(dict(
-        name=name, lr=lr, warmup_steps=warmup, decay=decay, final_lr_fraction=final_lr_fraction,
-        b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=clip_norm, grad_accum_steps=grad_accum_steps,
-        rms_decay=0.9))
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,
+            lr=lr,
+            warmup_steps=warmup,
+            decay=decay,
+            final_lr_fraction=final_lr_fraction,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=clip_norm,
+            grad_accum_steps=grad_accum_steps,
+            rms_decay=0.9,
+        )
+    )
 
 
-def model(preset: str = "tiny-llama", hf_path: str = "", overrides: dict | None = None,
-          param_dtype: str = "float32", compute_dtype: str = "float32",
-          remat: str = "none") -> ml_collections.ConfigDict:
+def model(
+    preset: str = "tiny-llama",
+    hf_path: str = "",
+    overrides: dict | None = None,
+    param_dtype: str = "float32",
+    compute_dtype: str = "float32",
+    remat: str = "none",
+) -> ml_collections.ConfigDict:
     """A model section: a named preset with overrides, or a local Hugging Face folder (hf_path)."""
-    return ml_collections.ConfigDict(dict(preset=preset, hf_path=hf_path, param_dtype=param_dtype,
-                                          compute_dtype=compute_dtype, remat=remat, overrides=overrides or {}))
+    return ml_collections.ConfigDict(
+        dict(
+            preset=preset,
+            hf_path=hf_path,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            remat=remat,
+            overrides=overrides or {},
+        )
+    )
 
 
 def assistant(hidden: int, layers: int, steps: int) -> ml_collections.ConfigDict:
     """A Llama-style assistant larger than the policy, trained by SFT on the same answers."""
-    return ml_collections.ConfigDict(dict(
-        sft_steps=steps, batch_size=32, optim=optimizer(3e-3),
-        model=model(overrides=dict(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
-                                   num_kv_heads=2, head_dim=hidden // 4, max_position_embeddings=128))))
+    return ml_collections.ConfigDict(
+        dict(
+            sft_steps=steps,
+            batch_size=32,
+            optim=optimizer(3e-3),
+            model=model(
+                overrides=dict(
+                    hidden_size=hidden,
+                    intermediate_size=3 * hidden,
+                    num_layers=layers,
+                    num_heads=4,
+                    num_kv_heads=2,
+                    head_dim=hidden // 4,
+                    max_position_embeddings=128,
+                )
+            ),
+        )
+    )
 
 
 def base(seed: int = 0) -> ml_collections.ConfigDict:
@@ -37,16 +83,32 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.modes = "spin"
     c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=384))
     c.model = model()
-    c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", files=dict(train="", test=""), skip_bad_rows=False, num_train=0, options={},
-        max_prompt_len=40, max_response_len=16, length_buckets=()))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic",
+            files=dict(train="", test=""),
+            skip_bad_rows=False,
+            num_train=0,
+            options={},
+            max_prompt_len=40,
+            max_response_len=16,
+            length_buckets=(),
+        )
+    )
     c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=32, optim=optimizer(3e-3)))
     c.assistants = []
     c.loss = ml_collections.ConfigDict(dict(K=0, T=0.1, variant="pl", top_m=0))
-    c.rounds = ml_collections.ConfigDict(dict(num=1, epochs=1, batch_size=32, max_steps=0,  # 0: all epochs
-                                              optim=optimizer(1e-5), lr_per_round=()))
-    c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
-                                                batch_size=64))
+    c.rounds = ml_collections.ConfigDict(
+        dict(
+            num=1,
+            epochs=1,
+            batch_size=32,
+            max_steps=0,  # 0: all epochs
+            optim=optimizer(1e-5),
+            lr_per_round=(),
+        )
+    )
+    c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64))
     c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=64))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200))

@@ -29,17 +29,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.modes = "spin"
     c.model = model(hf_path="", param_dtype="float32", compute_dtype="bfloat16", remat="dots")
     c.tokenizer.path = ""  # empty: the model folder's tokenizer and chat template
-    c.data.update(source="ultrachat", num_train=50_000, max_prompt_len=512, max_response_len=512,
-                  length_buckets=(256, 512, 768, 1024))
+    c.data.update(
+        source="ultrachat",
+        num_train=50_000,
+        max_prompt_len=512,
+        max_response_len=512,
+        length_buckets=(256, 512, 768, 1024),
+    )
     c.data.files = dict(train="", test="")
     c.data.options = {}
     c.sft.steps = 0  # zephyr-7b-sft-full is already the SFT model πθ(0)
     c.loss.T = 0.1
     steps_per_epoch = 50_000 // 64
-    c.rounds.update(num=rounds, epochs=2, batch_size=64,
-                    optim=optimizer(5e-7, warmup=int(0.1 * 2 * steps_per_epoch), decay="linear", name="rmsprop",
-                                    clip_norm=0.0, final_lr_fraction=0.0),
-                    lr_per_round=(5e-7, 5e-7, 1e-7, 1e-7)[:max(rounds, 1)] if rounds <= 4 else ())
+    c.rounds.update(
+        num=rounds,
+        epochs=2,
+        batch_size=64,
+        optim=optimizer(
+            5e-7,
+            warmup=int(0.1 * 2 * steps_per_epoch),
+            decay="linear",
+            name="rmsprop",
+            clip_norm=0.0,
+            final_lr_fraction=0.0,
+        ),
+        lr_per_round=(5e-7, 5e-7, 1e-7, 1e-7)[: max(rounds, 1)] if rounds <= 4 else (),
+    )
     c.sampling.update(temperature=1.0, top_p=1.0, max_new_tokens=256, batch_size=256)
     c.eval.update(num_prompts=500, batch_size=64)
     c.mesh.update(data=1, fsdp=-1, tensor=1, num_devices=0)

@@ -136,9 +136,7 @@ class RoundCheckpoints:
         """The round's policy placed on `abstract_state`'s shardings (same container type)."""
         self._require(round_idx)
         target = _restore_target(abstract_state, f"round {round_idx}")
-        out = self._mngr.restore(
-            round_idx, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        )
+        out = self._mngr.restore(round_idx, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         return _from_restored(abstract_state, out["params"])
 
     def metadata(self, round_idx: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,13 +30,19 @@ from pl_dpo.train import response_logps
 def _score_batch(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL):
     B, K, L = tokens_BxKxL.shape
     flat = lambda x: x.reshape(B * K, L)
-    logps = response_logps(nnx.merge(graphdef, params), flat(tokens_BxKxL), flat(loss_mask_BxKxL),
-                           flat(attn_valid_BxKxL), flat(positions_BxKxL))
+    logps = response_logps(
+        nnx.merge(graphdef, params),
+        flat(tokens_BxKxL),
+        flat(loss_mask_BxKxL),
+        flat(attn_valid_BxKxL),
+        flat(positions_BxKxL),
+    )
     return logps.reshape(B, K)
 
 
-def score_ranked(model: Decoder, arrays: dict[str, np.ndarray], batch_size: int,
-                 length_buckets: tuple[int, ...] | None = None) -> np.ndarray:
+def score_ranked(
+    model: Decoder, arrays: dict[str, np.ndarray], batch_size: int, length_buckets: tuple[int, ...] | None = None
+) -> np.ndarray:
     """Summed response log-probs [N, K] of a ranked set under `model` (0 where invalid).
 
     These are the reference log-probs of a round when `model` is πθ(t). One length
@@ -45,25 +50,39 @@ def score_ranked(model: Decoder, arrays: dict[str, np.ndarray], batch_size: int,
     graphdef, params = nnx.split(model)
     n, k, _ = arrays["tokens_NxKxL"].shape
     out = np.zeros((n, k), np.float32)
-    it = BatchIterator({**arrays, "example_ids_N": np.arange(n, dtype=np.int64)}, batch_size=batch_size,
-                       shuffle=False, drop_remainder=False, num_epochs=1,
-                       length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],))
+    it = BatchIterator(
+        {**arrays, "example_ids_N": np.arange(n, dtype=np.int64)},
+        batch_size=batch_size,
+        shuffle=False,
+        drop_remainder=False,
+        num_epochs=1,
+        length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],),
+    )
     for batch in it:
-        logps = _score_batch(graphdef, params, batch.tokens_BxKxL, batch.loss_mask_BxKxL,
-                             batch.attn_valid_BxKxL, batch.positions_BxKxL)
+        logps = _score_batch(
+            graphdef, params, batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL
+        )
         real = batch.example_ids_B >= 0
         out[batch.example_ids_B[real]] = np.asarray(logps)[real]
     return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)
 
 
-def generate_responses(model: Decoder, arrays: dict[str, np.ndarray], sampling: sampler.SamplingConfig,
-                       rng: jax.Array, batch_size: int, eos_id: int, progress=None) -> list[list[int]]:
+def generate_responses(
+    model: Decoder,
+    arrays: dict[str, np.ndarray],
+    sampling: sampler.SamplingConfig,
+    rng: jax.Array,
+    batch_size: int,
+    eos_id: int,
+    progress=None,
+) -> list[list[int]]:
     """One response (token ids, EOS included when reached) per prompt of `arrays`."""
     n = arrays["prompt_tokens_NxP"].shape[0]
     out: list[list[int] | None] = [None] * n
     for i, batch in enumerate(prompt_batches(arrays, batch_size=batch_size)):
-        gen = sampler.generate(model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP,
-                               jax.random.fold_in(rng, i), sampling)
+        gen = sampler.generate(
+            model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP, jax.random.fold_in(rng, i), sampling
+        )
         tokens, lengths = np.asarray(gen.tokens_BxT), np.asarray(gen.lengths_B)
         for row, ex in enumerate(batch.example_ids_B):
             if ex >= 0:
@@ -99,8 +118,9 @@ class SftBaseline:
     lists: dict[str, np.ndarray] | None  # [answer, πθ(0) answer] where they differ, with ref log-probs
 
 
-def evaluate_policy(model: Decoder, heldout: HeldOut, tokenizer, *, batch_size: int, max_new_tokens: int,
-                    baseline: SftBaseline | None) -> tuple[dict[str, Any], list[list[int]], np.ndarray | None]:
+def evaluate_policy(
+    model: Decoder, heldout: HeldOut, tokenizer, *, batch_size: int, max_new_tokens: int, baseline: SftBaseline | None
+) -> tuple[dict[str, Any], list[list[int]], np.ndarray | None]:
     """Metrics of one policy; also returns its greedy responses and their correctness."""
     metrics: dict[str, Any] = {}
     logps_N = score_ranked(model, heldout.arrays, batch_size)[:, 0]
@@ -108,14 +128,15 @@ def evaluate_policy(model: Decoder, heldout: HeldOut, tokenizer, *, batch_size: 
     metrics["answer_logp"] = float(logps_N.mean())
     metrics["answer_logp_per_token"] = float(logps_N.sum() / max(num_tokens.sum(), 1))
 
-    greedy = sampler.SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,),
-                                    pad_id=tokenizer.pad_token_id)
-    responses = generate_responses(model, heldout.arrays, greedy, jax.random.key(0), batch_size,
-                                   tokenizer.eos_token_id)
+    greedy = sampler.SamplingConfig(
+        max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id
+    )
+    responses = generate_responses(model, heldout.arrays, greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id)
     correct = None
     if heldout.checkable:
-        correct = np.array([check_answer(e.task, e.meta, _decode(tokenizer, r))
-                            for e, r in zip(heldout.examples, responses)])
+        correct = np.array(
+            [check_answer(e.task, e.meta, _decode(tokenizer, r)) for e, r in zip(heldout.examples, responses)]
+        )
         metrics["exact_match"] = float(correct.mean())
         for task in sorted({e.task for e in heldout.examples}):
             sel = np.array([e.task == task for e in heldout.examples])
@@ -130,20 +151,32 @@ def evaluate_policy(model: Decoder, heldout: HeldOut, tokenizer, *, batch_size: 
     return metrics, responses, correct
 
 
-def sft_baseline(model: Decoder, heldout: HeldOut, responses: list[list[int]], correct: np.ndarray | None,
-                 *, pad_id: int, batch_size: int) -> SftBaseline:
+def sft_baseline(
+    model: Decoder,
+    heldout: HeldOut,
+    responses: list[list[int]],
+    correct: np.ndarray | None,
+    *,
+    pad_id: int,
+    batch_size: int,
+) -> SftBaseline:
     """Reference lists [dataset answer, πθ(0)'s greedy answer] for the reward accuracy."""
     keep = [i for i, r in enumerate(responses) if r and r != heldout.answer_ids[i]]
     lists = None
     if keep:
-        lists = assemble_ranked([heldout.prompt_ids[i] for i in keep],
-                                [[heldout.answer_ids[i], responses[i]] for i in keep], pad_id=pad_id, k=2)
+        lists = assemble_ranked(
+            [heldout.prompt_ids[i] for i in keep],
+            [[heldout.answer_ids[i], responses[i]] for i in keep],
+            pad_id=pad_id,
+            k=2,
+        )
         lists["ref_logps_NxK"] = score_ranked(model, lists, batch_size)
     return SftBaseline(correct=correct, lists=lists)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table, one row per evaluated policy."""
+
     def cell(v):
         if v is None:
             return "-"

@@ -26,9 +26,7 @@ import jax.numpy as jnp
 DEFAULT_CHUNK_SIZE = 256
 
 
-def shift_for_next_token(
-    tokens_NxL: jax.Array, loss_mask_NxL: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def shift_for_next_token(tokens_NxL: jax.Array, loss_mask_NxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Targets and mask aligned with hidden states of a causal LM.
 
     Position i of the hidden states predicts token i+1, so the target of position i
@@ -37,19 +35,13 @@ def shift_for_next_token(
     nothing.
     """
     targets_NxL = jnp.concatenate([tokens_NxL[:, 1:], jnp.zeros_like(tokens_NxL[:, :1])], axis=1)
-    mask_NxL = jnp.concatenate(
-        [loss_mask_NxL[:, 1:], jnp.zeros_like(loss_mask_NxL[:, :1])], axis=1
-    ).astype(bool)
+    mask_NxL = jnp.concatenate([loss_mask_NxL[:, 1:], jnp.zeros_like(loss_mask_NxL[:, :1])], axis=1).astype(bool)
     return targets_NxL, mask_NxL
 
 
-def _chunk_token_logprobs(
-    hidden_NxCxD: jax.Array, unembed_DxV: jax.Array, targets_NxC: jax.Array
-) -> jax.Array:
+def _chunk_token_logprobs(hidden_NxCxD: jax.Array, unembed_DxV: jax.Array, targets_NxC: jax.Array) -> jax.Array:
     """log softmax(hidden @ W)[target] for one chunk, float32. [N, C]."""
-    logits_NxCxV = jnp.einsum(
-        "ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32
-    )
+    logits_NxCxV = jnp.einsum("ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32)
     lse_NxC = jax.nn.logsumexp(logits_NxCxV, axis=-1)
     target_logit_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
     return target_logit_NxC - lse_NxC
@@ -70,9 +62,7 @@ def _check_shapes(hidden_NxLxD: jax.Array, unembed_DxV: jax.Array, targets_NxL: 
     if hidden_NxLxD.ndim != 3:
         raise ValueError(f"hidden states must be [N, L, D], got {hidden_NxLxD.shape}")
     if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != hidden_NxLxD.shape[2]:
-        raise ValueError(
-            f"unembedding must be [D, V] with D={hidden_NxLxD.shape[2]}, got {unembed_DxV.shape}"
-        )
+        raise ValueError(f"unembedding must be [D, V] with D={hidden_NxLxD.shape[2]}, got {unembed_DxV.shape}")
     if targets_NxL.shape != hidden_NxLxD.shape[:2]:
         raise ValueError(f"targets {targets_NxL.shape} must be [N, L] = {hidden_NxLxD.shape[:2]}")
 
@@ -125,9 +115,7 @@ def sequence_logprobs(
     def step(total_N, xs):
         return total_N + chunk_sum(*xs), None
 
-    total_N, _ = jax.lax.scan(
-        step, jnp.zeros(targets_NxL.shape[0], jnp.float32), (hidden_ch, targets_ch, mask_ch)
-    )
+    total_N, _ = jax.lax.scan(step, jnp.zeros(targets_NxL.shape[0], jnp.float32), (hidden_ch, targets_ch, mask_ch))
     return total_N
 
 
@@ -135,9 +123,7 @@ def naive_sequence_logprobs(
     hidden_NxLxD: jax.Array, unembed_DxV: jax.Array, targets_NxL: jax.Array, mask_NxL: jax.Array
 ) -> jax.Array:
     """Full-logits reference: materialises [N, L, V]. For tests and benchmarks only."""
-    logits_NxLxV = jnp.einsum(
-        "nld,dv->nlv", hidden_NxLxD, unembed_DxV, preferred_element_type=jnp.float32
-    )
+    logits_NxLxV = jnp.einsum("nld,dv->nlv", hidden_NxLxD, unembed_DxV, preferred_element_type=jnp.float32)
     logps_NxLxV = jax.nn.log_softmax(logits_NxLxV, axis=-1)
     logps_NxL = jnp.take_along_axis(logps_NxLxV, targets_NxL[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask_NxL, logps_NxL, 0.0), axis=1)

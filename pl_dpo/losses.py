@@ -42,9 +42,7 @@ def _as_valid(scores_BxK: jax.Array, valid_BxK: jax.Array | None) -> jax.Array:
     if valid_BxK is None:
         return jnp.ones(scores_BxK.shape, dtype=bool)
     if valid_BxK.shape != scores_BxK.shape:
-        raise ValueError(
-            f"valid mask shape {valid_BxK.shape} does not match scores shape {scores_BxK.shape}"
-        )
+        raise ValueError(f"valid mask shape {valid_BxK.shape} does not match scores shape {scores_BxK.shape}")
     return valid_BxK.astype(bool)
 
 
@@ -119,9 +117,7 @@ def pl_dpo_loss(
     if variant not in VARIANTS:
         raise ValueError(f"unknown loss variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
     if policy_logps.shape != ref_logps.shape:
-        raise ValueError(
-            f"policy_logps {policy_logps.shape} and ref_logps {ref_logps.shape} differ in shape"
-        )
+        raise ValueError(f"policy_logps {policy_logps.shape} and ref_logps {ref_logps.shape} differ in shape")
     if variant == "pl_top_m" and top_m is None:
         raise ValueError("variant 'pl_top_m' needs top_m (number of Plackett-Luce stages)")
     _check_temperature(T)

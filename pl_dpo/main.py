@@ -20,8 +20,7 @@ config_flags.DEFINE_config_file("config", None, "ml_collections config file (con
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-TABLE_COLUMNS = ["policy", "exact_match", "answer_logp", "answer_logp_per_token", "reward_accuracy",
-                 "win_rate_vs_sft"]
+TABLE_COLUMNS = ["policy", "exact_match", "answer_logp", "answer_logp_per_token", "reward_accuracy", "win_rate_vs_sft"]
 
 
 def main(argv: list[str]) -> None:

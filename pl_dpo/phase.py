@@ -26,6 +26,7 @@ from pl_dpo.models import Decoder
 
 log = logging.getLogger(__name__)
 
+
 class Preempted(SystemExit):
     """SIGTERM arrived; the phase saved its state and the run must stop (exit code 143)."""
 
@@ -56,15 +57,31 @@ def _numbered_batches(it: BatchIterator, start_step: int) -> Iterator[tuple[int,
         step += 1
 
 
-def train_phase(model: Decoder, arrays: dict[str, np.ndarray], objective: train.Objective, spec: PhaseSpec, *,
-                mesh: jax.sharding.Mesh, rules: sharding.Rules, metric_log: MetricLog) -> Decoder:
+def train_phase(
+    model: Decoder,
+    arrays: dict[str, np.ndarray],
+    objective: train.Objective,
+    spec: PhaseSpec,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+    metric_log: MetricLog,
+) -> Decoder:
     """Trains `model` on `arrays` for `spec.num_epochs` epochs and returns the trained model.
 
     The step donates its state, so `model`'s buffers are consumed: the caller must
     not use `model` afterwards (no second copy of the weights is ever held)."""
-    it = BatchIterator(arrays, batch_size=spec.batch_size, seed=spec.seed, shuffle=True, drop_remainder=True,
-                       num_epochs=spec.num_epochs, length_buckets=spec.length_buckets, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+    it = BatchIterator(
+        arrays,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        shuffle=True,
+        drop_remainder=True,
+        num_epochs=spec.num_epochs,
+        length_buckets=spec.length_buckets,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     num_steps = it.steps_per_epoch * spec.num_epochs
     if spec.max_steps is not None:
         num_steps = min(num_steps, spec.max_steps)
@@ -74,8 +91,10 @@ def train_phase(model: Decoder, arrays: dict[str, np.ndarray], objective: train.
     ckpts = checkpoint.TrainCheckpoints(os.path.join(spec.directory, "train"), spec.save_every_steps)
     ckpts.install_sigterm_handler()
     start_step = 0
-    restored = ckpts.restore_latest(sharding.with_shardings(state.params, state_sh.params),
-                                    sharding.with_shardings(state.opt_state, state_sh.opt_state))
+    restored = ckpts.restore_latest(
+        sharding.with_shardings(state.params, state_sh.params),
+        sharding.with_shardings(state.opt_state, state_sh.opt_state),
+    )
     if restored is not None:
         start_step, params, opt_state, extra = restored
         state = train.TrainState(params, opt_state)
@@ -99,16 +118,33 @@ def train_phase(model: Decoder, arrays: dict[str, np.ndarray], objective: train.
         return "none" if latest is None else f"{ckpts.directory}/{latest}"
 
     try:
-        with tqdm(total=num_steps, initial=start_step, desc=spec.name, unit="step", leave=False,
-                  disable=jax.process_index() != 0) as bar:
+        with tqdm(
+            total=num_steps,
+            initial=start_step,
+            desc=spec.name,
+            unit="step",
+            leave=False,
+            disable=jax.process_index() != 0,
+        ) as bar:
             result = train.run_phase(
-                train_step=step_fn, state=state, batches=_numbered_batches(it, start_step), num_steps=num_steps,
-                start_step=start_step, mesh=mesh, tokens_per_batch=tokens_per_batch, on_step_done=on_step_done,
-                on_metrics=on_metrics, stop_requested=lambda: ckpts.preemption.should_exit,
-                last_checkpoint=last_checkpoint, progress=bar)
+                train_step=step_fn,
+                state=state,
+                batches=_numbered_batches(it, start_step),
+                num_steps=num_steps,
+                start_step=start_step,
+                mesh=mesh,
+                tokens_per_batch=tokens_per_batch,
+                on_step_done=on_step_done,
+                on_metrics=on_metrics,
+                stop_requested=lambda: ckpts.preemption.should_exit,
+                last_checkpoint=last_checkpoint,
+                progress=bar,
+            )
     finally:
         ckpts.close()  # waits for an async save in flight, also when a NaN stopped the phase
     if ckpts.preemption.should_exit and result.steps < num_steps:
-        raise Preempted(f"{spec.name}: SIGTERM, state saved at step {result.steps} in {ckpts.directory}; "
-                        "run the same command again to resume")
+        raise Preempted(
+            f"{spec.name}: SIGTERM, state saved at step {result.steps} in {ckpts.directory}; "
+            "run the same command again to resume"
+        )
     return nnx.merge(graphdef, result.state.params)

@@ -31,8 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from pl_dpo import checkpoint, config_lib, evaluate, sampler, sharding, train
-from pl_dpo.data import (TokenizeConfig, assemble_ranked, load_ranked_set, load_split, save_ranked_set,
-                         tokenize_examples)
+from pl_dpo.data import TokenizeConfig, assemble_ranked, load_ranked_set, load_split, save_ranked_set, tokenize_examples
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, create_model, from_pretrained, save_pretrained
@@ -78,8 +77,9 @@ class SelfPlay:
         self.tokenizer = self._tokenizer()
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_id = self.tokenizer.eos_token_id
-        self.tok_cfg = TokenizeConfig(max_prompt_len=config.data.max_prompt_len,
-                                      max_response_len=config.data.max_response_len)
+        self.tok_cfg = TokenizeConfig(
+            max_prompt_len=config.data.max_prompt_len, max_response_len=config.data.max_response_len
+        )
         self.train_examples = self._load("train", config.data.get("num_train"))
         test = self._load("test", config.eval.num_prompts)
         self.sft_arrays, _ = tokenize_examples(self.tokenizer, self.train_examples, self.tok_cfg, k=1)
@@ -88,9 +88,13 @@ class SelfPlay:
         self.train_response_ids = response_ids  # offline mode ranks these
         test_prompts, test_responses, _ = encode_examples(self.tokenizer, test, self.tok_cfg)
         arrays, _ = tokenize_examples(self.tokenizer, test, self.tok_cfg, k=1)
-        self.heldout = evaluate.HeldOut(examples=test, arrays=arrays, prompt_ids=test_prompts,
-                                        answer_ids=[r[0] for r in test_responses],
-                                        checkable=config.data.source == "synthetic")
+        self.heldout = evaluate.HeldOut(
+            examples=test,
+            arrays=arrays,
+            prompt_ids=test_prompts,
+            answer_ids=[r[0] for r in test_responses],
+            checkable=config.data.source == "synthetic",
+        )
         self.metric_log = MetricLog(workdir)
         self.table: list[dict[str, Any]] = []
 
@@ -110,8 +114,14 @@ class SelfPlay:
         data = self.config.data
         options = dict(data.get("options", {}) or {})
         files = {split: path for split, path in dict(data.get("files", {}) or {}).items() if path} or None
-        examples = load_split(data.source, split, data_dir=os.path.join(self.workdir, "tfds"), files=files,
-                              skip_bad_rows=data.get("skip_bad_rows", False), **options)
+        examples = load_split(
+            data.source,
+            split,
+            data_dir=os.path.join(self.workdir, "tfds"),
+            files=files,
+            skip_bad_rows=data.get("skip_bad_rows", False),
+            **options,
+        )
         return examples[:limit] if limit else examples
 
     def _length_buckets(self) -> tuple[int, ...] | None:
@@ -129,9 +139,13 @@ class SelfPlay:
     def _initial_model(self, model_cfg: ml_collections.ConfigDict, seed: int) -> Decoder:
         if model_cfg.get("hf_path"):
             _, target = self._abstract(model_cfg)
-            return from_pretrained(model_cfg.hf_path, param_dtype=model_cfg.param_dtype,
-                                   compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat,
-                                   shardings=jax.tree.map(lambda a: a.sharding, target))
+            return from_pretrained(
+                model_cfg.hf_path,
+                param_dtype=model_cfg.param_dtype,
+                compute_dtype=model_cfg.compute_dtype,
+                remat=model_cfg.remat,
+                shardings=jax.tree.map(lambda a: a.sharding, target),
+            )
         decoder_cfg = config_lib.model_config(model_cfg, len(self.tokenizer))
         return sharding.create_sharded_module(lambda: create_model(decoder_cfg, seed=seed), self.mesh, self.rules)
 
@@ -157,8 +171,9 @@ class SelfPlay:
         finally:
             ckpts.close()
 
-    def supervised_model(self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim,
-                         batch_size: int) -> Decoder:
+    def supervised_model(
+        self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim, batch_size: int
+    ) -> Decoder:
         """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0)."""
         if self._saved(lineage, 0):
             return self.restore_policy(lineage, model_cfg, 0)
@@ -169,12 +184,26 @@ class SelfPlay:
         if steps > 0:
             n = self.sft_arrays["tokens_NxKxL"].shape[0]
             epochs = -(-steps * batch_size // n)
-            spec = PhaseSpec(name=lineage, directory=os.path.join(self.workdir, lineage), num_epochs=epochs,
-                             batch_size=batch_size, seed=seed, optim=optim,
-                             save_every_steps=self.config.checkpoint.save_every_steps, max_steps=steps,
-                             length_buckets=self._length_buckets())
-            model = train_phase(model, self.sft_arrays, train.sft_objective(self.config.logprob_chunk), spec,
-                                mesh=self.mesh, rules=self.rules, metric_log=self.metric_log)
+            spec = PhaseSpec(
+                name=lineage,
+                directory=os.path.join(self.workdir, lineage),
+                num_epochs=epochs,
+                batch_size=batch_size,
+                seed=seed,
+                optim=optim,
+                save_every_steps=self.config.checkpoint.save_every_steps,
+                max_steps=steps,
+                length_buckets=self._length_buckets(),
+            )
+            model = train_phase(
+                model,
+                self.sft_arrays,
+                train.sft_objective(self.config.logprob_chunk),
+                spec,
+                mesh=self.mesh,
+                rules=self.rules,
+                metric_log=self.metric_log,
+            )
         self._save_policy(lineage, 0, model, {"lineage": lineage, "sft_steps": steps})
         return model
 
@@ -185,10 +214,18 @@ class SelfPlay:
         cached = _read_json(path)
         if cached is None:
             metrics, responses, correct = evaluate.evaluate_policy(
-                model, self.heldout, self.tokenizer, batch_size=self.config.eval.batch_size,
-                max_new_tokens=self.config.sampling.max_new_tokens, baseline=baseline)
-            cached = {"metrics": metrics, "responses": responses,
-                      "correct": None if correct is None else correct.tolist()}
+                model,
+                self.heldout,
+                self.tokenizer,
+                batch_size=self.config.eval.batch_size,
+                max_new_tokens=self.config.sampling.max_new_tokens,
+                baseline=baseline,
+            )
+            cached = {
+                "metrics": metrics,
+                "responses": responses,
+                "correct": None if correct is None else correct.tolist(),
+            }
             self.metric_log.write(f"eval/{lineage}", index, metrics)
             _write_json(path, cached)
         name = "sft" if (lineage, index) == ("sft", 0) else f"{lineage} round {index}"
@@ -199,25 +236,56 @@ class SelfPlay:
 
     # --------------------------------------------------------------------------- generation
 
-    def samples(self, model: Decoder, label: str, progress_desc: str, arrays: dict[str, np.ndarray] | None = None,
-                eos_id: int | None = None, pad_id: int | None = None) -> list[list[int]]:
+    def samples(
+        self,
+        model: Decoder,
+        label: str,
+        progress_desc: str,
+        arrays: dict[str, np.ndarray] | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ) -> list[list[int]]:
         """One sampled response per training prompt (default: the policy's tokenisation)."""
         s = self.config.sampling
         eos_id = self.eos_id if eos_id is None else eos_id
-        cfg = sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                     top_p=s.top_p, eos_ids=(eos_id,), pad_id=self.pad_id if pad_id is None else pad_id)
-        with tqdm(total=len(self.train_prompt_ids), desc=progress_desc, unit="prompt", leave=False,
-                  disable=jax.process_index() != 0) as bar:
-            return evaluate.generate_responses(model, self.sft_arrays if arrays is None else arrays, cfg,
-                                               _rng(self.config.seed, label), s.batch_size, eos_id, progress=bar)
+        cfg = sampler.SamplingConfig(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            eos_ids=(eos_id,),
+            pad_id=self.pad_id if pad_id is None else pad_id,
+        )
+        with tqdm(
+            total=len(self.train_prompt_ids),
+            desc=progress_desc,
+            unit="prompt",
+            leave=False,
+            disable=jax.process_index() != 0,
+        ) as bar:
+            return evaluate.generate_responses(
+                model,
+                self.sft_arrays if arrays is None else arrays,
+                cfg,
+                _rng(self.config.seed, label),
+                s.batch_size,
+                eos_id,
+                progress=bar,
+            )
 
     def _foreign_samples(self, index: int, model: Decoder, tokenizer_path: str) -> list[list[int]]:
         """Samples of an assistant with its own tokenizer: prompts in its chat template,
         answers decoded to text and tokenised again with the policy's tokenizer."""
         tok = load_tokenizer(tokenizer_path)
         arrays, _ = tokenize_examples(tok, self.train_examples, self.tok_cfg, k=1)
-        ids = self.samples(model, f"assistant_{index}/samples", f"assistant_{index} samples", arrays=arrays,
-                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        ids = self.samples(
+            model,
+            f"assistant_{index}/samples",
+            f"assistant_{index} samples",
+            arrays=arrays,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+        )
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
         out = []
         for example, text in zip(self.train_examples, texts):
@@ -262,10 +330,17 @@ class SelfPlay:
             own = self.samples(policy, f"{mode}/round_{t}/samples", f"{mode} round {t} samples")
             lists = [[answer, *(a[n] for a in assistants), own[n]] for n, answer in enumerate(self.train_answer_ids)]
             L = self.config.data.max_prompt_len + self.config.data.max_response_len
-            arrays = assemble_ranked(self.train_prompt_ids, lists, pad_id=self.pad_id, k=K, seq_len=L,
-                                     prompt_len=self.config.data.max_prompt_len)
+            arrays = assemble_ranked(
+                self.train_prompt_ids,
+                lists,
+                pad_id=self.pad_id,
+                k=K,
+                seq_len=L,
+                prompt_len=self.config.data.max_prompt_len,
+            )
             arrays["policy_sample_correct_N"] = np.array(
-                [own[n] == a for n, a in enumerate(self.train_answer_ids)], bool)
+                [own[n] == a for n, a in enumerate(self.train_answer_ids)], bool
+            )
         arrays["ref_logps_NxK"] = evaluate.score_ranked(reference, arrays, self.config.eval.batch_size)
         if jax.process_index() == 0:
             save_ranked_set(path, arrays)
@@ -278,8 +353,9 @@ class SelfPlay:
         sft = self.supervised_model("sft", c.model, c.sft.steps, c.sft.optim, c.sft.batch_size)
         sft_eval = self.evaluate("sft", 0, sft, baseline=None)
         correct = None if sft_eval["correct"] is None else np.array(sft_eval["correct"])
-        baseline = evaluate.sft_baseline(sft, self.heldout, sft_eval["responses"], correct, pad_id=self.pad_id,
-                                         batch_size=c.eval.batch_size)
+        baseline = evaluate.sft_baseline(
+            sft, self.heldout, sft_eval["responses"], correct, pad_id=self.pad_id, batch_size=c.eval.batch_size
+        )
         for mode in config_lib.modes_of(c):
             K = config_lib.list_size(c, mode)
             for t in range(c.rounds.num):
@@ -297,13 +373,20 @@ class SelfPlay:
                     optim = ml_collections.ConfigDict(c.rounds.optim.to_dict())
                     if c.rounds.get("lr_per_round"):
                         optim.lr = float(c.rounds.lr_per_round[t])
-                    spec = PhaseSpec(name=f"{mode}/round_{t}", directory=os.path.join(self.workdir, mode, f"round_{t}"),
-                                     num_epochs=c.rounds.epochs, batch_size=c.rounds.batch_size,
-                                     seed=c.seed + 7919 * (t + 1), optim=optim,
-                                     save_every_steps=c.checkpoint.save_every_steps,
-                                     max_steps=c.rounds.get("max_steps") or None, length_buckets=self._length_buckets())
-                    policy = train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules,
-                                         metric_log=self.metric_log)
+                    spec = PhaseSpec(
+                        name=f"{mode}/round_{t}",
+                        directory=os.path.join(self.workdir, mode, f"round_{t}"),
+                        num_epochs=c.rounds.epochs,
+                        batch_size=c.rounds.batch_size,
+                        seed=c.seed + 7919 * (t + 1),
+                        optim=optim,
+                        save_every_steps=c.checkpoint.save_every_steps,
+                        max_steps=c.rounds.get("max_steps") or None,
+                        length_buckets=self._length_buckets(),
+                    )
+                    policy = train_phase(
+                        start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
+                    )
                     self._save_policy(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
                 self.evaluate(mode, t + 1, policy, baseline)
             if c.get("export_hf"):

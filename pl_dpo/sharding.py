@@ -80,9 +80,7 @@ def make_mesh(
             raise ValueError(f"{desc}: the fixed axes ({known} devices) do not divide the device count {n}")
         sizes[rest[0]] = n // known
     if math.prod(sizes.values()) != n:
-        raise ValueError(
-            f"{desc}: sizes multiply to {math.prod(sizes.values())}, not to the device count {n}"
-        )
+        raise ValueError(f"{desc}: sizes multiply to {math.prod(sizes.values())}, not to the device count {n}")
     shape = tuple(int(sizes[a]) for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
@@ -150,8 +148,7 @@ def spec_for(
         if rank_mismatch == "replicate":
             return P()
         raise ValueError(
-            f"parameter {path!r}: rule spec {spec} has {len(entries)} dims but the array has "
-            f"shape {tuple(shape)}"
+            f"parameter {path!r}: rule spec {spec} has {len(entries)} dims but the array has shape {tuple(shape)}"
         )
     for entry in entries:
         for name in (entry,) if isinstance(entry, str) else (entry or ()):
@@ -200,9 +197,7 @@ def logical_to_shardings(
 
 def with_shardings(abstract_state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying their target sharding (a restore target for Orbax)."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), abstract_state, shardings
-    )
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), abstract_state, shardings)
 
 
 # ----------------------------------------------------------------------------- creation

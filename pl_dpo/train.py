@@ -40,7 +40,8 @@ Objective = Callable[[Decoder, Any], tuple[jax.Array, Metrics]]
 # sharded and passed to jit as one argument.
 try:
     jax.tree_util.register_dataclass(
-        RankedBatch, data_fields=[f.name for f in dataclasses.fields(RankedBatch)], meta_fields=[])
+        RankedBatch, data_fields=[f.name for f in dataclasses.fields(RankedBatch)], meta_fields=[]
+    )
 except ValueError:  # already registered
     pass
 
@@ -52,21 +53,32 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- objectives
 
 
-def response_logps(model: Decoder, tokens_NxL, loss_mask_NxL, attn_valid_NxL, positions_NxL,
-                   chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE) -> jax.Array:
+def response_logps(
+    model: Decoder,
+    tokens_NxL,
+    loss_mask_NxL,
+    attn_valid_NxL,
+    positions_NxL,
+    chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
     """Summed log-prob of the tokens under `loss_mask` (the responses), float32 [N]."""
     hidden_NxLxD = model(tokens_NxL, positions_NxL, attn_valid_NxL)
     targets_NxL, mask_NxL = logprobs.shift_for_next_token(tokens_NxL, loss_mask_NxL)
-    return logprobs.sequence_logprobs(hidden_NxLxD, model.unembedding_DxV(), targets_NxL, mask_NxL,
-                                      chunk_size=chunk_size)
+    return logprobs.sequence_logprobs(
+        hidden_NxLxD, model.unembedding_DxV(), targets_NxL, mask_NxL, chunk_size=chunk_size
+    )
 
 
 def _flatten_lists(batch) -> tuple[jax.Array, ...]:
     """[B, K, L] fields -> [B*K, L]: one forward pass for all responses."""
     B, K, L = batch.tokens_BxKxL.shape
     flat = lambda x: x.reshape(B * K, L)
-    return (flat(batch.tokens_BxKxL), flat(batch.loss_mask_BxKxL), flat(batch.attn_valid_BxKxL),
-            flat(batch.positions_BxKxL))
+    return (
+        flat(batch.tokens_BxKxL),
+        flat(batch.loss_mask_BxKxL),
+        flat(batch.attn_valid_BxKxL),
+        flat(batch.positions_BxKxL),
+    )
 
 
 def pl_dpo_objective(loss_cfg: ml_collections.ConfigDict, chunk_size: int) -> Objective:
@@ -87,8 +99,9 @@ def sft_objective(chunk_size: int) -> Objective:
     def objective(model: Decoder, batch) -> tuple[jax.Array, Metrics]:
         first = lambda x: x[:, 0]
         tokens, loss_mask = first(batch.tokens_BxKxL), first(batch.loss_mask_BxKxL)
-        logps_B = response_logps(model, tokens, loss_mask, first(batch.attn_valid_BxKxL),
-                                 first(batch.positions_BxKxL), chunk_size=chunk_size)
+        logps_B = response_logps(
+            model, tokens, loss_mask, first(batch.attn_valid_BxKxL), first(batch.positions_BxKxL), chunk_size=chunk_size
+        )
         num_tokens = jnp.maximum(loss_mask.sum(), 1)
         loss = -logps_B.sum() / num_tokens
         return loss, {"loss": loss, "answer_logp": logps_B.mean()}
@@ -152,8 +165,9 @@ class TrainState:
     opt_state: Any
 
 
-def init_train_state(model: Decoder, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                     rules: sharding.Rules) -> tuple[nnx.GraphDef, TrainState, Any]:
+def init_train_state(
+    model: Decoder, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> tuple[nnx.GraphDef, TrainState, Any]:
     """Split the model, create the optimizer state sharded like the parameters.
 
     Returns (graphdef, state, state_shardings)."""
@@ -166,8 +180,13 @@ def init_train_state(model: Decoder, tx: optax.GradientTransformation, mesh: jax
     return graphdef, TrainState(params, opt_state), TrainState(param_sh, opt_sh)
 
 
-def make_train_step(graphdef: nnx.GraphDef, objective: Objective, tx: optax.GradientTransformation,
-                    state_shardings: TrainState, batch_sharding: Any):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    state_shardings: TrainState,
+    batch_sharding: Any,
+):
     """The jitted pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`."""
 
     def step(params, opt_state, batch):
@@ -258,7 +277,8 @@ def run_phase(
             if not math.isfinite(host["loss"]):
                 raise NonFiniteLossError(
                     f"non-finite loss {host['loss']} at step {s} (batch example ids {ids.tolist()}); "
-                    f"last good checkpoint: {last_checkpoint()}")
+                    f"last good checkpoint: {last_checkpoint()}"
+                )
             now = time.perf_counter()
             host["tokens_per_s"] = tokens_per_batch / max(now - clock[0], 1e-9)
             clock[0] = now

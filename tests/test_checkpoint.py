@@ -19,7 +19,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pl_dpo import checkpoint as ck
@@ -156,7 +155,7 @@ def test_half_written_checkpoints_are_never_latest(tmp_path):
 
     tc = ck.TrainCheckpoints(d, save_every_steps=1, max_to_keep=5)
     assert tc.latest_step() == 2
-    step, *_ , extra = tc.restore_latest(params, opt_state)
+    step, *_, extra = tc.restore_latest(params, opt_state)
     assert step == 2 and extra == {"data_pos": 2}
     names = {p.name for p in d.iterdir()}
     assert "6" not in names and "8" not in names and not any("orbax-checkpoint-tmp" in n for n in names)
@@ -206,9 +205,23 @@ def _wait_for_line(proc, prefix: str, timeout: float = 60.0) -> list[str]:
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     steps, every = 12, 2
     proc = subprocess.Popen(
-        _worker("train", "--dir", tmp_path / "killed", "--steps", steps, "--save-every", every,
-                "--sleep", 0.05, "--out", tmp_path / "killed.npz"),
-        env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        _worker(
+            "train",
+            "--dir",
+            tmp_path / "killed",
+            "--steps",
+            steps,
+            "--save-every",
+            every,
+            "--sleep",
+            0.05,
+            "--out",
+            tmp_path / "killed.npz",
+        ),
+        env=_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     # Killed right after step 6's async save started: its Orbax tmp dir is (almost always)
     # still being written, which is the case this test is about.
@@ -224,11 +237,33 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert latest == (4 if in_flight else 6), (latest, in_flight)
     tc.close()
 
-    resumed = _run(_worker("train", "--dir", tmp_path / "killed", "--steps", steps, "--save-every", every,
-                           "--out", tmp_path / "killed.npz"))
+    resumed = _run(
+        _worker(
+            "train",
+            "--dir",
+            tmp_path / "killed",
+            "--steps",
+            steps,
+            "--save-every",
+            every,
+            "--out",
+            tmp_path / "killed.npz",
+        )
+    )
     assert f"resumed {latest}" in resumed
-    _run(_worker("train", "--dir", tmp_path / "clean", "--steps", steps, "--save-every", every,
-                 "--out", tmp_path / "clean.npz"))
+    _run(
+        _worker(
+            "train",
+            "--dir",
+            tmp_path / "clean",
+            "--steps",
+            steps,
+            "--save-every",
+            every,
+            "--out",
+            tmp_path / "clean.npz",
+        )
+    )
     a, b = np.load(tmp_path / "killed.npz"), np.load(tmp_path / "clean.npz")
     assert sorted(a.files) == sorted(b.files) and len(a.files) > 0
     for name in a.files:  # same seed, same data positions: bit-identical
@@ -237,9 +272,23 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
 
 def test_sigterm_saves_at_next_step_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(
-        _worker("train", "--dir", tmp_path / "t", "--steps", 1000, "--save-every", 1000, "--sleep", 0.05,
-                "--out", tmp_path / "t.npz"),
-        env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        _worker(
+            "train",
+            "--dir",
+            tmp_path / "t",
+            "--steps",
+            1000,
+            "--save-every",
+            1000,
+            "--sleep",
+            0.05,
+            "--out",
+            tmp_path / "t.npz",
+        ),
+        env=_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     _wait_for_line(proc, "step 3")
     proc.send_signal(signal.SIGTERM)
@@ -263,7 +312,10 @@ def test_two_jax_processes_save_and_restore_sharded_state(tmp_path):
     procs = [
         subprocess.Popen(
             _worker("dist", "--dir", tmp_path, "--port", port, "--process-id", i),
-            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -279,7 +331,9 @@ def test_two_jax_processes_save_and_restore_sharded_state(tmp_path):
         assert p.returncode == 0 and f"OK {i}" in out, f"process {i}:\n{out}\n{err[-3000:]}"
     # Both processes wrote their shards into the one shared checkpoint.
     assert {q.name for q in (tmp_path / "policies" / "0" / "params").glob("ocdbt.process_*")} == {
-        "ocdbt.process_0", "ocdbt.process_1"}
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    }
 
 
 # ----------------------------------------------------------------------------- workdir config

@@ -40,8 +40,9 @@ def test_gradients_match_float64(chunk_size):
     gradient of sum_n w_n * logp_n: d/dlogits = w * mask * (onehot - softmax)."""
     hidden, unembed, targets, mask = random_inputs(7, N=2, L=24, D=8, V=50)
     w = np.array([0.7, -1.3])
-    f = lambda h, u: jnp.sum(jnp.asarray(w, jnp.float32) * logprobs.sequence_logprobs(
-        h, u, targets, mask, chunk_size=chunk_size))
+    f = lambda h, u: jnp.sum(
+        jnp.asarray(w, jnp.float32) * logprobs.sequence_logprobs(h, u, targets, mask, chunk_size=chunk_size)
+    )
     g_h, g_u = jax.grad(f, argnums=(0, 1))(hidden, unembed)
 
     logits = np.einsum("nld,dv->nlv", hidden.astype(np.float64), unembed.astype(np.float64))
@@ -91,8 +92,12 @@ def test_shape_errors():
 
 def _peak_temp_bytes(fn, N, L, V, D):
     grad_fn = jax.jit(jax.value_and_grad(lambda h, u, t, m: fn(h, u, t, m).sum(), argnums=(0, 1)))
-    args = (jax.ShapeDtypeStruct((N, L, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
-            jax.ShapeDtypeStruct((N, L), jnp.int32), jax.ShapeDtypeStruct((N, L), jnp.bool_))
+    args = (
+        jax.ShapeDtypeStruct((N, L, D), jnp.float32),
+        jax.ShapeDtypeStruct((D, V), jnp.float32),
+        jax.ShapeDtypeStruct((N, L), jnp.int32),
+        jax.ShapeDtypeStruct((N, L), jnp.bool_),
+    )
     return grad_fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 

@@ -97,8 +97,9 @@ def test_gradients_against_float64_finite_differences():
     rng = np.random.default_rng(3)
     scores = rng.normal(size=(5, 4))
     valid = random_valid(rng, scores.shape, min_valid=2)
-    g = np.asarray(jax.grad(lambda s: losses.plackett_luce_nll(s, jnp.asarray(valid)).sum())(
-        jnp.asarray(scores, jnp.float32)))
+    g = np.asarray(
+        jax.grad(lambda s: losses.plackett_luce_nll(s, jnp.asarray(valid)).sum())(jnp.asarray(scores, jnp.float32))
+    )
     eps = 1e-6
     fd = np.zeros_like(scores)
     for idx in np.ndindex(scores.shape):
@@ -121,7 +122,8 @@ def test_masked_entries_take_part_in_no_sum():
     scores = jnp.array([[2.0, 99.0, 1.0, -99.0]])
     valid = jnp.array([[True, False, True, False]])
     np.testing.assert_allclose(
-        losses.plackett_luce_nll(scores, valid), losses.plackett_luce_nll(scores[:, [0, 2]]), rtol=1e-6)
+        losses.plackett_luce_nll(scores, valid), losses.plackett_luce_nll(scores[:, [0, 2]]), rtol=1e-6
+    )
 
 
 def test_top_m_and_hinge_variants():
@@ -132,7 +134,8 @@ def test_top_m_and_hinge_variants():
     np.testing.assert_allclose(got, numpy_pl_nll(scores, valid, top_m=1), rtol=1e-5, atol=1e-6)
     # top_m >= K-1 is the full loss.
     np.testing.assert_allclose(
-        losses.plackett_luce_nll(jnp.asarray(scores), top_m=3), losses.plackett_luce_nll(jnp.asarray(scores)))
+        losses.plackett_luce_nll(jnp.asarray(scores), top_m=3), losses.plackett_luce_nll(jnp.asarray(scores))
+    )
     pol, ref = jnp.asarray(scores[:, :2]), jnp.zeros((32, 2))
     loss, _ = losses.pl_dpo_loss(pol, ref, 2.0, variant="hinge")
     np.testing.assert_allclose(loss, np.mean(np.maximum(0, 1 - 2 * (scores[:, 0] - scores[:, 1]))), rtol=1e-6)
@@ -194,8 +197,8 @@ def test_metrics():
 
 
 finite_scores = hnp.arrays(
-    np.float32, st.tuples(st.integers(1, 8), st.integers(2, 6)),
-    elements=st.floats(-1e4, 1e4, width=32))
+    np.float32, st.tuples(st.integers(1, 8), st.integers(2, 6)), elements=st.floats(-1e4, 1e4, width=32)
+)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
@@ -210,8 +213,8 @@ def test_property_shift_invariance_and_nonnegativity(scores, shift):
 
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(
-    hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(2, 5)), elements=st.floats(-30, 30)),
-    st.data())
+    hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(2, 5)), elements=st.floats(-30, 30)), st.data()
+)
 def test_property_matches_float64_reference_with_masks(scores, data):
     valid = data.draw(hnp.arrays(bool, scores.shape))
     got = np.asarray(losses.plackett_luce_nll(jnp.asarray(scores, jnp.float32), jnp.asarray(valid)))

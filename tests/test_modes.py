@@ -48,11 +48,21 @@ def offline_run(tmp_path_factory):
         write_ranked_jsonl(root / f"{split}.jsonl", examples, rng)
     workdir = root / "run"
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "pl_dpo.main", "--config=configs/offline.py:tiny", f"--workdir={workdir}",
-           f"--config.data.files.train={root / 'train.jsonl'}", f"--config.data.files.test={root / 'test.jsonl'}",
-           "--config.modes=offline,ladder,sft", "--config.rounds.num=2", "--config.export_hf=True"]
-    proc = subprocess.run(cmd + ["--config.rounds.max_steps=6"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pl_dpo.main",
+        "--config=configs/offline.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.files.train={root / 'train.jsonl'}",
+        f"--config.data.files.test={root / 'test.jsonl'}",
+        "--config.modes=offline,ladder,sft",
+        "--config.rounds.num=2",
+        "--config.export_hf=True",
+    ]
+    proc = subprocess.run(
+        cmd + ["--config.rounds.max_steps=6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
 

@@ -17,12 +17,24 @@ from pl_dpo.data import load_ranked_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shortened demo: 2 rounds of SPIN and aSFT, 2 epochs = 24 steps a round, a checkpoint every 3 steps.
-OVERRIDES = ["--config.rounds.num=2", "--config.rounds.epochs=2", "--config.rounds.max_steps=24", "--config.checkpoint.save_every_steps=3"]
+OVERRIDES = [
+    "--config.rounds.num=2",
+    "--config.rounds.epochs=2",
+    "--config.rounds.max_steps=24",
+    "--config.checkpoint.save_every_steps=3",
+]
 
 
 def main_cmd(workdir, *extra):
-    return [sys.executable, "-m", "pl_dpo.main", "--config=configs/demo.py:quick", f"--workdir={workdir}",
-            *OVERRIDES, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pl_dpo.main",
+        "--config=configs/demo.py:quick",
+        f"--workdir={workdir}",
+        *OVERRIDES,
+        *extra,
+    ]
 
 
 def subprocess_env(tmp_root):
@@ -54,8 +66,9 @@ def load_config(*overrides):
 def reference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
     workdir = str(root / "reference")
-    proc = subprocess.run(main_cmd(workdir), cwd=REPO, env=subprocess_env(str(root)), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        main_cmd(workdir), cwd=REPO, env=subprocess_env(str(root)), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, workdir, proc.stdout
 
@@ -91,8 +104,10 @@ def test_reference_logps_are_the_restored_round_policy(reference_run):
     tx = train.make_optimizer(sp.config.rounds.optim, 24)
     _, state, state_sh = train.init_train_state(policy1, tx, sp.mesh, sp.rules)
     final = checkpoint.TrainCheckpoints(os.path.join(workdir, "spin", "round_0", "train"), 3)
-    step, params, _, _ = final.restore_latest(sharding.with_shardings(state.params, state_sh.params),
-                                              sharding.with_shardings(state.opt_state, state_sh.opt_state))
+    step, params, _, _ = final.restore_latest(
+        sharding.with_shardings(state.params, state_sh.params),
+        sharding.with_shardings(state.opt_state, state_sh.opt_state),
+    )
     final.close()
     assert step == 24
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
@@ -132,15 +147,18 @@ def test_incompatible_workdir_is_refused_before_compiling(reference_run):
         rounds.SelfPlay(config, workdir)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.loss.update(K=1), "K=1"),
-    (lambda c: c.loss.update(T=0.0), "T=0.0 must be > 0"),
-    (lambda c: c.update(modes="spin", loss=dict(c.loss.to_dict(), K=3)), "does not fit mode 'spin'"),
-    (lambda c: c.update(modes="asft", loss=dict(c.loss.to_dict(), K=2)), "does not fit mode 'asft'"),
-    (lambda c: c.update(modes="dpo"), "unknown \\['dpo'\\]"),
-    (lambda c: c.loss.update(variant="ipo"), "valid variants"),
-    (lambda c: c.sampling.update(max_new_tokens=99), "max_new_tokens=99 exceeds"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.loss.update(K=1), "K=1"),
+        (lambda c: c.loss.update(T=0.0), "T=0.0 must be > 0"),
+        (lambda c: c.update(modes="spin", loss=dict(c.loss.to_dict(), K=3)), "does not fit mode 'spin'"),
+        (lambda c: c.update(modes="asft", loss=dict(c.loss.to_dict(), K=2)), "does not fit mode 'asft'"),
+        (lambda c: c.update(modes="dpo"), "unknown \\['dpo'\\]"),
+        (lambda c: c.loss.update(variant="ipo"), "valid variants"),
+        (lambda c: c.sampling.update(max_new_tokens=99), "max_new_tokens=99 exceeds"),
+    ],
+)
 def test_bad_config_is_refused(change, message):
     config = load_config()
     change(config)

@@ -1,6 +1,5 @@
 """The jitted PL-DPO / SFT step: sharded vs single device, NaN guard, optimizer."""
 
-import dataclasses
 import os
 
 import jax
@@ -8,40 +7,64 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from pl_dpo import losses, phase, sharding, train
 from pl_dpo.data import BatchIterator, assemble_ranked
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import create_model, tiny_config
 
-OPTIM = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_steps=2, decay="cosine", final_lr_fraction=0.1,
-                                       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
-                                       grad_accum_steps=1))
+OPTIM = ml_collections.ConfigDict(
+    dict(
+        name="adamw",
+        lr=1e-3,
+        warmup_steps=2,
+        decay="cosine",
+        final_lr_fraction=0.1,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-8,
+        weight_decay=0.01,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+    )
+)
 LOSS = ml_collections.ConfigDict(dict(T=0.5, variant="pl", top_m=0))
 
 
 def ranked_arrays(n=16, K=3, vocab=64, seed=0):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, rng.integers(3, 8)).tolist() for _ in range(n)]
-    lists = [[rng.integers(3, vocab, rng.integers(1, 6)).tolist() for _ in range(rng.integers(2, K + 1))]
-             for _ in range(n)]
+    lists = [
+        [rng.integers(3, vocab, rng.integers(1, 6)).tolist() for _ in range(rng.integers(2, K + 1))] for _ in range(n)
+    ]
     arrays = assemble_ranked(prompts, lists, pad_id=0, k=K, seq_len=16)
     arrays["ref_logps_NxK"] = (rng.normal(size=(n, K)) * 3 - 20).astype(np.float32)
     return arrays
 
 
 def tiny_model(seed=0):
-    return create_model(tiny_config("tiny-llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8), seed=seed)
+    return create_model(
+        tiny_config(
+            "tiny-llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+        ),
+        seed=seed,
+    )
 
 
 def run_steps(mesh, arrays, steps=3):
     model = tiny_model()
     tx = train.make_optimizer(OPTIM, steps)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
-    step_fn = train.make_train_step(graphdef, train.pl_dpo_objective(LOSS, chunk_size=8), tx, state_sh,
-                                    sharding.batch_sharding(mesh))
+    step_fn = train.make_train_step(
+        graphdef, train.pl_dpo_objective(LOSS, chunk_size=8), tx, state_sh, sharding.batch_sharding(mesh)
+    )
     it = BatchIterator(arrays, batch_size=8, seed=0, length_buckets=(16,))
     losses_ = []
     for _ in range(steps):
@@ -105,12 +128,27 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
         poison = jnp.where(jnp.any(batch.example_ids_B == bad_example), jnp.nan, 1.0)
         return loss * poison, metrics
 
-    spec = phase.PhaseSpec(name="nan-test", directory=str(tmp_path), num_epochs=3, batch_size=8, seed=0,
-                           optim=OPTIM, save_every_steps=2, length_buckets=(16,))
+    spec = phase.PhaseSpec(
+        name="nan-test",
+        directory=str(tmp_path),
+        num_epochs=3,
+        batch_size=8,
+        seed=0,
+        optim=OPTIM,
+        save_every_steps=2,
+        length_buckets=(16,),
+    )
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with pytest.raises(train.NonFiniteLossError) as err:
-        phase.train_phase(tiny_model(), arrays, poisoned, spec, mesh=mesh, rules=sharding.DEFAULT_DECODER_RULES,
-                          metric_log=MetricLog(str(tmp_path / "logs")))
+        phase.train_phase(
+            tiny_model(),
+            arrays,
+            poisoned,
+            spec,
+            mesh=mesh,
+            rules=sharding.DEFAULT_DECODER_RULES,
+            metric_log=MetricLog(str(tmp_path / "logs")),
+        )
     message = str(err.value)
     assert "non-finite loss" in message and f"{bad_example}" in message
     step = int(message.split("at step ")[1].split()[0])
@@ -129,8 +167,10 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
         model = tiny_model()
         tx = train.make_optimizer(OPTIM, 12)
         _, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
-        got = ckpts.restore_latest(sharding.with_shardings(state.params, state_sh.params),
-                                   sharding.with_shardings(state.opt_state, state_sh.opt_state))
+        got = ckpts.restore_latest(
+            sharding.with_shardings(state.params, state_sh.params),
+            sharding.with_shardings(state.opt_state, state_sh.opt_state),
+        )
         assert got[0] == saved_step
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(got[1]))
 
@@ -149,8 +189,9 @@ def test_optimizer_errors_and_rmsprop_accumulation():
         train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="sgd")), 10)
     with pytest.raises(ValueError, match="optim.decay"):
         train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), decay="step")), 10)
-    cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="rmsprop", grad_accum_steps=2, rms_decay=0.9,
-                                         warmup_steps=0))
+    cfg = ml_collections.ConfigDict(
+        dict(OPTIM.to_dict(), name="rmsprop", grad_accum_steps=2, rms_decay=0.9, warmup_steps=0)
+    )
     tx = train.make_optimizer(cfg, 10)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)

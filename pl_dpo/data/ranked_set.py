@@ -15,41 +15,41 @@ import numpy as np
 
 
 def save_ranked_set(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-  """Atomically writes `arrays` (name -> numeric/bool array) to `path` (.npz)."""
-  path = os.fspath(path)
-  if not path.endswith(".npz"):
-    raise ValueError(f"save_ranked_set: {path!r} must end with .npz")
-  if not arrays:
-    raise ValueError("save_ranked_set: no arrays")
-  for key, a in arrays.items():
-    a = np.asarray(a)
-    if a.dtype.kind not in "biuf":
-      raise ValueError(f"save_ranked_set: {key} has dtype {a.dtype}; only bool/int/float arrays are stored")
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  # Make the rename itself durable.
-  dir_fd = os.open(folder, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+    """Atomically writes `arrays` (name -> numeric/bool array) to `path` (.npz)."""
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        raise ValueError(f"save_ranked_set: {path!r} must end with .npz")
+    if not arrays:
+        raise ValueError("save_ranked_set: no arrays")
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"save_ranked_set: {key} has dtype {a.dtype}; only bool/int/float arrays are stored")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_ranked_set(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a file written by `save_ranked_set` into memory (no pickle)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"ranked set not found: {path!r}")
-  with np.load(path, allow_pickle=False) as z:
-    return {k: z[k] for k in z.files}
+    """Reads a file written by `save_ranked_set` into memory (no pickle)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ranked set not found: {path!r}")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

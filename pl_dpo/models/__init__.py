@@ -7,6 +7,15 @@ from pl_dpo.models.decoder import Decoder, KVCache, create_model, positions_from
 from pl_dpo.models.hf_io import from_pretrained, save_pretrained
 
 __all__ = [
-    "DecoderConfig", "Decoder", "KVCache", "create_model", "from_hf_config", "from_pretrained",
-    "positions_from_valid", "preset_names", "save_pretrained", "tiny_config", "to_hf_config",
+    "DecoderConfig",
+    "Decoder",
+    "KVCache",
+    "create_model",
+    "from_hf_config",
+    "from_pretrained",
+    "positions_from_valid",
+    "preset_names",
+    "save_pretrained",
+    "tiny_config",
+    "to_hf_config",
 ]
