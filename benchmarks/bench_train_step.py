@@ -68,8 +68,8 @@ def bench_torch(hf_dir, batch, args) -> float:
     import transformers
 
     torch.manual_seed(0)
-    policy = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    policy = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=0.0)

@@ -93,7 +93,7 @@ def test_exported_policy_loads_in_transformers(offline_run):
 
     workdir, _ = offline_run
     export = workdir / "sft" / "hf_export"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(export)
     ids = tok("What is 2 + 3?")["input_ids"]
     with torch.no_grad():
