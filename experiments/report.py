@@ -23,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import Cell, Record, aggregate, read_sweep  # noqa: E402
@@ -217,6 +218,7 @@ class Report:
                 x, y, e = self._series(metric, c)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"T={c.T:g}" if by_T else arm_label(c))
             ax.set_xlabel("round (0 = SFT start)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)

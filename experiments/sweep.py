@@ -22,6 +22,7 @@ Per-job wall time, return code and which stages were copied go to `<sweep_dir>/s
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import inspect
 import json
@@ -76,7 +77,7 @@ def sweep_jobs(module: ModuleType, arg: str | None) -> list[dict[str, Any]]:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     """A copy of `config` with dotted fields set (what `--config.a.b=v` does), checking each exists."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    config = copy.deepcopy(config)  # to_dict() would share the ConfigDicts inside lists (assistants)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
@@ -88,6 +89,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
             raise KeyError(f"override {key!r}: the config has no field {leaf!r}")
         node[leaf] = value
     return config
+
+
+def plain(value: Any) -> Any:
+    """ConfigDicts (also inside lists, which `to_dict()` leaves alone) as plain dicts and lists."""
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def _fmt(value: Any) -> str:
@@ -196,7 +206,7 @@ def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: b
     spec = config_path + (f":{arg}" if arg else "")
     base = module.get_config(arg) if arg else module.get_config()
     # Resolve every job's config first: a bad override fails here, before anything runs.
-    resolved = [apply_overrides(base, o).to_dict() for o in jobs]
+    resolved = [plain(apply_overrides(base, o)) for o in jobs]
     names = [job_name(o) for o in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"sweep() of {config_path} has duplicate jobs: {sorted(n for n in names if names.count(n) > 1)}")

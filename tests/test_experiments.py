@@ -68,6 +68,48 @@ def test_job_names_commands_and_bad_overrides(capsys):
     assert "--config.loss.T=0.1" in lines[1] and "--config.modes=spin,asft" in lines[1]
 
 
+def _touch(path, text="x"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_seed_from_donors_copies_only_stages_with_equal_settings(tmp_path):
+    base = study.get_config()
+    resolve = lambda o: sweep.plain(sweep.apply_overrides(base, o))
+    donor = str(tmp_path / "donor")
+    for rel in ("tokenizer/tokenizer.json", "tfds/ds/data", "sft/policies/0/commit_success.txt", "sft/eval_0.json",
+                "sft/policies/1/commit_success.txt", "assistant_0/samples.npz", "assistant_0/policies/0/params",
+                "assistant_1/samples.npz", "spin/eval_1.json"):
+        _touch(os.path.join(donor, rel))
+    _touch(os.path.join(donor, "metrics.jsonl"), json.dumps({"phase": "eval/sft", "step": 0, "exact_match": 0.5}))
+    donors = [(donor, resolve({"seed": 0}))]
+
+    same = str(tmp_path / "same")  # other T and modes: every deterministic stage is shared
+    copied = sweep.seed_from_donors(same, resolve({"seed": 0, "loss.T": 0.1, "modes": "spin,asft"}), donors)
+    assert copied == ["tokenizer", "tfds", "sft", "assistant_0", "assistant_1"]
+    assert os.path.exists(os.path.join(same, "sft/policies/0/commit_success.txt"))
+    assert not os.path.exists(os.path.join(same, "sft/policies/1"))  # the control arm's rounds are not copied
+    assert not os.path.exists(os.path.join(same, "spin"))
+    assert json.loads(open(os.path.join(same, "metrics.jsonl")).read())["exact_match"] == 0.5
+
+    other_seed = str(tmp_path / "seed1")
+    assert sweep.seed_from_donors(other_seed, resolve({"seed": 1}), donors) == ["tokenizer", "tfds"]
+    fewer = str(tmp_path / "fewer")  # a subset of the data: new SFT and assistants, same built dataset
+    assert sweep.seed_from_donors(fewer, resolve({"data.num_train": 500}), donors) == ["tokenizer", "tfds"]
+    longer = str(tmp_path / "longer")  # a longer SFT: the assistants do not depend on it
+    assert sweep.seed_from_donors(longer, resolve({"sft.steps": 1200}), donors) == [
+        "tokenizer", "tfds", "assistant_0", "assistant_1"]
+    other_assistant = sweep.apply_overrides(base, {})
+    other_assistant.assistants[1].sft_steps = 99
+    diff = str(tmp_path / "diff")
+    assert sweep.seed_from_donors(diff, sweep.plain(other_assistant), donors) == [
+        "tokenizer", "tfds", "sft", "assistant_0"]
+    assert base.assistants[1].sft_steps != 99  # apply_overrides copied the assistants too
+    _touch(os.path.join(diff, "config.json"))  # a started job is never touched
+    assert sweep.seed_from_donors(diff, resolve({}), donors) == []
+
+
 def test_stat_matches_numpy():
     values = [0.2, 0.25, 0.31]
     s = collect.stat(values)
