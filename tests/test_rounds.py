@@ -171,3 +171,21 @@ def test_mesh_that_does_not_divide_devices_is_refused(tmp_path):
     config.mesh.update(data=3, fsdp=1, tensor=1, num_devices=0)
     with pytest.raises(ValueError, match="3"):
         rounds.SelfPlay(config, str(tmp_path))
+
+
+def test_sigterm_mid_round_saves_and_exits_143(reference_run):
+    root, _, _ = reference_run
+    workdir = str(root / "terminated")
+    cmd = main_cmd(workdir, "--config.modes=spin")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(str(root)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    first_ckpt = os.path.join(workdir, "spin", "round_0", "train", "3")
+    deadline = time.time() + 300
+    while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM, state saved at step" in stderr
+    step = int(stderr.split("state saved at step ")[1].split()[0])
+    assert 3 <= step < 24 and os.path.isdir(os.path.join(workdir, "spin", "round_0", "train", str(step)))
