@@ -82,20 +82,19 @@ class SelfPlay:
         )
         self.train_examples = self._load("train", config.data.get("num_train"))
         test = self._load("test", config.eval.num_prompts)
-        self.sft_arrays, _ = tokenize_examples(self.tokenizer, self.train_examples, self.tok_cfg, k=1)
-        prompt_ids, response_ids, _ = encode_examples(self.tokenizer, self.train_examples, self.tok_cfg)
-        self.train_prompt_ids, self.train_answer_ids = prompt_ids, [r[0] for r in response_ids]
-        self.train_response_ids = response_ids  # offline mode ranks these
-        test_prompts, test_responses, _ = encode_examples(self.tokenizer, test, self.tok_cfg)
-        arrays, _ = tokenize_examples(self.tokenizer, test, self.tok_cfg, k=1)
+        self.metric_log = MetricLog(workdir)
+        # Tokenised once: prompt ids and ranked response ids (+EOS), truncated and counted.
+        self.train_prompt_ids, self.train_response_ids = self._encode("train", self.train_examples)
+        self.train_answer_ids = [r[0] for r in self.train_response_ids]
+        self.sft_arrays = self._arrays(self.train_prompt_ids, [r[:1] for r in self.train_response_ids], k=1)
+        test_prompts, test_responses = self._encode("test", test)
         self.heldout = evaluate.HeldOut(
             examples=test,
-            arrays=arrays,
+            arrays=self._arrays(test_prompts, [r[:1] for r in test_responses], k=1),
             prompt_ids=test_prompts,
             answer_ids=[r[0] for r in test_responses],
             checkable=config.data.source == "synthetic",
         )
-        self.metric_log = MetricLog(workdir)
         self.table: list[dict[str, Any]] = []
 
     # --------------------------------------------------------------------------- inputs
@@ -126,6 +125,31 @@ class SelfPlay:
 
     def _length_buckets(self) -> tuple[int, ...] | None:
         return tuple(self.config.data.get("length_buckets", ()) or ()) or None
+
+    def _encode(self, split: str, examples) -> tuple[list[list[int]], list[list[list[int]]]]:
+        prompt_ids, response_ids, stats = encode_examples(self.tokenizer, examples, self.tok_cfg)
+        summary = stats.summary()
+        self.metric_log.write(f"data/{split}", 0, summary)
+        if stats.prompts_truncated or stats.responses_truncated:
+            log.warning(
+                "%s: truncated %d prompts and %d responses (data.max_prompt_len / max_response_len)",
+                split,
+                stats.prompts_truncated,
+                stats.responses_truncated,
+            )
+        return prompt_ids, response_ids
+
+    def _arrays(self, prompt_ids, response_ids, k: int) -> dict[str, np.ndarray]:
+        """The fixed-shape layout (L = max prompt + max response) shared by every round."""
+        data = self.config.data
+        return assemble_ranked(
+            prompt_ids,
+            response_ids,
+            pad_id=self.pad_id,
+            k=k,
+            seq_len=data.max_prompt_len + data.max_response_len,
+            prompt_len=data.max_prompt_len,
+        )
 
     # --------------------------------------------------------------------------- models
 
@@ -319,25 +343,20 @@ class SelfPlay:
 
     def ranked_set(self, mode: str, t: int, policy: Decoder, K: int, reference: Decoder) -> dict[str, np.ndarray]:
         """Round t's ranked lists [answer, assistants..., πθ(t) sample] with reference log-probs."""
-        round_dir = os.path.join(self.workdir, mode, "offline" if mode == "offline" else f"round_{t}")
+        # Offline lists (and their fixed reference) do not change between rounds: one set.
+        round_dir = (
+            os.path.join(self.workdir, mode) if mode == "offline" else os.path.join(self.workdir, mode, f"round_{t}")
+        )
         path = os.path.join(round_dir, "ranked.npz")
         if os.path.exists(path):
             return load_ranked_set(path)
         if mode == "offline":
-            arrays, _ = tokenize_examples(self.tokenizer, self.train_examples, self.tok_cfg, k=K)
+            arrays = self._arrays(self.train_prompt_ids, [r[:K] for r in self.train_response_ids], k=K)
         else:
             assistants = [self.assistant_samples(i) for i in range(K - 2)]
             own = self.samples(policy, f"{mode}/round_{t}/samples", f"{mode} round {t} samples")
             lists = [[answer, *(a[n] for a in assistants), own[n]] for n, answer in enumerate(self.train_answer_ids)]
-            L = self.config.data.max_prompt_len + self.config.data.max_response_len
-            arrays = assemble_ranked(
-                self.train_prompt_ids,
-                lists,
-                pad_id=self.pad_id,
-                k=K,
-                seq_len=L,
-                prompt_len=self.config.data.max_prompt_len,
-            )
+            arrays = self._arrays(self.train_prompt_ids, lists, k=K)
             arrays["policy_sample_correct_N"] = np.array(
                 [own[n] == a for n, a in enumerate(self.train_answer_ids)], bool
             )

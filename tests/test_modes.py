@@ -76,7 +76,7 @@ def test_offline_ladder_and_sft_modes(offline_run):
     offline_ = [r for r in records if r["phase"] == "offline/round_1"]
     assert len(ladder[0]["scores_K"]) == 4 and len(offline_[0]["scores_K"]) == 3
     # Offline: one ranked set for every round, its reference the fixed SFT policy.
-    assert os.path.exists(workdir / "offline" / "offline" / "ranked.npz")
+    assert os.path.exists(workdir / "offline" / "ranked.npz")
     assert not os.path.exists(workdir / "offline" / "round_1" / "ranked.npz")
     # The continued-SFT arm trains the NLL on the answers: no ranking metrics.
     sft_train = [r for r in records if r["phase"] == "sft/round_0"]
