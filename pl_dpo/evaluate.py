@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pl_dpo import sampler
+from pl_dpo import sampler, sharding
 from pl_dpo.data import BatchIterator, Example, assemble_ranked, check_answer, prompt_batches, trim_at_eos
 from pl_dpo.models import Decoder
 from pl_dpo.train import response_logps
@@ -58,12 +58,12 @@ def score_ranked(
         num_epochs=1,
         length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],),
     )
+    replicated = sharding.replicated_like(params)
     for batch in it:
-        logps = _score_batch(
-            graphdef, params, batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL
-        )
+        fields = (batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL)
+        logps = _score_batch(graphdef, params, *(sharding.put_replicated(x, replicated) for x in fields))
         real = batch.example_ids_B >= 0
-        out[batch.example_ids_B[real]] = np.asarray(logps)[real]
+        out[batch.example_ids_B[real]] = sharding.to_host(logps)[real]
     return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)
 
 
@@ -83,7 +83,7 @@ def generate_responses(
         gen = sampler.generate(
             model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP, jax.random.fold_in(rng, i), sampling
         )
-        tokens, lengths = np.asarray(gen.tokens_BxT), np.asarray(gen.lengths_B)
+        tokens, lengths = sharding.to_host(gen.tokens_BxT), sharding.to_host(gen.lengths_B)
         for row, ex in enumerate(batch.example_ids_B):
             if ex >= 0:
                 out[ex] = trim_at_eos(tokens[row, : lengths[row]].tolist(), eos_id)

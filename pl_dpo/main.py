@@ -16,6 +16,9 @@ from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, ranked sets, metrics.jsonl, TensorBoard.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU / GPU).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (only where the cluster is not detected).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/<name>.py[:arg]).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -28,7 +31,14 @@ def main(argv: list[str]) -> None:
     import jax
 
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            # Cross-process collectives on CPU (the 2-process tests) go through gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     from pl_dpo import evaluate, rounds  # after distributed init: they touch devices
     from pl_dpo.phase import Preempted
 

@@ -107,6 +107,7 @@ class SelfPlay:
         path = os.path.join(self.workdir, "tokenizer")
         if not os.path.exists(os.path.join(path, "tokenizer.json")) and jax.process_index() == 0:
             build_tiny_tokenizer(path, vocab_size=self.config.tokenizer.vocab_size)
+        sharding.sync_processes("tokenizer")  # the others read what process 0 wrote
         return load_tokenizer(path)
 
     def _load(self, split: str, limit: int | None):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pl_dpo import sharding
 from pl_dpo.models.decoder import Decoder, positions_from_valid
 
 _TRACES = [0]  # number of times the generation program was traced (tests check that buckets avoid recompiles)
@@ -202,5 +203,11 @@ def generate(model: Decoder, prompt_tokens_BxP, prompt_valid_BxP, rng, sampling:
     valid_p[batch:, -1] = True  # filler rows: one token each, so nothing special happens in them; dropped below
     keys_p = jnp.concatenate([keys_B, jax.random.split(jax.random.key(0), bb - batch)]) if bb > batch else keys_B
     graphdef, state = nnx.split(model)
+    # With weights spread over several processes, every input is made a global replicated array (each process
+    # holds the same prompts and keys); on one process this changes nothing.
+    replicated = sharding.replicated_like(state)
+    tokens_p, valid_p = (sharding.put_replicated(x, replicated) for x in (tokens_p, valid_p))
+    if replicated is not None and not replicated.is_fully_addressable:
+        keys_p = jax.random.wrap_key_data(sharding.put_replicated(np.asarray(jax.random.key_data(keys_p)), replicated))
     out = _generate_padded(graphdef, state, jnp.asarray(tokens_p), jnp.asarray(valid_p), keys_p, sampling)
     return GenerationOutput(*(x[:batch] for x in out))

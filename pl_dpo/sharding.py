@@ -279,3 +279,43 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
 
     return jax.tree_util.tree_map_with_path(one, batch)
+
+
+# ----------------------------------------------------------------------------- multi-host helpers
+#
+# Generation and scoring run the same prompts on every process (their inputs are
+# identical host values), while the weights span every device of every process.
+
+
+def replicated_like(tree: Any) -> NamedSharding | None:
+    """A replicated sharding on the mesh of `tree`'s first leaf, or None if it has none."""
+    leaf = jax.tree.leaves(tree)[0]
+    sharding = getattr(leaf, "sharding", None)
+    return NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
+
+
+def put_replicated(x: np.ndarray, sharding: NamedSharding | None) -> Any:
+    """A host value that every process holds, as a global replicated array.
+
+    On one process (or without a mesh) the value is returned as is and jit places it."""
+    if sharding is None or sharding.is_fully_addressable:
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across processes (e.g. after process 0 wrote a file the others read)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

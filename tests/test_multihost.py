@@ -1,0 +1,105 @@
+"""The self-play job as 2 real JAX processes (2 CPU devices each) against 1 process with 4 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from pl_dpo import evaluate, rounds
+from pl_dpo.data import load_ranked_set
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ["--config.modes=spin", "--config.mesh.num_devices=0", "--config.rounds.max_steps=4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, cache: str) -> dict:
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache,
+    )
+
+
+def _cmd(workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "pl_dpo.main",
+        "--config=configs/demo.py:quick",
+        f"--workdir={workdir}",
+        *OVERRIDES,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    cache = str(root / "jax_cache")
+    port = _free_port()
+    two = [
+        subprocess.Popen(
+            _cmd(
+                root / "two",
+                "--distributed",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=REPO,
+            env=_env(2, cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    one = subprocess.run(_cmd(root / "one"), cwd=REPO, env=_env(4, cache), capture_output=True, text=True, timeout=600)
+    outs = [p.communicate(timeout=600) for p in two]
+    for p, (_, err) in zip(two, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    return root, outs[0][0], one.stdout
+
+
+def _params(workdir, lineage, index):
+    config = demo.get_config("quick")
+    config.modes, config.mesh.num_devices, config.rounds.max_steps = "spin", 1, 4
+    sp = rounds.SelfPlay(config, str(workdir))
+    return sp, sp.restore_policy(lineage, config.model, index)
+
+
+def test_two_processes_match_one_process(runs):
+    root, stdout_two, stdout_one = runs
+    assert "| spin round 1 |" in stdout_two and "| spin round 1 |" in stdout_one
+    # Only process 0 writes results and metrics.
+    assert os.path.exists(root / "two" / "results.md")
+    # SFT: the same global batches, split over processes or not, give the same policy.
+    _, sft_two = _params(root / "two", "sft", 0)
+    _, sft_one = _params(root / "one", "sft", 0)
+    for a, b in zip(jax.tree.leaves(nnx.state(sft_two)), jax.tree.leaves(nnx.state(sft_one))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # The round's ranked set (samples of πθ(0), reference log-probs) agrees too.
+    two = load_ranked_set(root / "two" / "spin" / "round_0" / "ranked.npz")
+    one = load_ranked_set(root / "one" / "spin" / "round_0" / "ranked.npz")
+    same_samples = (two["tokens_NxKxL"] == one["tokens_NxKxL"]).all(axis=(1, 2))
+    assert same_samples.mean() > 0.99
+    np.testing.assert_allclose(
+        two["ref_logps_NxK"][same_samples], one["ref_logps_NxK"][same_samples], rtol=1e-4, atol=1e-3
+    )
+    sp, policy = _params(root / "two", "spin", 1)
+    again = evaluate.score_ranked(policy, two, sp.config.eval.batch_size)
+    assert np.isfinite(again).all()
