@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collect import Cell, Record, aggregate, read_sweep  # noqa: E402
+from collect import Cell, Record, aggregate, read_sweep, stat  # noqa: E402
 
 ARM_ORDER = {"sft": 0, "spin": 1, "asft": 2, "ladder": 3, "offline": 4}
 METRICS = ("exact_match", "answer_logp_per_token", "win_rate_vs_sft", "reward_accuracy")
@@ -61,6 +61,13 @@ class Report:
     def rounds(self, cell: Cell) -> list[int]:
         return sorted({r.round for r in self.records if r.cell == cell})
 
+    def paired(self, metric: str, cell: Cell, t: int, base: Cell, base_t: int):
+        """Mean ± std over seeds of metric(cell, t) - metric(base, base_t), seed by seed."""
+        def per_seed(c, r):
+            return {x.seed: x.metrics[metric] for x in self.records if x.cell == c and x.round == r and metric in x.metrics}
+        a, b = per_seed(cell, t), per_seed(base, base_t)
+        return stat(a[s] - b[s] for s in sorted(set(a) & set(b)))
+
     def cell_stat(self, metric: str, cell: Cell, t: int):
         return self.agg[metric].get((cell, t))
 
@@ -82,6 +89,15 @@ class Report:
         for metric in METRICS:
             rows = [[arm_label(c)] + [self.fmt(metric, c, t) for t in rounds] for c in arms]
             out.append(f"**{metric}**\n\n" + _table(["arm"] + [f"round {t}" for t in rounds], rows) + "\n")
+        control = next((c for c in arms if c.mode == "sft"), None)
+        for metric in ("exact_match", "answer_logp_per_token"):
+            rows = [[f"{arm_label(c)} − SFT start"] + [self.paired(metric, c, t, c, 0).fmt() for t in rounds[1:]]
+                    for c in arms]
+            if control is not None:
+                rows += [[f"{arm_label(c)} − SFT control"] + [self.paired(metric, c, t, control, t).fmt()
+                                                             for t in rounds[1:]] for c in arms if c != control]
+            out.append(f"**{metric}: paired differences (per seed, then mean ± std)**\n\n"
+                       + _table(["difference"] + [f"round {t}" for t in rounds[1:]], rows) + "\n")
         tasks = sorted({k for r in self.records for k in r.metrics if k.startswith("exact_match/")})
         if tasks:
             per_task = {k: aggregate(self.records, k) for k in tasks}
