@@ -13,3 +13,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Transformers must never reach the network from a test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent compilation cache for the whole run (all xdist workers and every
+# `python -m pl_dpo.main` subprocess, which inherit the environment): the end-to-end
+# tests compile the same small programs again and again.
+import tempfile  # noqa: E402
+
+_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"pl_dpo_jax_cache_{_run_id}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

@@ -24,13 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, cache: str) -> dict:
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=cache,
-    )
+def _env(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _cmd(workdir, *extra):
@@ -48,7 +43,6 @@ def _cmd(workdir, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    cache = str(root / "jax_cache")
     port = _free_port()
     two = [
         subprocess.Popen(
@@ -60,14 +54,14 @@ def runs(tmp_path_factory):
                 f"--process_id={i}",
             ),
             cwd=REPO,
-            env=_env(2, cache),
+            env=_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
-    one = subprocess.run(_cmd(root / "one"), cwd=REPO, env=_env(4, cache), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(_cmd(root / "one"), cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
     outs = [p.communicate(timeout=600) for p in two]
     for p, (_, err) in zip(two, outs):
         assert p.returncode == 0, err[-3000:]

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import demo
 from pl_dpo import checkpoint, config_lib, evaluate, rounds, sharding, train
 from pl_dpo.checkpoint import WorkdirConfigMismatch
 from pl_dpo.data import load_ranked_set
@@ -37,20 +38,14 @@ def main_cmd(workdir, *extra):
     ]
 
 
-def subprocess_env(tmp_root):
+def subprocess_env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = ""  # one CPU device, as on a user's machine
     env["JAX_PLATFORMS"] = "cpu"
-    # Later runs reuse the first run's compiled programs (same programs, same numerics).
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tmp_root, "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 
 def load_config(*overrides):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    import demo
-
     config = demo.get_config("quick")
     for item in OVERRIDES + list(overrides):
         key, value = item.removeprefix("--config.").split("=")
@@ -67,7 +62,7 @@ def reference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
     workdir = str(root / "reference")
     proc = subprocess.run(
-        main_cmd(workdir), cwd=REPO, env=subprocess_env(str(root)), capture_output=True, text=True, timeout=600
+        main_cmd(workdir), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, workdir, proc.stdout
@@ -117,7 +112,7 @@ def test_reference_logps_are_the_restored_round_policy(reference_run):
 def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run):
     root, ref_workdir, _ = reference_run
     workdir = str(root / "killed")
-    env = subprocess_env(str(root))
+    env = subprocess_env()
     cmd = main_cmd(workdir, "--config.modes=spin")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_ckpt = os.path.join(workdir, "spin", "round_1", "train", "3")
@@ -177,8 +172,9 @@ def test_sigterm_mid_round_saves_and_exits_143(reference_run):
     root, _, _ = reference_run
     workdir = str(root / "terminated")
     cmd = main_cmd(workdir, "--config.modes=spin")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(str(root)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     first_ckpt = os.path.join(workdir, "spin", "round_0", "train", "3")
     deadline = time.time() + 300
     while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
