@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    from pl_dpo import evaluate, rounds  # after distributed init: they touch devices
+    from pl_dpo import evaluate, plots, rounds  # after distributed init: they touch devices
     from pl_dpo.phase import Preempted
 
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -56,6 +56,8 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(FLAGS.workdir, "results.md"), "w", encoding="utf-8") as f:
             f.write(text + "\n")
         print("\nHeld-out evaluation (" + FLAGS.workdir + "/results.md):\n" + text)
+        if plots.plot_rounds(table, os.path.join(FLAGS.workdir, "results.png")):
+            print(f"Plot: {FLAGS.workdir}/results.png")
 
 
 if __name__ == "__main__":

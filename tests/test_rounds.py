@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from pl_dpo import checkpoint, config_lib, evaluate, rounds, sharding, train
+from pl_dpo import checkpoint, config_lib, evaluate, plots, rounds, sharding, train
 from pl_dpo.checkpoint import WorkdirConfigMismatch
 from pl_dpo.data import load_ranked_set
 
@@ -85,6 +85,21 @@ def test_demo_runs_end_to_end(reference_run):
     train = [r for r in records if r["phase"] == "asft/round_0"]
     assert len(train) == 24 and len(train[0]["scores_K"]) == 3 and "pairwise_accuracy" in train[0]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert os.path.getsize(os.path.join(workdir, "results.png")) > 10_000
+
+
+def test_arm_curves_start_at_the_sft_row():
+    table = [
+        {"policy": "sft", "exact_match": 0.1},
+        {"policy": "spin round 1", "exact_match": 0.2},
+        {"policy": "asft round 1", "exact_match": 0.3},
+        {"policy": "spin round 2", "exact_match": 0.4},
+    ]
+    assert plots.arm_curves(table, "exact_match") == {
+        "spin": ([0, 1, 2], [0.1, 0.2, 0.4]),
+        "asft": ([0, 1], [0.1, 0.3]),
+    }
+    assert plots.arm_curves(table, "answer_logp") == {}
 
 
 def test_reference_logps_are_the_restored_round_policy(reference_run):

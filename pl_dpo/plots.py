@@ -1,0 +1,49 @@
+"""The per-run picture: held-out metrics against the round, one line per self-play arm.
+
+Every arm starts from the SFT policy, so each line begins at the SFT row (round 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+METRICS = (("exact_match", "held-out exact match"), ("answer_logp", "answer log-likelihood (nats)"))
+
+
+def arm_curves(table: list[dict[str, Any]], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{arm: (rounds, values)} from the evaluation rows ("sft", "<arm> round <t>")."""
+    start = next((row.get(metric) for row in table if row["policy"] == "sft"), None)
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for row in table:
+        if row["policy"] == "sft" or metric not in row:
+            continue
+        arm, _, t = row["policy"].rpartition(" round ")
+        rounds, values = curves.setdefault(arm, ([0], [start]) if start is not None else ([], []))
+        rounds.append(int(t))
+        values.append(row[metric])
+    return curves
+
+
+def plot_rounds(table: list[dict[str, Any]], path: str) -> bool:
+    """Writes a PNG with one panel per metric the table has; False if there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, label) for m, label in METRICS if arm_curves(table, m)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels):
+        for arm, (rounds, values) in sorted(arm_curves(table, metric).items()):
+            ax.plot(rounds, values, marker="o", label="continued SFT" if arm == "sft" else arm)
+        ax.set_xlabel("round (0 = SFT start)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
