@@ -27,15 +27,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from pl_dpo import checkpoint, config_lib, evaluate, sampler, sharding, train
 from pl_dpo.data import TokenizeConfig, assemble_ranked, load_ranked_set, load_split, save_ranked_set, tokenize_examples
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
-from pl_dpo.models import Decoder, create_model, from_pretrained, save_pretrained
+from pl_dpo.models import Decoder, save_pretrained
 from pl_dpo.phase import PhaseSpec, train_phase
+from pl_dpo.policies import PolicyStore
 from pl_dpo.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class SelfPlay:
         self.rules = sharding.DEFAULT_DECODER_RULES
         checkpoint.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
         self.tokenizer = self._tokenizer()
+        self.policies = PolicyStore(workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_id = self.tokenizer.eos_token_id
         self.tok_cfg = TokenizeConfig(
@@ -113,7 +114,7 @@ class SelfPlay:
     def _load(self, split: str, limit: int | None):
         data = self.config.data
         options = dict(data.get("options", {}) or {})
-        files = {split: path for split, path in dict(data.get("files", {}) or {}).items() if path} or None
+        files = {name: path for name, path in dict(data.get("files", {}) or {}).items() if path} or None
         examples = load_split(
             data.source,
             split,
@@ -154,56 +155,17 @@ class SelfPlay:
 
     # --------------------------------------------------------------------------- models
 
-    def _abstract(self, model_cfg: ml_collections.ConfigDict):
-        decoder_cfg = config_lib.model_config(model_cfg, len(self.tokenizer))
-        abstract = nnx.eval_shape(lambda: create_model(decoder_cfg, seed=0))
-        graphdef, state = nnx.split(abstract)
-        shardings = sharding.logical_to_shardings(state, self.mesh, self.rules)
-        return graphdef, sharding.with_shardings(state, shardings)
-
-    def _initial_model(self, model_cfg: ml_collections.ConfigDict, seed: int) -> Decoder:
-        if model_cfg.get("hf_path"):
-            _, target = self._abstract(model_cfg)
-            return from_pretrained(
-                model_cfg.hf_path,
-                param_dtype=model_cfg.param_dtype,
-                compute_dtype=model_cfg.compute_dtype,
-                remat=model_cfg.remat,
-                shardings=jax.tree.map(lambda a: a.sharding, target),
-            )
-        decoder_cfg = config_lib.model_config(model_cfg, len(self.tokenizer))
-        return sharding.create_sharded_module(lambda: create_model(decoder_cfg, seed=seed), self.mesh, self.rules)
-
     def restore_policy(self, lineage: str, model_cfg: ml_collections.ConfigDict, index: int) -> Decoder:
-        graphdef, target = self._abstract(model_cfg)
-        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
-        try:
-            return nnx.merge(graphdef, ckpts.restore(index, target))
-        finally:
-            ckpts.close()
-
-    def _saved(self, lineage: str, index: int) -> bool:
-        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
-        try:
-            return index in ckpts.all_rounds()
-        finally:
-            ckpts.close()
-
-    def _save_policy(self, lineage: str, index: int, model: Decoder, metadata: dict[str, Any]) -> None:
-        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
-        try:
-            ckpts.save(index, nnx.state(model), metadata)
-        finally:
-            ckpts.close()
+        return self.policies.restore(lineage, model_cfg, index)
 
     def supervised_model(
         self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim, batch_size: int
     ) -> Decoder:
         """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0)."""
-        if self._saved(lineage, 0):
+        if self.policies.saved(lineage, 0):
             return self.restore_policy(lineage, model_cfg, 0)
         seed = self.config.seed + zlib.crc32(lineage.encode()) % 1000
-        model = self._initial_model(model_cfg, seed)
+        model = self.policies.initial(model_cfg, seed)
         if steps == 0 and lineage != "sft":
             return model  # a pretrained assistant used as is: its folder is its checkpoint
         if steps > 0:
@@ -229,7 +191,7 @@ class SelfPlay:
                 rules=self.rules,
                 metric_log=self.metric_log,
             )
-        self._save_policy(lineage, 0, model, {"lineage": lineage, "sft_steps": steps})
+        self.policies.save(lineage, 0, model, {"lineage": lineage, "sft_steps": steps})
         return model
 
     # --------------------------------------------------------------------------- evaluation
@@ -342,7 +304,7 @@ class SelfPlay:
             save_ranked_set(path, {"tokens": tokens, "lengths": np.array([len(r) for r in out], np.int32)})
         return out
 
-    def ranked_set(self, mode: str, t: int, policy: Decoder, K: int, reference: Decoder) -> dict[str, np.ndarray]:
+    def ranked_set(self, mode: str, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked lists [answer, assistants..., πθ(t) sample] with reference log-probs."""
         # Offline lists (and their fixed reference) do not change between rounds: one set.
         round_dir = (
@@ -361,6 +323,8 @@ class SelfPlay:
             arrays["policy_sample_correct_N"] = np.array(
                 [own[n] == a for n, a in enumerate(self.train_answer_ids)], bool
             )
+        # The reference: πθ(t) itself in self-play; the fixed πθ(0) for offline lists.
+        reference = self.restore_policy("sft", self.config.model, 0) if mode == "offline" else policy
         arrays["ref_logps_NxK"] = evaluate.score_ranked(reference, arrays, self.config.eval.batch_size)
         if jax.process_index() == 0:
             save_ranked_set(path, arrays)
@@ -368,51 +332,68 @@ class SelfPlay:
 
     # --------------------------------------------------------------------------- the loop
 
-    def run(self) -> list[dict[str, Any]]:
+    def _sft_start(self) -> evaluate.SftBaseline:
+        """πθ(0): trained (or restored), evaluated, and turned into the reference lists of
+        every later evaluation. Its weights are not kept: rounds restore them when needed."""
         c = self.config
         sft = self.supervised_model("sft", c.model, c.sft.steps, c.sft.optim, c.sft.batch_size)
         sft_eval = self.evaluate("sft", 0, sft, baseline=None)
         correct = None if sft_eval["correct"] is None else np.array(sft_eval["correct"])
-        baseline = evaluate.sft_baseline(
+        return evaluate.sft_baseline(
             sft, self.heldout, sft_eval["responses"], correct, pad_id=self.pad_id, batch_size=c.eval.batch_size
         )
-        for mode in config_lib.modes_of(c):
-            K = config_lib.list_size(c, mode)
-            for t in range(c.rounds.num):
-                if self._saved(mode, t + 1):
-                    policy = self.restore_policy(mode, c.model, t + 1)
-                else:
-                    # A fresh restore: training donates the buffers of the model it starts from.
-                    start = self.restore_policy(*(("sft", c.model, 0) if t == 0 else (mode, c.model, t)))
-                    reference = sft if mode == "offline" else start
-                    if mode == "sft":  # control arm: more SFT epochs, same number of steps as a round
-                        arrays, objective = self.sft_arrays, train.sft_objective(c.logprob_chunk)
-                    else:
-                        arrays = self.ranked_set(mode, t, start, K, reference)
-                        objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
-                    optim = ml_collections.ConfigDict(c.rounds.optim.to_dict())
-                    if c.rounds.get("lr_per_round"):
-                        optim.lr = float(c.rounds.lr_per_round[t])
-                    spec = PhaseSpec(
-                        name=f"{mode}/round_{t}",
-                        directory=os.path.join(self.workdir, mode, f"round_{t}"),
-                        num_epochs=c.rounds.epochs,
-                        batch_size=c.rounds.batch_size,
-                        seed=c.seed + 7919 * (t + 1),
-                        optim=optim,
-                        save_every_steps=c.checkpoint.save_every_steps,
-                        max_steps=c.rounds.get("max_steps") or None,
-                        length_buckets=self._length_buckets(),
-                    )
-                    policy = train_phase(
-                        start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
-                    )
-                    self._save_policy(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
-                self.evaluate(mode, t + 1, policy, baseline)
-            if c.get("export_hf"):
-                out = os.path.join(self.workdir, mode, "hf_export")
-                if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
-                    save_pretrained(policy, out)
-                    self.tokenizer.save_pretrained(out)
-        self.metric_log.close()
+
+    def round_policy(self, mode: str, t: int, K: int) -> Decoder:
+        """πθ(t+1) of an arm: restored if round t is done, else round t is run."""
+        c = self.config
+        if self.policies.saved(mode, t + 1):
+            return self.restore_policy(mode, c.model, t + 1)
+        # A fresh restore: training donates the buffers of the model it starts from.
+        start = self.restore_policy(*(("sft", c.model, 0) if t == 0 else (mode, c.model, t)))
+        if mode == "sft":  # control arm: more SFT epochs, same number of steps as a round
+            arrays, objective = self.sft_arrays, train.sft_objective(c.logprob_chunk)
+        else:
+            arrays = self.ranked_set(mode, t, start, K)
+            objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
+        optim = ml_collections.ConfigDict(c.rounds.optim.to_dict())
+        if c.rounds.get("lr_per_round"):
+            optim.lr = float(c.rounds.lr_per_round[t])
+        spec = PhaseSpec(
+            name=f"{mode}/round_{t}",
+            directory=os.path.join(self.workdir, mode, f"round_{t}"),
+            num_epochs=c.rounds.epochs,
+            batch_size=c.rounds.batch_size,
+            seed=c.seed + 7919 * (t + 1),
+            optim=optim,
+            save_every_steps=c.checkpoint.save_every_steps,
+            max_steps=c.rounds.get("max_steps") or None,
+            length_buckets=self._length_buckets(),
+        )
+        policy = train_phase(
+            start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
+        )
+        self.policies.save(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
+        return policy
+
+    def _export(self, mode: str, policy: Decoder) -> None:
+        out = os.path.join(self.workdir, mode, "hf_export")
+        if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
+            save_pretrained(policy, out)
+            self.tokenizer.save_pretrained(out)
+
+    def run(self) -> list[dict[str, Any]]:
+        """Every arm of the config, round after round; returns the evaluation table."""
+        c = self.config
+        try:
+            baseline = self._sft_start()
+            for mode in config_lib.modes_of(c):
+                K = config_lib.list_size(c, mode)
+                for t in range(c.rounds.num):
+                    policy = self.round_policy(mode, t, K)
+                    self.evaluate(mode, t + 1, policy, baseline)
+                if c.get("export_hf"):
+                    self._export(mode, policy)
+                del policy  # one policy in memory at a time
+        finally:
+            self.metric_log.close()
         return self.table
