@@ -46,8 +46,3 @@ class MetricLog:
         if self._active:
             self._jsonl.close()
             self._tb.close()
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -207,17 +207,6 @@ def make_train_step(
     )
 
 
-def make_eval_fn(graphdef: nnx.GraphDef, objective: Objective):
-    """Jitted `(params, batch) -> metrics` with the same objective, no update."""
-
-    @jax.jit
-    def evaluate(params, batch):
-        loss, metrics = objective(nnx.merge(graphdef, params), batch)
-        return dict(metrics, loss=loss)
-
-    return evaluate
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
