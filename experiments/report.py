@@ -159,6 +159,18 @@ class Report:
                     row += [self.fmt(metric, c, t) for t in common]
                 rows.append(row)
             out.append(f"**{metric}**\n\n" + _table(header, rows) + "\n")
+            if "sft" in modes and len(modes) > 1:
+                diff_rows = []
+                for n in sizes:
+                    control = next(c for c in arms if c.num_train == n and c.mode == "sft")
+                    for m in modes:
+                        if m != "sft":
+                            c = next(c for c in arms if c.num_train == n and c.mode == m)
+                            diff_rows.append([str(n), f"{m} − SFT control"] +
+                                             [self.paired(metric, c, t, control, t).fmt() for t in common])
+                out.append(f"**{metric}: paired differences**\n\n"
+                           + _table(["training prompts", "difference"] + [f"round {t}" for t in common], diff_rows)
+                           + "\n")
         out.append(self.plot_size(arms, modes, sizes))
         return "\n".join(out)
 
@@ -175,6 +187,15 @@ class Report:
             rows = [[f"{n}", arm_label(c)] + [self.fmt(metric, c, t) for t in rounds]
                     for n in lengths for c in cells if c.sft_steps == n]
             out.append(f"**{metric}**\n\n" + _table(["SFT steps", "arm"] + [f"round {t}" for t in rounds], rows) + "\n")
+            if "sft" in modes and len(modes) > 1:
+                diffs = []
+                for n in lengths:
+                    control = next(c for c in cells if c.sft_steps == n and c.mode == "sft")
+                    diffs += [[f"{n}", f"{arm_label(c)} − SFT control"] +
+                              [self.paired(metric, c, t, control, t).fmt() for t in rounds[1:]]
+                              for c in cells if c.sft_steps == n and c.mode != "sft"]
+                out.append(f"**{metric}: paired differences**\n\n" +
+                           _table(["SFT steps", "difference"] + [f"round {t}" for t in rounds[1:]], diffs) + "\n")
         for n in lengths:
             out.append(self.plot_vs_round([c for c in cells if c.sft_steps == n], f"sft{n}_vs_round.png",
                                           f"SFT start of {n} steps"))
