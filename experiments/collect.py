@@ -18,6 +18,7 @@ import os
 from typing import Any, Iterable
 
 import numpy as np
+import yaml  # PyYAML: a dependency of ml-collections
 
 K_OF_MODE = {"spin": 2, "asft": 3, "sft": 1}  # ladder: 2 + number of assistants; offline: loss.K
 
@@ -31,6 +32,7 @@ class Cell:
     T: float | None  # None for the SFT control arm (no temperature)
     num_train: int
     sft_steps: int  # length of the SFT that made πθ(0)
+    assistants: str = ""  # the assistants the arm ranks, e.g. "96x3@400>80x2@250" ("" for spin / sft)
 
 
 @dataclasses.dataclass
@@ -47,12 +49,31 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def read_config(path: str) -> dict[str, Any]:
+    """A workdir's config.json; its assistants (ConfigDicts inside a list, which the main job
+    writes as their YAML text) back as dicts."""
+    cfg = _read_json(path)
+    cfg["assistants"] = [yaml.safe_load(a) if isinstance(a, str) else a for a in cfg.get("assistants") or []]
+    return cfg
+
+
 def _k(mode: str, cfg: dict[str, Any]) -> int:
     if mode == "ladder":
         return 2 + len(cfg.get("assistants") or [])
     if mode == "offline":
         return int(cfg["loss"]["K"])
     return K_OF_MODE[mode]
+
+
+def _assistants(mode: str, cfg: dict[str, Any]) -> str:
+    """The assistants a mode ranks (asft: the first; ladder: all), as width x layers @ SFT steps."""
+    used = {"asft": 1, "ladder": None}.get(mode, 0)
+    parts = []
+    for a in (cfg.get("assistants") or [])[:used] if used != 0 else []:
+        o = (a.get("model") or {}).get("overrides") or {}
+        parts.append(a["model"]["hf_path"] if a["model"].get("hf_path") else
+                     f"{o.get('hidden_size', '?')}x{o.get('num_layers', '?')}@{a.get('sft_steps')}")
+    return ">".join(parts)
 
 
 def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]:
@@ -105,7 +126,7 @@ def read_job(job: str) -> list[Record]:
     start_path = os.path.join(job, "sft", "eval_0.json")
     if not (os.path.exists(cfg_path) and os.path.exists(start_path)):
         return []
-    cfg = _read_json(cfg_path)
+    cfg = read_config(cfg_path)
     num_train = int(cfg["data"].get("num_train") or cfg["data"].get("options", {}).get("n_train", 0))
     seed = int(cfg["seed"])
     start = _read_json(start_path)["metrics"]
@@ -113,7 +134,7 @@ def read_job(job: str) -> list[Record]:
     records = []
     for mode in [m.strip() for m in str(cfg["modes"]).split(",") if m.strip()]:
         cell = Cell(mode, _k(mode, cfg), None if mode == "sft" else float(cfg["loss"]["T"]), num_train,
-                    int(cfg["sft"]["steps"]))
+                    int(cfg["sft"]["steps"]), _assistants(mode, cfg))
         records.append(Record(cell, seed, 0, dict(start), job))
         # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .
         for path in glob.glob(os.path.join(job, mode, "eval_*.json")):

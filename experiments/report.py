@@ -33,8 +33,15 @@ METRICS = ("exact_match", "answer_logp_per_token", "win_rate_vs_sft", "reward_ac
 FINDINGS = ("<!-- findings:begin -->", "<!-- findings:end -->")
 
 
+LABEL_ASSISTANTS: set[str] = set()  # modes run with more than one set of assistants (Report fills it)
+
+
 def arm_label(cell: Cell) -> str:
-    return "SFT control (more epochs)" if cell.mode == "sft" else f"{cell.mode} (K={cell.K})"
+    if cell.mode == "sft":
+        return "SFT control (more epochs)"
+    if cell.mode in LABEL_ASSISTANTS:
+        return f"{cell.mode} (K={cell.K}; {cell.assistants})"
+    return f"{cell.mode} (K={cell.K})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -48,6 +55,9 @@ class Report:
         self.records, self.plots_dir, self.plots_rel = records, plots_dir, plots_rel
         self.all_cells = sorted({r.cell for r in records},
                                 key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train, c.sft_steps))
+        LABEL_ASSISTANTS.clear()
+        LABEL_ASSISTANTS.update(m for m in {c.mode for c in self.all_cells}
+                                if len({c.assistants for c in self.all_cells if c.mode == m}) > 1)
         # The reference SFT length is the most common one; other lengths get their own section.
         self.ref_sft = Counter(c.sft_steps for c in self.all_cells).most_common(1)[0][0]
         self.cells = [c for c in self.all_cells if c.sft_steps == self.ref_sft]
@@ -111,11 +121,13 @@ class Report:
         return "\n".join(out)
 
     def T_section(self) -> str:
-        by_K = {}
+        groups: dict[tuple[int, str], list[Cell]] = {}
         for c in self.cells:
             if c.T is not None and c.num_train == self.ref_n:
-                by_K.setdefault(c.K, []).append(c)
-        by_K = {k: sorted(v, key=lambda c: c.T) for k, v in by_K.items() if len(v) >= 2}
+                groups.setdefault((c.K, c.assistants), []).append(c)
+        # One series per K (with its assistants) swept over at least two temperatures.
+        by_K = {K: sorted(v, key=lambda c: c.T) for (K, _), v in sorted(groups.items())
+                if len({c.T for c in v}) >= 2}
         if not by_K:
             return ""
         out = [f"## Temperature T ({self.ref_n} training prompts)\n"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import importlib.util
 import inspect
 import json
@@ -41,6 +42,9 @@ if REPO not in sys.path:
 
 import ml_collections  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collect import read_config  # noqa: E402
 
 # Config fields each deterministic stage depends on (rounds.py: tokenizer, _load, supervised_model,
 # evaluate, assistant_samples). A stage is copied only when all of them agree.
@@ -197,6 +201,16 @@ def _sft_eval_record(donor: str) -> dict[str, Any] | None:
     return None
 
 
+def _finished_jobs(sweep_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """Finished workdirs already in the sweep dir (possibly of another config's sweep): donors too."""
+    out = []
+    for cfg_path in sorted(glob.glob(os.path.join(sweep_dir, "*", "config.json"))):
+        job = os.path.dirname(cfg_path)
+        if os.path.exists(os.path.join(job, "results.md")):
+            out.append((job, read_config(cfg_path)))
+    return out
+
+
 # ------------------------------------------------------------------------------ running
 
 def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: bool = False,
@@ -217,14 +231,13 @@ def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: b
     os.makedirs(sweep_dir, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    failed, donors = [], []
+    failed, donors = [], _finished_jobs(sweep_dir) if share else []
     start = time.time()
     with tqdm(total=len(jobs), desc="sweep", unit="job") as bar:
         for name, overrides, cfg in zip(names, jobs, resolved):
             workdir = os.path.join(sweep_dir, name)
             bar.set_postfix_str(name)
             if os.path.exists(os.path.join(workdir, "results.md")):
-                donors.append((workdir, cfg))
                 bar.update(1)
                 continue
             os.makedirs(workdir, exist_ok=True)
