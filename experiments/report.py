@@ -239,7 +239,7 @@ class Report:
         for c in self.all_cells:
             for t in self.rounds(c):
                 s = self.cell_stat("exact_match", c, t)
-                rows.append([c.mode, str(c.K), "-" if c.T is None else f"{c.T:g}", str(c.num_train),
+                rows.append([c.mode + (f" ({c.assistants})" if c.assistants else ""), str(c.K), "-" if c.T is None else f"{c.T:g}", str(c.num_train),
                              str(c.sft_steps), str(t),
                              str(s.n if s else 0)] + [self.fmt(m, c, t) for m in METRICS])
         return ("## Appendix: every cell\n\n" +
