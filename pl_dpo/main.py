@@ -45,6 +45,10 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = FLAGS.config
     os.makedirs(FLAGS.workdir, exist_ok=True)
+    # Every round builds the same step and sampler programs again: a compilation cache in the
+    # workdir turns those recompiles (and a resumed run's) into cache reads.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
     try:
         table = rounds.SelfPlay(config, FLAGS.workdir).run()
     except Preempted as e:
