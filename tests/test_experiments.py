@@ -149,3 +149,18 @@ def test_quick_study_end_to_end(tmp_path):
     with open(out, "w") as f:
         f.write(edited)
     assert "SPIN helps." in report.build(sweep_dir, out)
+
+
+def test_every_experiment_config_defines_a_sweep_that_resolves():
+    configs = [p for p in sorted(os.listdir(os.path.join(REPO, "configs")))
+               if p.endswith(".py") and p not in ("__init__.py", "sweeps.py", "common.py")]
+    assert "study.py" in configs and "demo.py" in configs
+    for name in configs:
+        module = sweep.load_module(os.path.join(REPO, "configs", name))
+        jobs = sweep.sweep_jobs(module, None)
+        assert jobs, name
+        base = module.get_config()
+        names = [sweep.job_name(j) for j in jobs]
+        assert len(set(names)) == len(names), name
+        for job in jobs:
+            sweep.apply_overrides(base, job)  # every overridden field exists
