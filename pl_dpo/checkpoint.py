@@ -344,6 +344,17 @@ def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
 _MISSING = "<missing>"
 
 
+def _plain(obj: Any) -> Any:
+    """ConfigDicts (also inside lists, where `to_dict()` leaves them) as plain dicts and lists."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def check_workdir_config(
     workdir: str | os.PathLike, config: Mapping[str, Any], keys_that_must_match: Sequence[str]
 ) -> None:
@@ -353,9 +364,7 @@ def check_workdir_config(
     tuple and a list with the same items match. Raises WorkdirConfigMismatch naming
     the key, the old and the new value.
     """
-    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-        config = config.to_dict()
-    new = json.loads(json.dumps(config, default=str, sort_keys=True))
+    new = json.loads(json.dumps(_plain(config), default=str, sort_keys=True))
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         if jax.process_index() == 0:

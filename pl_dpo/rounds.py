@@ -12,6 +12,7 @@ killed run resumes where it stopped and ends with the same parameters):
                                  (mode "sft", the control arm, trains on the dataset answers instead)
     <mode>/round_<t>/train       mid-round train state
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
+    <mode>/hf_export/round_<t+1> πθ(t+1) as a Hugging Face folder (with export_hf)
     metrics.jsonl, tensorboard/  every step and every evaluation
 """
 
@@ -375,8 +376,9 @@ class SelfPlay:
         self.policies.save(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
         return policy
 
-    def _export(self, mode: str, policy: Decoder) -> None:
-        out = os.path.join(self.workdir, mode, "hf_export")
+    def _export(self, mode: str, index: int, policy: Decoder) -> None:
+        """πθ(index) as a Hugging Face folder `<mode>/hf_export/round_<index>` (lm-eval, vLLM)."""
+        out = os.path.join(self.workdir, mode, "hf_export", f"round_{index}")
         if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
             save_pretrained(policy, out)
             self.tokenizer.save_pretrained(out)
@@ -391,9 +393,9 @@ class SelfPlay:
                 for t in range(c.rounds.num):
                     policy = self.round_policy(mode, t, K)
                     self.evaluate(mode, t + 1, policy, baseline)
-                if c.get("export_hf"):
-                    self._export(mode, policy)
-                del policy  # one policy in memory at a time
+                    if c.get("export_hf"):
+                        self._export(mode, t + 1, policy)
+                    del policy  # one policy in memory at a time
         finally:
             self.metric_log.close()
         return self.table

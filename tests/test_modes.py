@@ -92,7 +92,8 @@ def test_exported_policy_loads_in_transformers(offline_run):
     import transformers
 
     workdir, _ = offline_run
-    export = workdir / "sft" / "hf_export"
+    assert os.path.exists(workdir / "offline" / "hf_export" / "round_1" / "config.json")
+    export = workdir / "sft" / "hf_export" / "round_2"
     hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(export)
     ids = tok("What is 2 + 3?")["input_ids"]
