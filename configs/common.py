@@ -13,6 +13,7 @@ def optimizer(
     clip_norm: float = 1.0,
     grad_accum_steps: int = 1,
     final_lr_fraction: float = 0.1,
+    weight_decay: float = 0.0,
 ) -> ml_collections.ConfigDict:
     """optax optimizer section: AdamW or RMSprop, linear warmup, then constant / linear / cosine decay."""
     return ml_collections.ConfigDict(
@@ -25,7 +26,7 @@ def optimizer(
             b1=0.9,
             b2=0.98,
             eps=1e-8,
-            weight_decay=0.0,
+            weight_decay=weight_decay,
             clip_norm=clip_norm,
             grad_accum_steps=grad_accum_steps,
             rms_decay=0.9,

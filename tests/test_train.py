@@ -8,26 +8,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs.common import optimizer
 from pl_dpo import losses, phase, sharding, train
 from pl_dpo.data import BatchIterator, assemble_ranked
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import create_model, tiny_config
 
-OPTIM = ml_collections.ConfigDict(
-    dict(
-        name="adamw",
-        lr=1e-3,
-        warmup_steps=2,
-        decay="cosine",
-        final_lr_fraction=0.1,
-        b1=0.9,
-        b2=0.98,
-        eps=1e-8,
-        weight_decay=0.01,
-        clip_norm=1.0,
-        grad_accum_steps=1,
-    )
-)
+OPTIM = optimizer(1e-3, warmup=2, decay="cosine", weight_decay=0.01)
 LOSS = ml_collections.ConfigDict(dict(T=0.5, variant="pl", top_m=0))
 
 
