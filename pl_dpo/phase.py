@@ -102,8 +102,6 @@ def train_phase(
         log.info("%s: resumed at step %d of %d", spec.name, start_step, num_steps)
 
     step_fn = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))
-    L = arrays["tokens_NxKxL"].shape[-1]
-    tokens_per_batch = spec.batch_size * arrays["tokens_NxKxL"].shape[1] * L
 
     def on_step_done(step: int, st: train.TrainState, flush) -> None:
         if ckpts.should_save(step, force=step == num_steps):
@@ -133,7 +131,6 @@ def train_phase(
                 num_steps=num_steps,
                 start_step=start_step,
                 mesh=mesh,
-                tokens_per_batch=tokens_per_batch,
                 on_step_done=on_step_done,
                 on_metrics=on_metrics,
                 stop_requested=lambda: ckpts.preemption.should_exit,

@@ -234,7 +234,6 @@ def run_phase(
     num_steps: int,
     start_step: int,
     mesh: jax.sharding.Mesh,
-    tokens_per_batch: int,
     on_step_done: Callable[[int, TrainState, Callable[[], dict]], None] | None = None,
     on_metrics: Callable[[int, dict[str, Any]], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
@@ -254,14 +253,14 @@ def run_phase(
     a NaN) before it saves, so no checkpoint ever holds a non-finite step.
     `stop_requested()` ends the phase early at a step boundary (SIGTERM).
     """
-    pending: list[tuple[int, Metrics, np.ndarray]] = []
+    pending: list[tuple[int, Metrics, np.ndarray, int]] = []
     last: dict[str, Any] = {}
     clock = [time.perf_counter()]
 
     def flush() -> dict[str, Any]:
         nonlocal last
         while pending:
-            s, metrics, ids = pending.pop(0)
+            s, metrics, ids, num_tokens = pending.pop(0)
             host = to_host_metrics(metrics)
             if not math.isfinite(host["loss"]):
                 raise NonFiniteLossError(
@@ -269,7 +268,8 @@ def run_phase(
                     f"last good checkpoint: {last_checkpoint()}"
                 )
             now = time.perf_counter()
-            host["tokens_per_s"] = tokens_per_batch / max(now - clock[0], 1e-9)
+            # Real (non-padding) tokens of the global batch per second of wall time.
+            host["tokens_per_s"] = num_tokens / max(now - clock[0], 1e-9)
             clock[0] = now
             if on_metrics is not None:
                 on_metrics(s, host)
@@ -287,7 +287,8 @@ def run_phase(
         state = TrainState(params, opt_state)
         # The previous step's metrics are read only now, with this step already queued.
         flush()
-        pending.append((step, metrics, np.asarray(host_batch.example_ids_B)))
+        num_tokens = int(np.asarray(host_batch.attn_valid_BxKxL).sum()) * jax.process_count()
+        pending.append((step, metrics, np.asarray(host_batch.example_ids_B), num_tokens))
         step += 1
         if progress is not None:
             progress.update(1)
