@@ -21,23 +21,14 @@ from flax import nnx
 from pl_dpo import sampler, sharding
 from pl_dpo.data import BatchIterator, Example, assemble_ranked, check_answer, prompt_batches, trim_at_eos
 from pl_dpo.models import Decoder
-from pl_dpo.train import response_logps
+from pl_dpo.train import list_logps
 
 # ----------------------------------------------------------------------------- scoring
 
 
 @jax.jit
 def _score_batch(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL):
-    B, K, L = tokens_BxKxL.shape
-    flat = lambda x: x.reshape(B * K, L)
-    logps = response_logps(
-        nnx.merge(graphdef, params),
-        flat(tokens_BxKxL),
-        flat(loss_mask_BxKxL),
-        flat(attn_valid_BxKxL),
-        flat(positions_BxKxL),
-    )
-    return logps.reshape(B, K)
+    return list_logps(nnx.merge(graphdef, params), tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL)
 
 
 def score_ranked(

@@ -69,16 +69,19 @@ def response_logps(
     )
 
 
-def _flatten_lists(batch) -> tuple[jax.Array, ...]:
-    """[B, K, L] fields -> [B*K, L]: one forward pass for all responses."""
-    B, K, L = batch.tokens_BxKxL.shape
+def list_logps(
+    model: Decoder,
+    tokens_BxKxL,
+    loss_mask_BxKxL,
+    attn_valid_BxKxL,
+    positions_BxKxL,
+    chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """Summed response log-probs [B, K] of ranked lists: one forward pass over [B*K, L]."""
+    B, K, L = tokens_BxKxL.shape
     flat = lambda x: x.reshape(B * K, L)
-    return (
-        flat(batch.tokens_BxKxL),
-        flat(batch.loss_mask_BxKxL),
-        flat(batch.attn_valid_BxKxL),
-        flat(batch.positions_BxKxL),
-    )
+    fields = (tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL)
+    return response_logps(model, *map(flat, fields), chunk_size=chunk_size).reshape(B, K)
 
 
 def pl_dpo_objective(loss_cfg: ml_collections.ConfigDict, chunk_size: int) -> Objective:
@@ -86,8 +89,14 @@ def pl_dpo_objective(loss_cfg: ml_collections.ConfigDict, chunk_size: int) -> Ob
     T, variant, top_m = float(loss_cfg.T), loss_cfg.variant, loss_cfg.get("top_m")
 
     def objective(model: Decoder, batch) -> tuple[jax.Array, Metrics]:
-        B, K, _ = batch.tokens_BxKxL.shape
-        policy_BxK = response_logps(model, *_flatten_lists(batch), chunk_size=chunk_size).reshape(B, K)
+        policy_BxK = list_logps(
+            model,
+            batch.tokens_BxKxL,
+            batch.loss_mask_BxKxL,
+            batch.attn_valid_BxKxL,
+            batch.positions_BxKxL,
+            chunk_size=chunk_size,
+        )
         return losses.pl_dpo_loss(policy_BxK, batch.ref_logps_BxK, T, batch.valid_BxK, variant, top_m)
 
     return objective
