@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -c "import jax; print(jax.process_index(), jax.process_count(), jax.devices())"
 cat <<'MSG'
 Ready. Multi-host run (all workers at once):
-  .venv/bin/python -m pl_dpo.main --distributed --config=configs/spin.py --workdir=gs://BUCKET/spin \
+  .venv/bin/python -m pl_dpo.main --distributed --config=configs/spin.py --workdir=/mnt/shared/spin \
       --config.model.hf_path=/data/zephyr-7b-sft-full \
       --config.data.files.train=/data/ultrachat_200k/train_sft.parquet \
       --config.data.files.test=/data/ultrachat_200k/test_sft.parquet

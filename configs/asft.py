@@ -1,6 +1,6 @@
 """aSFT (K=3): dataset answer > a larger assistant's sample > the policy's own sample.
 
-    python -m pl_dpo.main --config=configs/asft.py --workdir=gs://BUCKET/asft \
+    python -m pl_dpo.main --config=configs/asft.py --workdir=/mnt/shared/asft \
         --config.model.hf_path=/data/zephyr-7b-sft-full \
         --config.assistants.0.model.hf_path=/data/Llama-3.1-70B-Instruct \
         --config.assistants.0.tokenizer_path=/data/Llama-3.1-70B-Instruct \

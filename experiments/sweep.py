@@ -3,7 +3,7 @@
     .venv/bin/python experiments/sweep.py --config=configs/study.py             # locally, job after job
     .venv/bin/python experiments/sweep.py --config=configs/study.py --quick     # the tiny CI variant
     .venv/bin/python experiments/sweep.py --config=configs/study.py --print \
-        --sweep_dir=gs://bucket/study                                           # one command per job
+        --sweep_dir=/mnt/shared/study                                          # one command per job
 
 Each job gets its own workdir `<sweep_dir>/<name>`, the name built from its overrides
 (`loss.T=0.1__seed=1`). A job whose workdir holds results.md is finished and skipped; an
