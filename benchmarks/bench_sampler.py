@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from pl_dpo import sampler
-from pl_dpo.models import create_model, save_pretrained, tiny_config
+from pl_dpo.models import create_model, save_pretrained, preset_config
 
 
 def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0):
@@ -127,7 +127,7 @@ def main() -> None:
     hf = (not args.llama_1b) if args.hf is None else args.hf
 
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    config = tiny_config(args.preset, param_dtype=args.dtype, compute_dtype=args.dtype, **overrides)
+    config = preset_config(args.preset, param_dtype=args.dtype, compute_dtype=args.dtype, **overrides)
     model = create_model(config, seed=0)
     tokens, valid = _prompts(args.batch, args.prompt_len, config.vocab_size)
     cfg = sampler.SamplingConfig(max_new_tokens=args.new_tokens, greedy=True, eos_ids=(), pad_id=0)

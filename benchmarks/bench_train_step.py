@@ -25,30 +25,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 
 def bench_jax(model, batch, args) -> float:
-    from pl_dpo import sharding, train
+    from pl_dpo import losses, sharding, train
 
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=1e-5,
-            warmup_steps=0,
-            decay="constant",
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            clip_norm=0.0,
-        )
-    )
-    tx = train.make_optimizer(optim, 100)
+    tx = train.OptimizerConfig(lr=1e-5, name="adamw", decay="constant").build(100)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
-    loss_cfg = ml_collections.ConfigDict(dict(T=0.1, variant="pl", top_m=0))
+    loss_cfg = losses.LossConfig(T=0.1, variant="pl", top_m=0)
     step = train.make_train_step(
         graphdef, train.pl_dpo_objective(loss_cfg, args.chunk), tx, state_sh, sharding.batch_sharding(mesh)
     )
@@ -113,10 +99,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pl_dpo.data import BatchIterator, assemble_ranked
-    from pl_dpo.models import create_model, save_pretrained, tiny_config
+    from pl_dpo.models import create_model, save_pretrained, preset_config
 
     heads = max(args.hidden // 64, 1)
-    cfg = tiny_config(
+    cfg = preset_config(
         "tiny-llama",
         vocab_size=args.vocab,
         hidden_size=args.hidden,

@@ -1,4 +1,4 @@
-"""Thin Orbax wrapper: per-round policies, mid-round train state, preemption, workdir config.
+"""Thin Orbax wrapper: per-round policies and mid-round train state (saved on preemption too).
 
 Layout of a workdir:
 
@@ -24,10 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -36,6 +34,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from pl_dpo.preemption import Preemption
 from pl_dpo.sharding import path_to_str
 
 log = logging.getLogger(__name__)
@@ -160,21 +159,6 @@ class RoundCheckpoints:
         self._mngr.close()
 
 
-# ----------------------------------------------------------------------------- preemption
-
-
-@dataclass
-class Preemption:
-    """Polled by the train loop at step boundaries; set by SIGTERM."""
-
-    requested: bool = False
-    saved_step: int | None = None  # the step saved because of the request
-
-    @property
-    def should_exit(self) -> bool:
-        return self.saved_step is not None
-
-
 # ----------------------------------------------------------------------------- train state
 
 
@@ -213,45 +197,12 @@ class TrainCheckpoints:
         self.directory = epath.Path(directory)
         self.save_every_steps = save_every_steps
         self.preemption = Preemption()
-        self._previous_handler: Any = None
         self._decided: tuple[int, bool] | None = None  # (step, preemption reached at it)
         self._mngr = _manager(self.directory, self.ITEMS, max_to_keep=max_to_keep, async_save=async_save)
 
     def install_sigterm_handler(self) -> None:
-        """SIGTERM -> save at the next step boundary, then `preemption.should_exit`.
-
-        The previous handler comes back on the first SIGTERM (so a second one kills
-        at once) and on close() (so a SIGTERM outside this phase is not swallowed).
-        With several processes, JAX's preemption service (started by
-        jax.distributed.initialize) already catches SIGTERM and agrees on a common
-        step; a Python handler would replace its handler, so none is installed.
-        """
-        if jax.process_count() > 1:
-            return
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            del signum, frame
-            log.warning("SIGTERM: saving at the next step boundary, then exiting")
-            self.preemption.requested = True
-            signal.signal(signal.SIGTERM, previous)
-
-        signal.signal(signal.SIGTERM, handler)
-        self._previous_handler = previous
-
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
-
-    def _preemption_reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            # A sync protocol: every process calls it at every step, with the same steps.
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.preemption.requested = True
-                return True
-            return False
-        return self.preemption.requested
+        """SIGTERM -> save at the next step boundary, then `preemption.should_exit` (see Preemption)."""
+        self.preemption.install_sigterm_handler()
 
     def should_save(self, step: int, force: bool = False) -> bool:
         """Whether maybe_save(step) will save: interval, forced, or preemption.
@@ -261,7 +212,7 @@ class TrainCheckpoints:
         preemption is a per-step protocol); maybe_save reuses its answer.
         """
         if self._decided is None or self._decided[0] != step:
-            self._decided = (step, self._preemption_reached(step))
+            self._decided = (step, self.preemption.reached(step))
         preempt = self._decided[1]
         return force or preempt or step % self.save_every_steps == 0
 
@@ -320,64 +271,6 @@ class TrainCheckpoints:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._restore_handler()
+        self.preemption.restore_handler()
         self._mngr.wait_until_finished()
         self._mngr.close()
-
-
-# ----------------------------------------------------------------------------- workdir config
-
-
-class WorkdirConfigMismatch(ValueError):
-    pass
-
-
-def _lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-_MISSING = "<missing>"
-
-
-def _plain(obj: Any) -> Any:
-    """ConfigDicts (also inside lists, where `to_dict()` leaves them) as plain dicts and lists."""
-    if hasattr(obj, "to_dict"):
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def check_workdir_config(
-    workdir: str | os.PathLike, config: Mapping[str, Any], keys_that_must_match: Sequence[str]
-) -> None:
-    """Write `workdir/config.json` on the first run; later runs must agree on the given keys.
-
-    Keys may be dotted (`loss.K`). Values are compared after a JSON round trip, so a
-    tuple and a list with the same items match. Raises WorkdirConfigMismatch naming
-    the key, the old and the new value.
-    """
-    new = json.loads(json.dumps(_plain(config), default=str, sort_keys=True))
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        if jax.process_index() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f"config.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
-            tmp.rename(path)  # atomic: a reader sees the whole file or none
-        return
-    old = json.loads(path.read_text())
-    for key in keys_that_must_match:
-        a, b = _lookup(old, key), _lookup(new, key)
-        if a != b:
-            raise WorkdirConfigMismatch(
-                f"workdir {workdir} was written by an incompatible config: {key!r} was {a!r}, now {b!r} "
-                f"(see {path}); use a new --workdir or restore the old value"
-            )

@@ -1,21 +1,27 @@
-"""Config checks and derived values, all done before anything compiles (DESIGN.md §8).
+"""The config boundary: checks, derived values and typed sections, all before anything compiles.
 
-The config is an `ml_collections.ConfigDict` (see configs/demo.py for every field).
+The config is an `ml_collections.ConfigDict` (configs/common.py:base() declares every field).
+It stops here and at the round loop: library code takes the small frozen dataclasses built
+below (`optimizer`, `loss`, `model_config`). The same `plain` / `lookup` / `apply_overrides`
+serve the workdir check, experiments/sweep.py and the tests.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import json
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
-from pl_dpo.losses import VARIANTS
-from pl_dpo.models import DecoderConfig, from_hf_config, tiny_config
+from pl_dpo import losses, modes, train
+from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
 
-# "sft" is the control arm: the same rounds and gradient steps, spent on more SFT epochs.
-MODES = ("spin", "asft", "ladder", "offline", "sft")
 # Keys that must not change between runs on one workdir (the saved work depends on them).
 WORKDIR_KEYS = (
     "seed",
@@ -36,35 +42,142 @@ class ConfigError(ValueError):
     """A config value out of range or inconsistent with another one."""
 
 
-def modes_of(config: ml_collections.ConfigDict) -> list[str]:
-    modes = [m.strip() for m in str(config.modes).split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if not modes or unknown:
-        raise ConfigError(f"config.modes={config.modes!r}: unknown {unknown}; choose from {MODES}")
-    return modes
+class WorkdirConfigMismatch(ValueError):
+    """A workdir's saved work was made under another value of a key that must not change."""
 
 
-def list_size(config: ml_collections.ConfigDict, mode: str) -> int:
-    """K of a mode: spin 2, asft 3, ladder 2 + #assistants, offline config.loss.K (sft: 1)."""
-    if mode == "sft":
-        return 1
-    n_assist = len(config.assistants)
-    derived = {"spin": 2, "asft": 3, "ladder": 2 + n_assist, "offline": config.loss.K}[mode]
-    k = config.loss.K
-    if mode == "asft" and n_assist < 1:
-        raise ConfigError("mode 'asft' needs one assistant model (config.assistants)")
-    if mode == "ladder" and n_assist < 1:
-        raise ConfigError("mode 'ladder' needs at least one assistant model (config.assistants)")
-    # loss.K sizes the offline lists; with no offline arm it must agree with every self-play mode.
-    offline_arm = "offline" in modes_of(config)
-    if k and k != derived and mode != "offline" and not offline_arm:
+# ----------------------------------------------------------------------------- plain values
+
+
+def plain(value: Any) -> Any:
+    """ConfigDicts (also inside lists, which `to_dict()` leaves alone) as plain dicts and lists."""
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+MISSING = "<missing>"
+
+
+def lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (`loss.K`) of a config or plain dict; MISSING if absent."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, (Mapping, ml_collections.ConfigDict)) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted fields set (what `--config.a.b=v` does), checking each exists."""
+    config = copy.deepcopy(config)  # to_dict() would share the ConfigDicts inside lists (assistants)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                raise KeyError(f"override {key!r}: the config has no field {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"override {key!r}: the config has no field {leaf!r}")
+        node[leaf] = value
+    return config
+
+
+def parse_flag_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]) -> dict[str, Any]:
+    """`["--config.rounds.num=2", ...]` as {dotted key: value}, each value parsed like the field's
+    current value (as ml_collections' config flags do: ints, floats, bools, tuples, strings)."""
+    out = {}
+    for flag in flags:
+        key, eq, text = flag.removeprefix("--config.").partition("=")
+        current = lookup(config, key)
+        if not eq or current is MISSING:
+            raise KeyError(f"{flag!r}: expected --config.<existing field>=<value>")
+        if isinstance(current, str):
+            out[key] = text
+        elif isinstance(current, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"{flag!r}: expected True or False")
+            out[key] = text.lower() == "true"
+        else:
+            value = ast.literal_eval(text)
+            out[key] = type(current)(value) if isinstance(current, (int, float)) and current is not None else value
+    return out
+
+
+def check_workdir_config(
+    workdir: str | os.PathLike, config: Mapping[str, Any], keys_that_must_match: Sequence[str]
+) -> None:
+    """Write `workdir/config.json` on the first run; later runs must agree on the given keys.
+
+    Keys may be dotted (`loss.K`). Values are compared after a JSON round trip, so a
+    tuple and a list with the same items match. Raises WorkdirConfigMismatch naming
+    the key, the old and the new value.
+    """
+    new = json.loads(json.dumps(plain(config), default=str, sort_keys=True))
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f"config.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
+            tmp.rename(path)  # atomic: a reader sees the whole file or none
+        return
+    old = json.loads(path.read_text())
+    for key in keys_that_must_match:
+        a, b = lookup(old, key), lookup(new, key)
+        if a != b:
+            raise WorkdirConfigMismatch(
+                f"workdir {workdir} was written by an incompatible config: {key!r} was {a!r}, now {b!r} "
+                f"(see {path}); use a new --workdir or restore the old value"
+            )
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def modes_of(config: ml_collections.ConfigDict) -> list[modes.Mode]:
+    names = [m.strip() for m in str(config.modes).split(",") if m.strip()]
+    unknown = [m for m in names if m not in modes.MODES]
+    if not names or unknown:
+        raise ConfigError(f"config.modes={config.modes!r}: unknown {unknown}; choose from {tuple(modes.MODES)}")
+    return [modes.MODES[m] for m in names]
+
+
+def list_size(config: ml_collections.ConfigDict, mode: str | modes.Mode) -> int:
+    """K of a mode (modes.MODES): spin 2, asft 3, ladder 2 + #assistants, offline config.loss.K (sft: 1)."""
+    mode = modes.get(mode) if isinstance(mode, str) else mode
+    n_assist, k = len(config.assistants), config.loss.K
+    derived = mode.list_size(n_assist, k)
+    if n_assist < mode.min_assistants:
+        need = "one assistant model" if mode.min_assistants == 1 else f"{mode.min_assistants} assistant models"
+        raise ConfigError(f"mode {mode.name!r} needs {need} (config.assistants)")
+    if mode.objective is modes.Objective.SFT:
+        return derived
+    # loss.K sizes the offline lists; with no such arm it must agree with every self-play mode.
+    if k and k != derived and not any(m.k_from_config for m in (mode, *modes_of(config))):
+        rules = ", ".join(f"{m.name}: {m.k_rule}" for m in modes.MODES.values() if m.objective is mode.objective)
         raise ConfigError(
-            f"config.loss.K={k} does not fit mode {mode!r}, which ranks K={derived} responses "
-            f"(spin: K=2, asft: K=3, ladder: 2 + number of assistants)"
+            f"config.loss.K={k} does not fit mode {mode.name!r}, which ranks K={derived} responses ({rules})"
         )
     if not derived or derived < 2:
-        raise ConfigError(f"mode {mode!r} needs config.loss.K >= 2, got {derived}")
+        raise ConfigError(f"mode {mode.name!r} needs config.loss.K >= 2, got {derived}")
     return int(derived)
+
+
+# ----------------------------------------------------------------------------- typed sections
+
+
+def optimizer(section: ml_collections.ConfigDict) -> train.OptimizerConfig:
+    """An optimizer section (configs/common.py:optimizer) as the step's OptimizerConfig."""
+    return train.OptimizerConfig(**plain(section))
+
+
+def loss(section: ml_collections.ConfigDict) -> losses.LossConfig:
+    return losses.LossConfig(T=float(section.T), variant=section.variant, top_m=section.get("top_m"))
 
 
 def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> DecoderConfig:
@@ -81,21 +194,24 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> Decod
             return from_hf_config(json.load(f), where=cfg_file, **numerics)
     overrides = dict(model_cfg.get("overrides", {}) or {})
     overrides.setdefault("vocab_size", vocab_size)
-    return tiny_config(model_cfg.preset, **{**overrides, **numerics})
+    return preset_config(model_cfg.preset, **{**overrides, **numerics})
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that can be made from the config alone."""
-    modes = modes_of(config)
-    for mode in modes:
+    arms = modes_of(config)
+    for mode in arms:
         list_size(config, mode)
     if config.loss.K and config.loss.K < 2:
         raise ConfigError(f"config.loss.K={config.loss.K} must be >= 2 (or 0: from the mode)")
     if not config.loss.T > 0:
         raise ConfigError(f"config.loss.T={config.loss.T} must be > 0")
-    if config.loss.variant not in VARIANTS:
-        raise ConfigError(f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(VARIANTS)}")
-    if config.loss.variant == "hinge" and any(list_size(config, m) != 2 for m in modes if m != "sft"):
+    if config.loss.variant not in losses.VARIANTS:
+        raise ConfigError(
+            f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(losses.VARIANTS)}"
+        )
+    ranking = [m for m in arms if m.objective is modes.Objective.PL_DPO]
+    if config.loss.variant == "hinge" and any(list_size(config, m) != 2 for m in ranking):
         raise ConfigError("config.loss.variant='hinge' is defined for K=2 only")
     if config.rounds.num < 1 or config.rounds.epochs < 1:
         raise ConfigError(
@@ -109,9 +225,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.sampling.max_new_tokens={config.sampling.max_new_tokens} exceeds "
             f"config.data.max_response_len={config.data.max_response_len}"
         )
-    if "offline" in modes and config.data.source == "synthetic":
+    needs_ranked_data = [m.name for m in arms if m.ranks_dataset_responses]
+    if needs_ranked_data and config.data.source == "synthetic":
         raise ConfigError(
-            "mode 'offline' needs ranked lists from data (ultrafeedback / ranked_jsonl), "
+            f"mode {needs_ranked_data[0]!r} needs ranked lists from data (ultrafeedback / ranked_jsonl), "
             "not the synthetic source (one answer per prompt)"
         )
     num_devices = config.mesh.get("num_devices", 0) or jax.device_count()

@@ -1,4 +1,4 @@
-"""Per-round evaluation (DESIGN.md §6) and batched scoring of ranked sets.
+"""Held-out evaluation of one policy (docs/ARCHITECTURE.md, "Evaluation").
 
 For a policy πθ(t) on the held-out split:
 - answer_logp / answer_logp_per_token: log-likelihood of the dataset answers;
@@ -16,72 +16,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
-from pl_dpo import sampler, sharding
-from pl_dpo.data import BatchIterator, Example, assemble_ranked, check_answer, prompt_batches, trim_at_eos
+from pl_dpo import sampler
+from pl_dpo.data import Example, assemble_ranked, check_answer
 from pl_dpo.models import Decoder
-from pl_dpo.train import list_logps
-
-# ----------------------------------------------------------------------------- scoring
-
-
-@jax.jit
-def _score_batch(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL):
-    return list_logps(nnx.merge(graphdef, params), tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL)
-
-
-def score_ranked(
-    model: Decoder, arrays: dict[str, np.ndarray], batch_size: int, length_buckets: tuple[int, ...] | None = None
-) -> np.ndarray:
-    """Summed response log-probs [N, K] of a ranked set under `model` (0 where invalid).
-
-    These are the reference log-probs of a round when `model` is πθ(t). One length
-    bucket (the arrays' L) by default: scoring is not a hot path, a compile is."""
-    graphdef, params = nnx.split(model)
-    n, k, _ = arrays["tokens_NxKxL"].shape
-    out = np.zeros((n, k), np.float32)
-    it = BatchIterator(
-        {**arrays, "example_ids_N": np.arange(n, dtype=np.int64)},
-        batch_size=batch_size,
-        shuffle=False,
-        drop_remainder=False,
-        num_epochs=1,
-        length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],),
-    )
-    replicated = sharding.replicated_like(params)
-    for batch in it:
-        fields = (batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL)
-        logps = _score_batch(graphdef, params, *(sharding.put_replicated(x, replicated) for x in fields))
-        real = batch.example_ids_B >= 0
-        out[batch.example_ids_B[real]] = sharding.to_host(logps)[real]
-    return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)
-
-
-def generate_responses(
-    model: Decoder,
-    arrays: dict[str, np.ndarray],
-    sampling: sampler.SamplingConfig,
-    rng: jax.Array,
-    batch_size: int,
-    eos_id: int,
-    progress=None,
-) -> list[list[int]]:
-    """One response (token ids, EOS included when reached) per prompt of `arrays`."""
-    n = arrays["prompt_tokens_NxP"].shape[0]
-    out: list[list[int] | None] = [None] * n
-    for i, batch in enumerate(prompt_batches(arrays, batch_size=batch_size)):
-        gen = sampler.generate(
-            model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP, jax.random.fold_in(rng, i), sampling
-        )
-        tokens, lengths = sharding.to_host(gen.tokens_BxT), sharding.to_host(gen.lengths_B)
-        for row, ex in enumerate(batch.example_ids_B):
-            if ex >= 0:
-                out[ex] = trim_at_eos(tokens[row, : lengths[row]].tolist(), eos_id)
-        if progress is not None:
-            progress.update(int((batch.example_ids_B >= 0).sum()))
-    return out  # type: ignore[return-value]
-
+from pl_dpo.scoring import score_ranked
 
 # ----------------------------------------------------------------------------- held-out set
 
@@ -122,7 +61,7 @@ def evaluate_policy(
     greedy = sampler.SamplingConfig(
         max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id
     )
-    responses = generate_responses(model, heldout.arrays, greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id)
+    responses = sampler.generate_responses(model, heldout.arrays, greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id)
     correct = None
     if heldout.checkable:
         correct = np.array(

@@ -23,12 +23,22 @@ Conventions (all functions are pure and jittable):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 VARIANTS = ("pl", "pl_top_m", "hinge")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The preference loss of a run: `pl_dpo_loss(..., T, variant=variant, top_m=top_m)`."""
+
+    T: float
+    variant: str = "pl"
+    top_m: int | None = None
 
 # Masked scores are replaced by this finite value rather than -inf: it vanishes in
 # every logsumexp (exp underflows to exactly 0) yet keeps gradients finite, which

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
             process_id=FLAGS.process_id,
         )
     from pl_dpo import evaluate, plots, rounds  # after distributed init: they touch devices
-    from pl_dpo.phase import Preempted
+    from pl_dpo.preemption import Preempted
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = FLAGS.config

@@ -1,7 +1,7 @@
 """One resumable training phase: SFT of πθ(0) or of an assistant, or one self-play round.
 
 A phase owns a folder: its mid-phase train state (Orbax, every `save_every_steps`
-and on SIGTERM) lives in `<dir>/train`. Started again on the same folder, it
+and on preemption) lives in `<dir>/train`. Started again on the same folder, it
 restores params, optimizer state and the data position and continues with exactly
 the batches an uninterrupted run would have seen, so it ends bit-identical.
 """
@@ -10,29 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-from collections.abc import Iterator
+import time
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from pl_dpo import checkpoint, sharding, train
-from pl_dpo.data import BatchIterator, RankedBatch
+from pl_dpo.data import BatchIterator
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder
+from pl_dpo.preemption import Preempted
 
 log = logging.getLogger(__name__)
 
 
-class Preempted(SystemExit):
-    """SIGTERM arrived; the phase saved its state and the run must stop (exit code 143)."""
-
-    def __init__(self, message: str):
-        super().__init__(143)
-        self.message = message
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step, batch and last checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +40,7 @@ class PhaseSpec:
     num_epochs: int
     batch_size: int
     seed: int
-    optim: ml_collections.ConfigDict
+    optim: train.OptimizerConfig
     save_every_steps: int
     # Steps beyond which a test or a budget stops the phase; None: all epochs.
     max_steps: int | None = None
@@ -50,11 +48,13 @@ class PhaseSpec:
     length_buckets: tuple[int, ...] | None = None
 
 
-def _numbered_batches(it: BatchIterator, start_step: int) -> Iterator[tuple[int, RankedBatch]]:
-    step = start_step
-    for batch in it:
-        yield step, batch
-        step += 1
+def to_host_metrics(metrics: train.Metrics) -> dict[str, Any]:
+    """Scalars to floats, vectors to lists (the JSONL / TensorBoard form)."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        out[k] = float(v) if v.ndim == 0 else [float(x) for x in v.reshape(-1)]
+    return out
 
 
 def train_phase(
@@ -71,7 +71,8 @@ def train_phase(
 
     The step donates its state, so `model`'s buffers are consumed: the caller must
     not use `model` afterwards (no second copy of the weights is ever held)."""
-    it = BatchIterator(
+    # ------------------------------------------------------------------ setup
+    batches = BatchIterator(
         arrays,
         batch_size=spec.batch_size,
         seed=spec.seed,
@@ -82,14 +83,16 @@ def train_phase(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    num_steps = it.steps_per_epoch * spec.num_epochs
+    num_steps = batches.steps_per_epoch * spec.num_epochs
     if spec.max_steps is not None:
         num_steps = min(num_steps, spec.max_steps)
-    tx = train.make_optimizer(spec.optim, num_steps // max(spec.optim.get("grad_accum_steps", 1), 1))
+    tx = spec.optim.build(num_steps // max(spec.optim.grad_accum_steps, 1))
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, rules)
-
+    train_step = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))
     ckpts = checkpoint.TrainCheckpoints(os.path.join(spec.directory, "train"), spec.save_every_steps)
     ckpts.install_sigterm_handler()
+
+    # ------------------------------------------------------------------ restore
     start_step = 0
     restored = ckpts.restore_latest(
         sharding.with_shardings(state.params, state_sh.params),
@@ -98,50 +101,63 @@ def train_phase(
     if restored is not None:
         start_step, params, opt_state, extra = restored
         state = train.TrainState(params, opt_state)
-        it.restore(extra["data"])
+        batches.restore(extra["data"])
         log.info("%s: resumed at step %d of %d", spec.name, start_step, num_steps)
 
-    step_fn = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))
+    # ------------------------------------------------------------------ metrics
+    # Steps dispatched but whose metrics are not read yet: (step, device metrics, example ids, real tokens).
+    pending: list[tuple[int, train.Metrics, np.ndarray, int]] = []
+    clock = time.perf_counter()
 
-    def on_step_done(step: int, st: train.TrainState, flush) -> None:
-        if ckpts.should_save(step, force=step == num_steps):
-            flush()  # raises on a non-finite loss before anything is saved
-        ckpts.maybe_save(step, st.params, st.opt_state, {"data": it.state()}, force=step == num_steps)
+    def read_metrics() -> None:
+        """Reads every pending step's metrics (a host sync) and logs them; stops on a non-finite loss."""
+        nonlocal clock
+        while pending:
+            step, metrics, example_ids, num_tokens = pending.pop(0)
+            host = to_host_metrics(metrics)
+            if not math.isfinite(host["loss"]):
+                latest = ckpts.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite loss {host['loss']} at step {step} (batch example ids {example_ids.tolist()}); "
+                    f"last good checkpoint: {'none' if latest is None else f'{ckpts.directory}/{latest}'}"
+                )
+            now = time.perf_counter()
+            # Real (non-padding) tokens of the global batch per second of wall time.
+            host["tokens_per_s"] = num_tokens / max(now - clock, 1e-9)
+            clock = now
+            metric_log.write(spec.name, step, host)
 
-    def on_metrics(step: int, metrics: dict) -> None:
-        metric_log.write(spec.name, step, metrics)
-
-    def last_checkpoint() -> str:
-        latest = ckpts.latest_step()
-        return "none" if latest is None else f"{ckpts.directory}/{latest}"
-
+    # ------------------------------------------------------------------ the loop
+    done = start_step
     try:
         with tqdm(
-            total=num_steps,
-            initial=start_step,
-            desc=spec.name,
-            unit="step",
-            leave=False,
+            total=num_steps, initial=start_step, desc=spec.name, unit="step", leave=False,
             disable=jax.process_index() != 0,
         ) as bar:
-            result = train.run_phase(
-                train_step=step_fn,
-                state=state,
-                batches=_numbered_batches(it, start_step),
-                num_steps=num_steps,
-                start_step=start_step,
-                mesh=mesh,
-                on_step_done=on_step_done,
-                on_metrics=on_metrics,
-                stop_requested=lambda: ckpts.preemption.should_exit,
-                last_checkpoint=last_checkpoint,
-                progress=bar,
-            )
+            for step in range(start_step, num_steps):
+                host_batch = next(batches)
+                params, opt_state, metrics = train_step(
+                    state.params, state.opt_state, sharding.shard_batch(host_batch, mesh)
+                )
+                state = train.TrainState(params, opt_state)
+                # The previous step's metrics are read only now, with this step already queued.
+                read_metrics()
+                num_tokens = int(np.asarray(host_batch.attn_valid_BxKxL).sum()) * jax.process_count()
+                pending.append((step, metrics, np.asarray(host_batch.example_ids_B), num_tokens))
+                bar.update(1)
+                done = step + 1
+                last = done == num_steps
+                if ckpts.should_save(done, force=last):  # on the interval, at the end, or preempted
+                    read_metrics()  # a non-finite loss stops here, before anything is saved
+                    ckpts.maybe_save(done, state.params, state.opt_state, {"data": batches.state()}, force=last)
+                if ckpts.preemption.should_exit:
+                    break
+            read_metrics()
     finally:
         ckpts.close()  # waits for an async save in flight, also when a NaN stopped the phase
-    if ckpts.preemption.should_exit and result.steps < num_steps:
+    if ckpts.preemption.should_exit and done < num_steps:
         raise Preempted(
-            f"{spec.name}: SIGTERM, state saved at step {result.steps} in {ckpts.directory}; "
+            f"{spec.name}: SIGTERM, state saved at step {done} in {ckpts.directory}; "
             "run the same command again to resume"
         )
-    return nnx.merge(graphdef, result.state.params)
+    return nnx.merge(graphdef, state.params)

@@ -11,15 +11,14 @@ METRICS = (("exact_match", "held-out exact match"), ("answer_logp", "answer log-
 
 
 def arm_curves(table: list[dict[str, Any]], metric: str) -> dict[str, tuple[list[int], list[float]]]:
-    """{arm: (rounds, values)} from the evaluation rows ("sft", "<arm> round <t>")."""
-    start = next((row.get(metric) for row in table if row["policy"] == "sft"), None)
+    """{arm: (rounds, values)} from the evaluation rows (fields `arm`, `round`; round 0 is the SFT start)."""
+    start = next((row.get(metric) for row in table if row["round"] == 0), None)
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for row in table:
-        if row["policy"] == "sft" or metric not in row:
+        if row["round"] == 0 or metric not in row:
             continue
-        arm, _, t = row["policy"].rpartition(" round ")
-        rounds, values = curves.setdefault(arm, ([0], [start]) if start is not None else ([], []))
-        rounds.append(int(t))
+        rounds, values = curves.setdefault(row["arm"], ([0], [start]) if start is not None else ([], []))
+        rounds.append(int(row["round"]))
         values.append(row[metric])
     return curves
 

@@ -1,7 +1,10 @@
-"""The self-play loop (DESIGN.md §2): SFT -> assistants -> rounds of generate, rank, score, train.
+"""The self-play loop (docs/ARCHITECTURE.md): SFT -> assistants -> rounds of generate, rank, score, train.
 
-Workdir layout (every stage is skipped when its output is already committed, so a
-killed run resumes where it stopped and ends with the same parameters):
+What each mode ranks and against which reference is data (`pl_dpo.modes`); this file
+runs every stage once. Every stage is skipped when its output is already committed
+(`_stage`), so a killed run resumes where it stopped and ends with the same parameters.
+
+Workdir layout:
 
     config.json                  the first run's config (later runs must agree, config_lib.WORKDIR_KEYS)
     tokenizer/                   built once when no tokenizer path is configured
@@ -9,7 +12,7 @@ killed run resumes where it stopped and ends with the same parameters):
     sft/eval_0.json              πθ(0)'s held-out metrics and greedy answers
     assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
     <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
-                                 (mode "sft", the control arm, trains on the dataset answers instead)
+                                 (a mode with one fixed set, offline: <mode>/ranked.npz)
     <mode>/round_<t>/train       mid-round train state
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
     <mode>/hf_export/round_<t+1> πθ(t+1) as a Hugging Face folder (with export_hf)
@@ -23,28 +26,41 @@ import json
 import logging
 import os
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pl_dpo import checkpoint, config_lib, evaluate, sampler, sharding, train
-from pl_dpo.data import TokenizeConfig, assemble_ranked, load_ranked_set, load_split, save_ranked_set, tokenize_examples
+from pl_dpo import config_lib, evaluate, modes, sampler, scoring, sharding, train
+from pl_dpo.data import load_ranked_set, save_ranked_set, tokenize_examples
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
 from pl_dpo.phase import PhaseSpec, train_phase
 from pl_dpo.policies import PolicyStore
-from pl_dpo.tokenizer import build_tiny_tokenizer, load_tokenizer
+from pl_dpo.run_data import RunData, TokenIds, prepare_data, ranked_arrays, run_tokenizer
+from pl_dpo.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _rng(seed: int, *labels: Any) -> jax.Array:
     """A key derived from the seed and a stage label (stable across runs and processes)."""
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, labels)).encode()))
+
+
+def _stage(saved: bool, load: Callable[[], T], make: Callable[[], T], save: Callable[[T], None]) -> T:
+    """A stage's output: loaded when committed by an earlier run, else made and saved."""
+    if saved:
+        return load()
+    value = make()
+    save(value)
+    return value
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -56,171 +72,125 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
 
 
-def _read_json(path: str) -> Any | None:
-    if not os.path.exists(path):
-        return None
+def _read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    if jax.process_index() == 0:
+        save_ranked_set(path, arrays)
+
+
+def _pack(responses: list[TokenIds], pad_id: int) -> dict[str, np.ndarray]:
+    """Variable-length responses as one padded array with their lengths (samples.npz)."""
+    tokens = np.full((len(responses), max(len(r) for r in responses)), pad_id, np.int32)
+    for i, r in enumerate(responses):
+        tokens[i, : len(r)] = r
+    return {"tokens": tokens, "lengths": np.array([len(r) for r in responses], np.int32)}
+
+
+def _unpack(z: dict[str, np.ndarray]) -> list[TokenIds]:
+    return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]
+
+
 class SelfPlay:
-    """Holds what every stage of a run shares: mesh, tokenizer, data, logs."""
+    """Holds what every stage of a run shares: mesh, tokenizer, data, policies on disk, logs."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         config_lib.validate(config)
         # Orbax wants absolute paths.
         self.config, self.workdir = config, os.path.abspath(workdir)
-        workdir = self.workdir
         devices = jax.devices()[: config.mesh.get("num_devices", 0) or None]
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
         self.rules = sharding.DEFAULT_DECODER_RULES
-        checkpoint.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
-        self.tokenizer = self._tokenizer()
-        self.policies = PolicyStore(workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eos_id = self.tokenizer.eos_token_id
-        self.tok_cfg = TokenizeConfig(
-            max_prompt_len=config.data.max_prompt_len, max_response_len=config.data.max_response_len
-        )
-        self.train_examples = self._load("train", config.data.get("num_train"))
-        test = self._load("test", config.eval.num_prompts)
-        self.metric_log = MetricLog(workdir)
-        # Tokenised once: prompt ids and ranked response ids (+EOS), truncated and counted.
-        self.train_prompt_ids, self.train_response_ids = self._encode("train", self.train_examples)
-        self.train_answer_ids = [r[0] for r in self.train_response_ids]
-        self.sft_arrays = self._arrays(self.train_prompt_ids, [r[:1] for r in self.train_response_ids], k=1)
-        test_prompts, test_responses = self._encode("test", test)
-        self.heldout = evaluate.HeldOut(
-            examples=test,
-            arrays=self._arrays(test_prompts, [r[:1] for r in test_responses], k=1),
-            prompt_ids=test_prompts,
-            answer_ids=[r[0] for r in test_responses],
-            checkable=config.data.source == "synthetic",
-        )
+        config_lib.check_workdir_config(self.workdir, config, config_lib.WORKDIR_KEYS)
+        self.tokenizer = run_tokenizer(config, self.workdir)
+        self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        self.policies = PolicyStore(self.workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
+        self.metric_log = MetricLog(self.workdir)
+        self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)
         self.table: list[dict[str, Any]] = []
 
-    # --------------------------------------------------------------------------- inputs
-
-    def _tokenizer(self):
-        # A configured folder, else the model's own folder, else a tiny one built once.
-        path = self.config.tokenizer.get("path") or self.config.model.get("hf_path")
-        if path:
-            return load_tokenizer(path)
-        path = os.path.join(self.workdir, "tokenizer")
-        if not os.path.exists(os.path.join(path, "tokenizer.json")) and jax.process_index() == 0:
-            build_tiny_tokenizer(path, vocab_size=self.config.tokenizer.vocab_size)
-        sharding.sync_processes("tokenizer")  # the others read what process 0 wrote
-        return load_tokenizer(path)
-
-    def _load(self, split: str, limit: int | None):
-        data = self.config.data
-        options = dict(data.get("options", {}) or {})
-        files = {name: path for name, path in dict(data.get("files", {}) or {}).items() if path} or None
-        examples = load_split(
-            data.source,
-            split,
-            data_dir=os.path.join(self.workdir, "tfds"),
-            files=files,
-            skip_bad_rows=data.get("skip_bad_rows", False),
-            **options,
-        )
-        return examples[:limit] if limit else examples
-
-    def _length_buckets(self) -> tuple[int, ...] | None:
-        return tuple(self.config.data.get("length_buckets", ()) or ()) or None
-
-    def _encode(self, split: str, examples) -> tuple[list[list[int]], list[list[list[int]]]]:
-        prompt_ids, response_ids, stats = encode_examples(self.tokenizer, examples, self.tok_cfg)
-        summary = stats.summary()
-        self.metric_log.write(f"data/{split}", 0, summary)
-        if stats.prompts_truncated or stats.responses_truncated:
-            log.warning(
-                "%s: truncated %d prompts and %d responses (data.max_prompt_len / max_response_len)",
-                split,
-                stats.prompts_truncated,
-                stats.responses_truncated,
-            )
-        return prompt_ids, response_ids
-
-    def _arrays(self, prompt_ids, response_ids, k: int) -> dict[str, np.ndarray]:
-        """The fixed-shape layout (L = max prompt + max response) shared by every round."""
-        data = self.config.data
-        return assemble_ranked(
-            prompt_ids,
-            response_ids,
-            pad_id=self.pad_id,
-            k=k,
-            seq_len=data.max_prompt_len + data.max_response_len,
-            prompt_len=data.max_prompt_len,
-        )
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
 
     # --------------------------------------------------------------------------- models
 
     def restore_policy(self, lineage: str, model_cfg: ml_collections.ConfigDict, index: int) -> Decoder:
         return self.policies.restore(lineage, model_cfg, index)
 
+    def _phase_spec(self, name: str, directory: str, **fields: Any) -> PhaseSpec:
+        return PhaseSpec(
+            name=name,
+            directory=directory,
+            save_every_steps=self.config.checkpoint.save_every_steps,
+            length_buckets=tuple(self.config.data.get("length_buckets", ()) or ()) or None,
+            **fields,
+        )
+
     def supervised_model(
-        self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim, batch_size: int
+        self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim: train.OptimizerConfig, batch_size: int
     ) -> Decoder:
         """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0)."""
-        if self.policies.saved(lineage, 0):
-            return self.restore_policy(lineage, model_cfg, 0)
         seed = self.config.seed + zlib.crc32(lineage.encode()) % 1000
-        model = self.policies.initial(model_cfg, seed)
-        if steps == 0 and lineage != "sft":
-            return model  # a pretrained assistant used as is: its folder is its checkpoint
-        if steps > 0:
-            n = self.sft_arrays["tokens_NxKxL"].shape[0]
-            epochs = -(-steps * batch_size // n)
-            spec = PhaseSpec(
-                name=lineage,
-                directory=os.path.join(self.workdir, lineage),
-                num_epochs=epochs,
+        saved = self.policies.saved(lineage, 0)
+        if steps == 0 and lineage != "sft" and not saved:
+            return self.policies.initial(model_cfg, seed)  # a pretrained assistant as is: its folder is its checkpoint
+
+        def sft() -> Decoder:
+            model = self.policies.initial(model_cfg, seed)
+            if steps == 0:
+                return model
+            n = self.data.sft_arrays["tokens_NxKxL"].shape[0]
+            spec = self._phase_spec(
+                lineage,
+                self._path(lineage),
+                num_epochs=-(-steps * batch_size // n),
                 batch_size=batch_size,
                 seed=seed,
                 optim=optim,
-                save_every_steps=self.config.checkpoint.save_every_steps,
                 max_steps=steps,
-                length_buckets=self._length_buckets(),
             )
-            model = train_phase(
-                model,
-                self.sft_arrays,
-                train.sft_objective(self.config.logprob_chunk),
-                spec,
-                mesh=self.mesh,
-                rules=self.rules,
-                metric_log=self.metric_log,
+            objective = train.sft_objective(self.config.logprob_chunk)
+            return train_phase(
+                model, self.data.sft_arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
             )
-        self.policies.save(lineage, 0, model, {"lineage": lineage, "sft_steps": steps})
-        return model
+
+        return _stage(
+            saved,
+            lambda: self.restore_policy(lineage, model_cfg, 0),
+            sft,
+            lambda model: self.policies.save(lineage, 0, model, {"lineage": lineage, "sft_steps": steps}),
+        )
 
     # --------------------------------------------------------------------------- evaluation
 
     def evaluate(self, lineage: str, index: int, model: Decoder, baseline) -> dict[str, Any]:
-        path = os.path.join(self.workdir, lineage, f"eval_{index}.json")
-        cached = _read_json(path)
-        if cached is None:
+        path = self._path(lineage, f"eval_{index}.json")
+
+        def run_eval() -> dict[str, Any]:
             metrics, responses, correct = evaluate.evaluate_policy(
                 model,
-                self.heldout,
+                self.data.heldout,
                 self.tokenizer,
                 batch_size=self.config.eval.batch_size,
                 max_new_tokens=self.config.sampling.max_new_tokens,
                 baseline=baseline,
             )
-            cached = {
-                "metrics": metrics,
-                "responses": responses,
-                "correct": None if correct is None else correct.tolist(),
-            }
-            self.metric_log.write(f"eval/{lineage}", index, metrics)
-            _write_json(path, cached)
+            return {"metrics": metrics, "responses": responses, "correct": None if correct is None else correct.tolist()}
+
+        def save(result: dict[str, Any]) -> None:
+            self.metric_log.write(f"eval/{lineage}", index, result["metrics"])
+            _write_json(path, result)
+
+        result = _stage(os.path.exists(path), lambda: _read_json(path), run_eval, save)
+        # Index 0 of the SFT lineage is the start of every arm; the control arm continues that lineage.
         name = "sft" if (lineage, index) == ("sft", 0) else f"{lineage} round {index}"
-        row = {"policy": name, **cached["metrics"]}
+        row = {"policy": name, "arm": lineage, "round": index, **result["metrics"]}
         self.table.append(row)
         log.info("eval %s", row)
-        return cached
+        return result
 
     # --------------------------------------------------------------------------- generation
 
@@ -232,7 +202,7 @@ class SelfPlay:
         arrays: dict[str, np.ndarray] | None = None,
         eos_id: int | None = None,
         pad_id: int | None = None,
-    ) -> list[list[int]]:
+    ) -> list[TokenIds]:
         """One sampled response per training prompt (default: the policy's tokenisation)."""
         s = self.config.sampling
         eos_id = self.eos_id if eos_id is None else eos_id
@@ -245,15 +215,15 @@ class SelfPlay:
             pad_id=self.pad_id if pad_id is None else pad_id,
         )
         with tqdm(
-            total=len(self.train_prompt_ids),
+            total=len(self.data.train_prompt_ids),
             desc=progress_desc,
             unit="prompt",
             leave=False,
             disable=jax.process_index() != 0,
         ) as bar:
-            return evaluate.generate_responses(
+            return sampler.generate_responses(
                 model,
-                self.sft_arrays if arrays is None else arrays,
+                self.data.sft_arrays if arrays is None else arrays,
                 cfg,
                 _rng(self.config.seed, label),
                 s.batch_size,
@@ -261,11 +231,11 @@ class SelfPlay:
                 progress=bar,
             )
 
-    def _foreign_samples(self, index: int, model: Decoder, tokenizer_path: str) -> list[list[int]]:
+    def _foreign_samples(self, index: int, model: Decoder, tokenizer_path: str) -> list[TokenIds]:
         """Samples of an assistant with its own tokenizer: prompts in its chat template,
         answers decoded to text and tokenised again with the policy's tokenizer."""
         tok = load_tokenizer(tokenizer_path)
-        arrays, _ = tokenize_examples(tok, self.train_examples, self.tok_cfg, k=1)
+        arrays, _ = tokenize_examples(tok, self.data.train_examples, self.data.tokenize, k=1)
         ids = self.samples(
             model,
             f"assistant_{index}/samples",
@@ -276,60 +246,58 @@ class SelfPlay:
         )
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
         out = []
-        for example, text in zip(self.train_examples, texts):
+        for example, text in zip(self.data.train_examples, texts):
             if not text:  # an empty answer is still a (bad) answer: EOS alone
                 out.append([self.eos_id])
                 continue
             retokenised = dataclasses.replace(example, responses=(text,))
-            out.append(encode_examples(self.tokenizer, [retokenised], self.tok_cfg)[1][0][0])
+            out.append(encode_examples(self.tokenizer, [retokenised], self.data.tokenize)[1][0][0])
         return out
 
-    def assistant_samples(self, index: int) -> list[list[int]]:
+    def assistant_samples(self, index: int) -> list[TokenIds]:
         """Samples of assistant `index` on the training prompts, generated once and cached."""
         lineage = f"assistant_{index}"
-        path = os.path.join(self.workdir, lineage, "samples.npz")
-        if os.path.exists(path):
-            z = load_ranked_set(path)
-            return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]
-        a = self.config.assistants[index]
-        model = self.supervised_model(lineage, a.model, a.sft_steps, a.optim, a.batch_size)
-        if a.get("tokenizer_path"):
-            out = self._foreign_samples(index, model, a.tokenizer_path)
-        else:
-            out = self.samples(model, f"{lineage}/samples", f"{lineage} samples")
-        width = max(len(r) for r in out)
-        tokens = np.full((len(out), width), self.pad_id, np.int32)
-        for i, r in enumerate(out):
-            tokens[i, : len(r)] = r
-        if jax.process_index() == 0:
-            save_ranked_set(path, {"tokens": tokens, "lengths": np.array([len(r) for r in out], np.int32)})
-        return out
+        path = self._path(lineage, "samples.npz")
 
-    def ranked_set(self, mode: str, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
-        """Round t's ranked lists [answer, assistants..., πθ(t) sample] with reference log-probs."""
-        # Offline lists (and their fixed reference) do not change between rounds: one set.
-        round_dir = (
-            os.path.join(self.workdir, mode) if mode == "offline" else os.path.join(self.workdir, mode, f"round_{t}")
+        def generate() -> list[TokenIds]:
+            a = self.config.assistants[index]
+            model = self.supervised_model(lineage, a.model, a.sft_steps, config_lib.optimizer(a.optim), a.batch_size)
+            if a.get("tokenizer_path"):
+                return self._foreign_samples(index, model, a.tokenizer_path)
+            return self.samples(model, f"{lineage}/samples", f"{lineage} samples")
+
+        return _stage(
+            os.path.exists(path),
+            lambda: _unpack(load_ranked_set(path)),
+            generate,
+            lambda out: _save_npz(path, _pack(out, self.pad_id)),
         )
-        path = os.path.join(round_dir, "ranked.npz")
-        if os.path.exists(path):
-            return load_ranked_set(path)
-        if mode == "offline":
-            arrays = self._arrays(self.train_prompt_ids, [r[:K] for r in self.train_response_ids], k=K)
-        else:
-            assistants = [self.assistant_samples(i) for i in range(K - 2)]
-            own = self.samples(policy, f"{mode}/round_{t}/samples", f"{mode} round {t} samples")
-            lists = [[answer, *(a[n] for a in assistants), own[n]] for n, answer in enumerate(self.train_answer_ids)]
-            arrays = self._arrays(self.train_prompt_ids, lists, k=K)
-            arrays["policy_sample_correct_N"] = np.array(
-                [own[n] == a for n, a in enumerate(self.train_answer_ids)], bool
+
+    def ranked_set(self, mode: modes.Mode, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
+        """Round t's ranked lists of `mode` (modes.MODES) with the reference log-probs of its mode."""
+        path = self._path(mode.name, "ranked.npz") if mode.one_set else self._path(mode.name, f"round_{t}", "ranked.npz")
+
+        def build() -> dict[str, np.ndarray]:
+            sources = modes.ListSources(
+                answers=self.data.train_answer_ids,
+                dataset_responses=self.data.train_response_ids,
+                assistant_samples=self.assistant_samples,
+                own_samples=lambda: self.samples(policy, f"{mode.name}/round_{t}/samples", f"{mode.name} round {t} samples"),
             )
-        # The reference: πθ(t) itself in self-play; the fixed πθ(0) for offline lists.
-        reference = self.restore_policy("sft", self.config.model, 0) if mode == "offline" else policy
-        arrays["ref_logps_NxK"] = evaluate.score_ranked(reference, arrays, self.config.eval.batch_size)
-        if jax.process_index() == 0:
-            save_ranked_set(path, arrays)
-        return arrays
+            lists = mode.build_lists(sources, K)
+            arrays = ranked_arrays(self.config, self.pad_id, self.data.train_prompt_ids, lists, k=K)
+            if mode.ranks_own_sample:  # a diagnostic: how often πθ(t) already gives the answer
+                arrays["policy_sample_correct_N"] = np.array([lst[-1] == lst[0] for lst in lists], bool)
+            if mode.reference is modes.Reference.SFT:
+                reference = self.restore_policy("sft", self.config.model, 0)
+            elif mode.reference is modes.Reference.ROUND_POLICY:
+                reference = policy
+            else:
+                raise ValueError(f"mode {mode.name!r} ranks lists but names no reference")
+            arrays["ref_logps_NxK"] = scoring.score_ranked(reference, arrays, self.config.eval.batch_size)
+            return arrays
+
+        return _stage(os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: _save_npz(path, a))
 
     # --------------------------------------------------------------------------- the loop
 
@@ -337,48 +305,49 @@ class SelfPlay:
         """πθ(0): trained (or restored), evaluated, and turned into the reference lists of
         every later evaluation. Its weights are not kept: rounds restore them when needed."""
         c = self.config
-        sft = self.supervised_model("sft", c.model, c.sft.steps, c.sft.optim, c.sft.batch_size)
+        sft = self.supervised_model("sft", c.model, c.sft.steps, config_lib.optimizer(c.sft.optim), c.sft.batch_size)
         sft_eval = self.evaluate("sft", 0, sft, baseline=None)
         correct = None if sft_eval["correct"] is None else np.array(sft_eval["correct"])
         return evaluate.sft_baseline(
-            sft, self.heldout, sft_eval["responses"], correct, pad_id=self.pad_id, batch_size=c.eval.batch_size
+            sft, self.data.heldout, sft_eval["responses"], correct, pad_id=self.pad_id, batch_size=c.eval.batch_size
         )
 
-    def round_policy(self, mode: str, t: int, K: int) -> Decoder:
-        """πθ(t+1) of an arm: restored if round t is done, else round t is run."""
+    def _train_round(self, mode: modes.Mode, t: int, K: int) -> Decoder:
+        """Round t of an arm: its lists (or the dataset answers) and reference, then training from πθ(t)."""
         c = self.config
-        if self.policies.saved(mode, t + 1):
-            return self.restore_policy(mode, c.model, t + 1)
         # A fresh restore: training donates the buffers of the model it starts from.
-        start = self.restore_policy(*(("sft", c.model, 0) if t == 0 else (mode, c.model, t)))
-        if mode == "sft":  # control arm: more SFT epochs, same number of steps as a round
-            arrays, objective = self.sft_arrays, train.sft_objective(c.logprob_chunk)
+        start = self.restore_policy(*(("sft", c.model, 0) if t == 0 else (mode.name, c.model, t)))
+        if mode.objective is modes.Objective.SFT:
+            arrays, objective = self.data.sft_arrays, train.sft_objective(c.logprob_chunk)
         else:
             arrays = self.ranked_set(mode, t, start, K)
-            objective = train.pl_dpo_objective(c.loss, c.logprob_chunk)
-        optim = ml_collections.ConfigDict(c.rounds.optim.to_dict())
+            objective = train.pl_dpo_objective(config_lib.loss(c.loss), c.logprob_chunk)
+        optim = config_lib.optimizer(c.rounds.optim)
         if c.rounds.get("lr_per_round"):
-            optim.lr = float(c.rounds.lr_per_round[t])
-        spec = PhaseSpec(
-            name=f"{mode}/round_{t}",
-            directory=os.path.join(self.workdir, mode, f"round_{t}"),
+            optim = dataclasses.replace(optim, lr=float(c.rounds.lr_per_round[t]))
+        spec = self._phase_spec(
+            f"{mode.name}/round_{t}",
+            self._path(mode.name, f"round_{t}"),
             num_epochs=c.rounds.epochs,
             batch_size=c.rounds.batch_size,
             seed=c.seed + 7919 * (t + 1),
             optim=optim,
-            save_every_steps=c.checkpoint.save_every_steps,
             max_steps=c.rounds.get("max_steps") or None,
-            length_buckets=self._length_buckets(),
         )
-        policy = train_phase(
-            start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
-        )
-        self.policies.save(mode, t + 1, policy, {"mode": mode, "round": t + 1, "K": K})
-        return policy
+        return train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log)
 
-    def _export(self, mode: str, index: int, policy: Decoder) -> None:
+    def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:
+        """πθ(t+1) of an arm: restored if round t is done, else round t is run."""
+        return _stage(
+            self.policies.saved(mode.name, t + 1),
+            lambda: self.restore_policy(mode.name, self.config.model, t + 1),
+            lambda: self._train_round(mode, t, K),
+            lambda policy: self.policies.save(mode.name, t + 1, policy, {"mode": mode.name, "round": t + 1, "K": K}),
+        )
+
+    def _export(self, mode: modes.Mode, index: int, policy: Decoder) -> None:
         """πθ(index) as a Hugging Face folder `<mode>/hf_export/round_<index>` (lm-eval, vLLM)."""
-        out = os.path.join(self.workdir, mode, "hf_export", f"round_{index}")
+        out = self._path(mode.name, "hf_export", f"round_{index}")
         if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
             save_pretrained(policy, out)
             self.tokenizer.save_pretrained(out)
@@ -392,7 +361,7 @@ class SelfPlay:
                 K = config_lib.list_size(c, mode)
                 for t in range(c.rounds.num):
                     policy = self.round_policy(mode, t, K)
-                    self.evaluate(mode, t + 1, policy, baseline)
+                    self.evaluate(mode.name, t + 1, policy, baseline)
                     if c.get("export_hf"):
                         self._export(mode, t + 1, policy)
                     del policy  # one policy in memory at a time

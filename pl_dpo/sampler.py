@@ -22,10 +22,8 @@ import numpy as np
 from flax import nnx
 
 from pl_dpo import sharding
+from pl_dpo.data import prompt_batches, trim_at_eos
 from pl_dpo.models.decoder import Decoder, positions_from_valid
-
-_TRACES = [0]  # number of times the generation program was traced (tests check that buckets avoid recompiles)
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -138,7 +136,6 @@ def sample_logits(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
 def _generate_padded(graphdef, state, tokens_BxP, valid_BxP, keys_B, sampling: SamplingConfig):
-    _TRACES[0] += 1
     # Decoding re-reads every weight per token: cast once to the compute dtype, and split the stacked layer weights
     # into per-layer arrays once, instead of at every step.
     cdt = jnp.dtype(nnx.merge(graphdef, state).config.compute_dtype)
@@ -211,3 +208,29 @@ def generate(model: Decoder, prompt_tokens_BxP, prompt_valid_BxP, rng, sampling:
         keys_p = jax.random.wrap_key_data(sharding.put_replicated(np.asarray(jax.random.key_data(keys_p)), replicated))
     out = _generate_padded(graphdef, state, jnp.asarray(tokens_p), jnp.asarray(valid_p), keys_p, sampling)
     return GenerationOutput(*(x[:batch] for x in out))
+
+
+def generate_responses(
+    model: Decoder,
+    arrays: dict[str, np.ndarray],
+    sampling: SamplingConfig,
+    rng: jax.Array,
+    batch_size: int,
+    eos_id: int,
+    progress=None,
+) -> list[list[int]]:
+    """One response (token ids, EOS included when reached) per prompt of a dataset's `arrays`
+    (`prompt_tokens_NxP` / `prompt_valid_NxP`), generated `batch_size` prompts at a time."""
+    n = arrays["prompt_tokens_NxP"].shape[0]
+    out: list[list[int] | None] = [None] * n
+    for i, batch in enumerate(prompt_batches(arrays, batch_size=batch_size)):
+        gen = generate(
+            model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP, jax.random.fold_in(rng, i), sampling
+        )
+        tokens, lengths = sharding.to_host(gen.tokens_BxT), sharding.to_host(gen.lengths_B)
+        for row, ex in enumerate(batch.example_ids_B):
+            if ex >= 0:
+                out[ex] = trim_at_eos(tokens[row, : lengths[row]].tolist(), eos_id)
+        if progress is not None:
+            progress.update(int((batch.example_ids_B >= 0).sum()))
+    return out  # type: ignore[return-value]

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from pl_dpo import checkpoint as ck
+from pl_dpo import config_lib
 from pl_dpo import sharding as shd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -342,12 +343,12 @@ def test_two_jax_processes_save_and_restore_sharded_state(tmp_path):
 def test_check_workdir_config(tmp_path):
     cfg = {"mode": "spin", "loss": {"K": 2, "T": 0.1}, "model": "tiny", "lr": 1e-3, "mesh": (1, -1, 1)}
     keys = ["mode", "loss.K", "model", "mesh"]
-    ck.check_workdir_config(tmp_path, cfg, keys)
+    config_lib.check_workdir_config(tmp_path, cfg, keys)
     assert json.loads((tmp_path / "config.json").read_text())["loss"]["K"] == 2
-    ck.check_workdir_config(tmp_path, {**cfg, "lr": 5e-4, "mesh": [1, -1, 1]}, keys)  # lr may change
-    with pytest.raises(ck.WorkdirConfigMismatch, match="'loss.K' was 2, now 3"):
-        ck.check_workdir_config(tmp_path, {**cfg, "loss": {"K": 3, "T": 0.1}}, keys)
-    with pytest.raises(ck.WorkdirConfigMismatch, match="'mode' was 'spin', now 'asft'"):
-        ck.check_workdir_config(tmp_path, {**cfg, "mode": "asft"}, keys)
-    with pytest.raises(ck.WorkdirConfigMismatch, match="'model' was 'tiny', now '<missing>'"):
-        ck.check_workdir_config(tmp_path, {k: v for k, v in cfg.items() if k != "model"}, keys)
+    config_lib.check_workdir_config(tmp_path, {**cfg, "lr": 5e-4, "mesh": [1, -1, 1]}, keys)  # lr may change
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'loss.K' was 2, now 3"):
+        config_lib.check_workdir_config(tmp_path, {**cfg, "loss": {"K": 3, "T": 0.1}}, keys)
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'mode' was 'spin', now 'asft'"):
+        config_lib.check_workdir_config(tmp_path, {**cfg, "mode": "asft"}, keys)
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'model' was 'tiny', now '<missing>'"):
+        config_lib.check_workdir_config(tmp_path, {k: v for k, v in cfg.items() if k != "model"}, keys)

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from pl_dpo import sampler  # noqa: E402
-from pl_dpo.models import create_model, from_pretrained, positions_from_valid, save_pretrained, tiny_config  # noqa: E402
+from pl_dpo.models import create_model, from_pretrained, positions_from_valid, save_pretrained, preset_config  # noqa: E402
 
 _COMMON = dict(
     vocab_size=160,
@@ -116,7 +116,7 @@ def test_export_loads_in_hf_with_same_logits(hf_folder, tmp_path):
 
 
 def test_export_of_preset_with_llama3_rope_loads_in_hf(tmp_path):
-    model = create_model(tiny_config("tiny-llama3", num_layers=2), seed=0)
+    model = create_model(preset_config("tiny-llama3", num_layers=2), seed=0)
     save_pretrained(model, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert hf.config.rope_parameters["rope_type"] == "llama3"

@@ -20,13 +20,13 @@ from pl_dpo.models import (
     positions_from_valid,
     preset_names,
     save_pretrained,
-    tiny_config,
+    preset_config,
 )
 
 
 @pytest.fixture(scope="module")
 def model():
-    return create_model(tiny_config("tiny-qwen2", vocab_size=97), seed=0)
+    return create_model(preset_config("tiny-qwen2", vocab_size=97), seed=0)
 
 
 def _forward(model, tokens, valid):
@@ -71,7 +71,7 @@ def test_incremental_decode_matches_full_forward(model):
 
 
 def test_bf16_compute_close_to_f32_and_remat_and_xla_attention_equal():
-    cfg = tiny_config("tiny-llama3", num_layers=2)
+    cfg = preset_config("tiny-llama3", num_layers=2)
     ref = create_model(cfg, seed=3)
     tokens = np.random.default_rng(2).integers(0, 512, (2, 7)).astype(np.int32)
     valid = np.ones((2, 7), bool)
@@ -103,7 +103,7 @@ def test_bf16_compute_close_to_f32_and_remat_and_xla_attention_equal():
 
 
 def test_param_paths_and_preset_sizes():
-    cfg = tiny_config("tiny-llama")
+    cfg = preset_config("tiny-llama")
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(create_model(cfg, seed=0)))}
     assert {
         "embed/embedding",
@@ -114,13 +114,13 @@ def test_param_paths_and_preset_sizes():
         "layers/input_norm/scale",
     } <= paths
     for name in preset_names():
-        c = tiny_config(name)
+        c = preset_config(name)
         abstract = nnx.eval_shape(lambda c=c: create_model(c, seed=0))
         n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
         assert n == c.num_params()
         if name.startswith("tiny"):
             assert 1e5 <= n <= 5e6
-    assert abs(tiny_config("llama-3.2-1b").num_params() - 1.2358e9) < 1e6
+    assert abs(preset_config("llama-3.2-1b").num_params() - 1.2358e9) < 1e6
 
 
 def test_sharded_load_and_index_file_and_bf16_export(model, tmp_path):
@@ -192,7 +192,7 @@ def test_bad_config_errors_name_the_field(model, tmp_path):
     with pytest.raises(ValueError, match="num_kv_heads"):
         from_hf_config({**hf, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="remat"):
-        DecoderConfig(**{**tiny_config("tiny-llama").__dict__, "remat": "sometimes"})
+        DecoderConfig(**{**preset_config("tiny-llama").__dict__, "remat": "sometimes"})
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(str(tmp_path / "nowhere"))
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from pl_dpo import evaluate, rounds
+from pl_dpo import rounds, scoring
 from pl_dpo.data import load_ranked_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,5 +95,5 @@ def test_two_processes_match_one_process(runs):
         two["ref_logps_NxK"][same_samples], one["ref_logps_NxK"][same_samples], rtol=1e-4, atol=1e-3
     )
     sp, policy = _params(root / "two", "spin", 1)
-    again = evaluate.score_ranked(policy, two, sp.config.eval.batch_size)
+    again = scoring.score_ranked(policy, two, sp.config.eval.batch_size)
     assert np.isfinite(again).all()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from pl_dpo import checkpoint, config_lib, evaluate, plots, rounds, sharding, train
-from pl_dpo.checkpoint import WorkdirConfigMismatch
+from pl_dpo import checkpoint, config_lib, plots, rounds, scoring, sharding, train
+from pl_dpo.config_lib import WorkdirConfigMismatch
 from pl_dpo.data import load_ranked_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,14 +47,7 @@ def subprocess_env():
 
 def load_config(*overrides):
     config = demo.get_config("quick")
-    for item in OVERRIDES + list(overrides):
-        key, value = item.removeprefix("--config.").split("=")
-        *sections, field = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[field] = value if isinstance(node[field], str) else int(value)
-    return config
+    return config_lib.apply_overrides(config, config_lib.parse_flag_overrides(config, OVERRIDES + list(overrides)))
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +83,10 @@ def test_demo_runs_end_to_end(reference_run):
 
 def test_arm_curves_start_at_the_sft_row():
     table = [
-        {"policy": "sft", "exact_match": 0.1},
-        {"policy": "spin round 1", "exact_match": 0.2},
-        {"policy": "asft round 1", "exact_match": 0.3},
-        {"policy": "spin round 2", "exact_match": 0.4},
+        {"policy": "sft", "arm": "sft", "round": 0, "exact_match": 0.1},
+        {"policy": "spin round 1", "arm": "spin", "round": 1, "exact_match": 0.2},
+        {"policy": "asft round 1", "arm": "asft", "round": 1, "exact_match": 0.3},
+        {"policy": "spin round 2", "arm": "spin", "round": 2, "exact_match": 0.4},
     ]
     assert plots.arm_curves(table, "exact_match") == {
         "spin": ([0, 1, 2], [0.1, 0.2, 0.4]),
@@ -108,10 +101,10 @@ def test_reference_logps_are_the_restored_round_policy(reference_run):
     _, workdir, _ = reference_run
     sp, policy1 = restore_params(workdir, "spin", 1)
     arrays = load_ranked_set(os.path.join(workdir, "spin", "round_1", "ranked.npz"))
-    again = evaluate.score_ranked(policy1, arrays, sp.config.eval.batch_size)
+    again = scoring.score_ranked(policy1, arrays, sp.config.eval.batch_size)
     np.testing.assert_array_equal(again, arrays["ref_logps_NxK"])
     # The saved policy 1 is bit-identical to the final train state of round 0.
-    tx = train.make_optimizer(sp.config.rounds.optim, 24)
+    tx = config_lib.optimizer(sp.config.rounds.optim).build(24)
     _, state, state_sh = train.init_train_state(policy1, tx, sp.mesh, sp.rules)
     final = checkpoint.TrainCheckpoints(os.path.join(workdir, "spin", "round_0", "train"), 3)
     step, params, _, _ = final.restore_latest(

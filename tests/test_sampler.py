@@ -11,7 +11,7 @@ from flax import nnx
 from scipy import special, stats
 
 from pl_dpo import sampler
-from pl_dpo.models import create_model, positions_from_valid, tiny_config
+from pl_dpo.models import create_model, positions_from_valid, preset_config
 
 VOCAB = 24
 
@@ -19,7 +19,7 @@ VOCAB = 24
 @pytest.fixture(scope="module")
 def model():
     m = create_model(
-        tiny_config(
+        preset_config(
             "tiny-llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, head_dim=8, max_position_embeddings=64
         ),
         seed=0,
@@ -141,11 +141,11 @@ def test_eos_stops_rows_and_pads(model):
 def test_buckets_avoid_recompiling_and_keys_are_per_row(model):
     cfg = sampler.SamplingConfig(max_new_tokens=4, temperature=1.0, pad_id=0)
     sampler.generate(model, *_prompts(5), 0, cfg)
-    before = sampler._TRACES[0]
+    before = sampler._generate_padded._cache_size()  # compiled programs so far
     tokens, valid = _prompts(7, seed=2)
     a = sampler.generate(model, tokens[:, 2:], valid[:, 2:] | True, 1, cfg)  # batch 7 -> 8, prompt 4 -> 16
     b = sampler.generate(model, *_prompts(6, seed=3), 1, cfg)
-    assert sampler._TRACES[0] == before
+    assert sampler._generate_padded._cache_size() == before
     assert a.tokens_BxT.shape == (7, 4) and b.tokens_BxT.shape == (6, 4)
     keys = jax.random.split(jax.random.key(5), 6)
     t, v = _prompts(6, seed=3)

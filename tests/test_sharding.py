@@ -251,7 +251,7 @@ def test_default_rules_cover_the_project_decoder(preset):
     from pl_dpo.models import config as model_config
     from pl_dpo.models import decoder
 
-    cfg = model_config.tiny_config(preset)
+    cfg = model_config.preset_config(preset)
     abstract = nnx.state(nnx.eval_shape(lambda: decoder.create_model(cfg, seed=0)), nnx.Param)
     mesh = shd.make_mesh(2, 2, 2)
     sh = shd.logical_to_shardings(abstract, mesh, shd.DEFAULT_DECODER_RULES, error_on_unmatched=True)

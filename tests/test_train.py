@@ -1,21 +1,21 @@
 """The jitted PL-DPO / SFT step: sharded vs single device, NaN guard, optimizer."""
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs.common import optimizer
-from pl_dpo import losses, phase, sharding, train
+from pl_dpo import config_lib, losses, phase, scoring, sharding, train
 from pl_dpo.data import BatchIterator, assemble_ranked
 from pl_dpo.metric_log import MetricLog
-from pl_dpo.models import create_model, tiny_config
+from pl_dpo.models import create_model, preset_config
 
-OPTIM = optimizer(1e-3, warmup=2, decay="cosine", weight_decay=0.01)
-LOSS = ml_collections.ConfigDict(dict(T=0.5, variant="pl", top_m=0))
+OPTIM = config_lib.optimizer(optimizer(1e-3, warmup=2, decay="cosine", weight_decay=0.01))
+LOSS = losses.LossConfig(T=0.5, variant="pl", top_m=0)
 
 
 def ranked_arrays(n=16, K=3, vocab=64, seed=0):
@@ -31,7 +31,7 @@ def ranked_arrays(n=16, K=3, vocab=64, seed=0):
 
 def tiny_model(seed=0):
     return create_model(
-        tiny_config(
+        preset_config(
             "tiny-llama",
             vocab_size=64,
             hidden_size=32,
@@ -47,7 +47,7 @@ def tiny_model(seed=0):
 
 def run_steps(mesh, arrays, steps=3):
     model = tiny_model()
-    tx = train.make_optimizer(OPTIM, steps)
+    tx = OPTIM.build(steps)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
     step_fn = train.make_train_step(
         graphdef, train.pl_dpo_objective(LOSS, chunk_size=8), tx, state_sh, sharding.batch_sharding(mesh)
@@ -96,11 +96,9 @@ def test_objective_equals_loss_of_separately_computed_logps():
 
 def test_first_step_scores_are_zero_when_reference_is_the_policy():
     """With ref log-probs computed by the policy itself, every score s_k = 0 at step 0."""
-    from pl_dpo import evaluate
-
     arrays = ranked_arrays(n=8)
     model = tiny_model()
-    arrays["ref_logps_NxK"] = evaluate.score_ranked(model, arrays, batch_size=4)
+    arrays["ref_logps_NxK"] = scoring.score_ranked(model, arrays, batch_size=4)
     batch = next(BatchIterator(arrays, batch_size=8, shuffle=False, length_buckets=(16,)))
     _, metrics = train.pl_dpo_objective(LOSS, chunk_size=8)(model, batch)
     np.testing.assert_allclose(metrics["scores_K"], 0.0, atol=1e-5)
@@ -126,7 +124,7 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
         length_buckets=(16,),
     )
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    with pytest.raises(train.NonFiniteLossError) as err:
+    with pytest.raises(phase.NonFiniteLossError) as err:
         phase.train_phase(
             tiny_model(),
             arrays,
@@ -152,7 +150,7 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
         assert saved_step <= step
         ckpts = checkpoint.TrainCheckpoints(os.path.join(tmp_path, "train"), 2)
         model = tiny_model()
-        tx = train.make_optimizer(OPTIM, 12)
+        tx = OPTIM.build(12)
         _, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
         got = ckpts.restore_latest(
             sharding.with_shardings(state.params, state_sh.params),
@@ -164,8 +162,8 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
 def test_schedule_warmup_and_decay(decay):
-    cfg = ml_collections.ConfigDict(dict(OPTIM.to_dict(), decay=decay, warmup_steps=4, lr=1.0))
-    sched = train.learning_rate_schedule(cfg, total_steps=20)
+    cfg = dataclasses.replace(OPTIM, decay=decay, warmup_steps=4, lr=1.0)
+    sched = cfg.schedule(total_steps=20)
     assert float(sched(0)) == 0.0 and abs(float(sched(4)) - 1.0) < 1e-6
     end = float(sched(20))
     assert (abs(end - 1.0) < 1e-6) if decay == "constant" else (abs(end - 0.1) < 1e-6)
@@ -173,13 +171,11 @@ def test_schedule_warmup_and_decay(decay):
 
 def test_optimizer_errors_and_rmsprop_accumulation():
     with pytest.raises(ValueError, match="adamw' or 'rmsprop"):
-        train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), name="sgd")), 10)
+        dataclasses.replace(OPTIM, name="sgd").build(10)
     with pytest.raises(ValueError, match="optim.decay"):
-        train.make_optimizer(ml_collections.ConfigDict(dict(OPTIM.to_dict(), decay="step")), 10)
-    cfg = ml_collections.ConfigDict(
-        dict(OPTIM.to_dict(), name="rmsprop", grad_accum_steps=2, rms_decay=0.9, warmup_steps=0)
-    )
-    tx = train.make_optimizer(cfg, 10)
+        dataclasses.replace(OPTIM, decay="step").build(10)
+    cfg = dataclasses.replace(OPTIM, name="rmsprop", grad_accum_steps=2, rms_decay=0.9, warmup_steps=0)
+    tx = cfg.build(10)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     updates, state = tx.update({"w": jnp.ones(3)}, state, params)

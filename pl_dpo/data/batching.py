@@ -20,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 
 REQUIRED = ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL", "valid_NxK")
 
 
+# A pytree (every field a leaf, `ref_logps_BxK=None` an empty subtree): sharded and passed to jit as one argument.
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RankedBatch:
     """One (per-process) batch; right-padded, responses best first along K.

@@ -206,14 +206,14 @@ def preset_names() -> tuple[str, ...]:
     return tuple(_PRESETS)
 
 
-def tiny_config(name: str, **overrides) -> DecoderConfig:
-    """A named preset (see `preset_names()`), with any field overridden, e.g. `tiny_config("tiny-llama", vocab_size=300)`."""
+def preset_config(name: str, **overrides) -> DecoderConfig:
+    """A named preset (see `preset_names()`), with any field overridden, e.g. `preset_config("tiny-llama", vocab_size=300)`."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(DecoderConfig)}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"tiny_config({name!r}): unknown DecoderConfig fields {sorted(unknown)}")
+        raise ValueError(f"preset_config({name!r}): unknown DecoderConfig fields {sorted(unknown)}")
     return DecoderConfig(**{**_PRESETS[name], **overrides})
 
 

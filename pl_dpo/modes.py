@@ -1,0 +1,128 @@
+"""The modes of a run as data: what each one ranks, against which reference, under which objective.
+
+A mode is one entry of `MODES`. Validation (`config_lib`), the round loop (`rounds`) and the
+study tools (`experiments/`) read this table and nothing else, so a new mode is one entry
+here and, if it ranks lists in a new way, one list-building function.
+
+| mode | K | ranked list, best first | reference |
+|---|---|---|---|
+| spin | 2 | dataset answer, πθ(t)'s sample | πθ(t) |
+| asft | 3 | dataset answer, assistant 0's sample, πθ(t)'s sample | πθ(t) |
+| ladder | 2 + #assistants | dataset answer, every assistant's sample (strongest first), πθ(t)'s sample | πθ(t) |
+| offline | config.loss.K | the dataset's own ranked responses | πθ(0), fixed |
+| sft | 1 | (none: more SFT epochs on the dataset answers, the control arm) | (none) |
+
+No jax here: `experiments/` imports this module to read workdirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Sequence
+
+TokenIds = list[int]
+RankedLists = list[list[TokenIds]]  # per training prompt: responses best first
+
+
+class Reference(enum.Enum):
+    """Where a round's reference log-probs come from."""
+
+    ROUND_POLICY = "round_policy"  # πθ(t): the policy the round starts from (self-play)
+    SFT = "sft"  # the fixed πθ(0): the lists do not change, neither does their reference
+    NONE = "none"  # the objective uses no reference
+
+
+class Objective(enum.Enum):
+    PL_DPO = "pl_dpo"  # Plackett-Luce DPO over the ranked lists (config.loss)
+    SFT = "sft"  # token-mean NLL of the dataset answers
+
+
+@dataclasses.dataclass(frozen=True)
+class ListSources:
+    """What lists are built from: token ids per training prompt (assistants and πθ(t) on demand)."""
+
+    answers: Sequence[TokenIds]  # the dataset answer of each prompt
+    dataset_responses: Sequence[Sequence[TokenIds]]  # the dataset's ranked responses, best first
+    assistant_samples: Callable[[int], Sequence[TokenIds]]  # assistant i's samples (generated once, cached)
+    own_samples: Callable[[], Sequence[TokenIds]]  # πθ(t)'s samples (generated when asked)
+
+
+def self_play_lists(sources: ListSources, K: int) -> RankedLists:
+    """[dataset answer, samples of assistants 0..K-3 (strongest first), πθ(t)'s sample]."""
+    assistants = [sources.assistant_samples(i) for i in range(K - 2)]
+    own = sources.own_samples()
+    return [[answer, *(a[n] for a in assistants), own[n]] for n, answer in enumerate(sources.answers)]
+
+
+def dataset_lists(sources: ListSources, K: int) -> RankedLists:
+    """The dataset's first K ranked responses (shorter lists stay shorter: masked)."""
+    return [list(responses[:K]) for responses in sources.dataset_responses]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    # K from (number of configured assistants, config.loss.K).
+    list_size: Callable[[int, int], int]
+    k_rule: str  # how K is derived, for error messages
+    min_assistants: int
+    reference: Reference
+    objective: Objective
+    # (sources, K) -> lists; None for a mode that trains on the dataset answers alone.
+    build_lists: Callable[[ListSources, int], RankedLists] | None
+    # One ranked set for every round (fixed lists, fixed reference) instead of one per round.
+    one_set: bool = False
+    # K is config.loss.K itself (then loss.K need not agree with the other modes' K).
+    k_from_config: bool = False
+
+    @property
+    def ranks_own_sample(self) -> bool:
+        """The lists end with πθ(t)'s own sample (and so change every round)."""
+        return self.build_lists is self_play_lists
+
+    def assistants_ranked(self, K: int) -> int:
+        """How many of the configured assistants (the first ones) this mode's lists of size K rank."""
+        return K - 2 if self.ranks_own_sample else 0
+
+    @property
+    def ranks_dataset_responses(self) -> bool:
+        """The lists come from the data: it must hold several ranked responses per prompt."""
+        return self.build_lists is dataset_lists
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("spin", lambda n, k: 2, "K=2", 0, Reference.ROUND_POLICY, Objective.PL_DPO, self_play_lists),
+        Mode("asft", lambda n, k: 3, "K=3", 1, Reference.ROUND_POLICY, Objective.PL_DPO, self_play_lists),
+        Mode(
+            "ladder",
+            lambda n, k: 2 + n,
+            "K = 2 + number of assistants",
+            1,
+            Reference.ROUND_POLICY,
+            Objective.PL_DPO,
+            self_play_lists,
+        ),
+        Mode(
+            "offline",
+            lambda n, k: k,
+            "K = config.loss.K",
+            0,
+            Reference.SFT,
+            Objective.PL_DPO,
+            dataset_lists,
+            one_set=True,
+            k_from_config=True,
+        ),
+        # The control arm: the same rounds and gradient steps, spent on more SFT epochs.
+        Mode("sft", lambda n, k: 1, "K=1", 0, Reference.NONE, Objective.SFT, None),
+    )
+}
+
+
+def get(name: str) -> Mode:
+    if name not in MODES:
+        raise KeyError(f"unknown mode {name!r}; choose from {tuple(MODES)}")
+    return MODES[name]

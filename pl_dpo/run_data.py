@@ -1,0 +1,119 @@
+"""A run's inputs, prepared once: tokenizer, training prompts with their ranked responses, held-out split.
+
+`prepare_data` loads both splits (TFDS builders under `<workdir>/tfds`), tokenises them
+once (truncating and counting by the configured budget) and lays out the fixed-shape
+arrays every round shares; the round loop reads the frozen `RunData` it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from pl_dpo import evaluate, sharding
+from pl_dpo.data import Example, TokenizeConfig, assemble_ranked, load_split
+from pl_dpo.data.tokenize import encode_examples
+from pl_dpo.metric_log import MetricLog
+from pl_dpo.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TokenIds = list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    tokenize: TokenizeConfig
+    train_examples: list[Example]
+    train_prompt_ids: list[TokenIds]
+    train_response_ids: list[list[TokenIds]]  # per prompt: the dataset's responses, best first (+EOS)
+    sft_arrays: dict[str, np.ndarray]  # K=1: prompt + dataset answer, the layout of every round
+    heldout: evaluate.HeldOut
+
+    @property
+    def train_answer_ids(self) -> list[TokenIds]:
+        return [responses[0] for responses in self.train_response_ids]
+
+
+def run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """A configured folder, else the model's own folder, else a tiny one built once in the workdir."""
+    path = config.tokenizer.get("path") or config.model.get("hf_path")
+    if path:
+        return load_tokenizer(path)
+    path = os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")) and jax.process_index() == 0:
+        build_tiny_tokenizer(path, vocab_size=config.tokenizer.vocab_size)
+    sharding.sync_processes("tokenizer")  # the others read what process 0 wrote
+    return load_tokenizer(path)
+
+
+def ranked_arrays(
+    config: ml_collections.ConfigDict, pad_id: int, prompt_ids: list[TokenIds], lists: list[list[TokenIds]], k: int
+) -> dict[str, np.ndarray]:
+    """Prompts with K responses each in the fixed layout (L = max prompt + max response) of every round."""
+    data = config.data
+    return assemble_ranked(
+        prompt_ids,
+        lists,
+        pad_id=pad_id,
+        k=k,
+        seq_len=data.max_prompt_len + data.max_response_len,
+        prompt_len=data.max_prompt_len,
+    )
+
+
+def _load(config: ml_collections.ConfigDict, workdir: str, split: str, limit: int | None) -> list[Example]:
+    data = config.data
+    files = {name: path for name, path in dict(data.get("files", {}) or {}).items() if path} or None
+    examples = load_split(
+        data.source,
+        split,
+        data_dir=os.path.join(workdir, "tfds"),
+        files=files,
+        skip_bad_rows=data.get("skip_bad_rows", False),
+        **dict(data.get("options", {}) or {}),
+    )
+    return examples[:limit] if limit else examples
+
+
+def _encode(tokenizer, examples, tokenize: TokenizeConfig, split: str, metric_log: MetricLog):
+    prompt_ids, response_ids, stats = encode_examples(tokenizer, examples, tokenize)
+    metric_log.write(f"data/{split}", 0, stats.summary())
+    if stats.prompts_truncated or stats.responses_truncated:
+        log.warning(
+            "%s: truncated %d prompts and %d responses (data.max_prompt_len / max_response_len)",
+            split,
+            stats.prompts_truncated,
+            stats.responses_truncated,
+        )
+    return prompt_ids, response_ids
+
+
+def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: str, metric_log: MetricLog) -> RunData:
+    tokenize = TokenizeConfig(max_prompt_len=config.data.max_prompt_len, max_response_len=config.data.max_response_len)
+    pad_id = tokenizer.pad_token_id
+    train_examples = _load(config, workdir, "train", config.data.get("num_train"))
+    test_examples = _load(config, workdir, "test", config.eval.num_prompts)
+    train_prompts, train_responses = _encode(tokenizer, train_examples, tokenize, "train", metric_log)
+    test_prompts, test_responses = _encode(tokenizer, test_examples, tokenize, "test", metric_log)
+    answers = lambda responses: [r[:1] for r in responses]
+    heldout = evaluate.HeldOut(
+        examples=test_examples,
+        arrays=ranked_arrays(config, pad_id, test_prompts, answers(test_responses), k=1),
+        prompt_ids=test_prompts,
+        answer_ids=[r[0] for r in test_responses],
+        checkable=config.data.source == "synthetic",
+    )
+    return RunData(
+        tokenize=tokenize,
+        train_examples=train_examples,
+        train_prompt_ids=train_prompts,
+        train_response_ids=train_responses,
+        sft_arrays=ranked_arrays(config, pad_id, train_prompts, answers(train_responses), k=1),
+        heldout=heldout,
+    )
