@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from pl_dpo import sampler
-from pl_dpo.models import create_model, save_pretrained, preset_config
+from pl_dpo.models import create_model, preset_config, save_pretrained
 
 
 def _prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0):

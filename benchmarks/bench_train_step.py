@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pl_dpo.data import BatchIterator, assemble_ranked
-    from pl_dpo.models import create_model, save_pretrained, preset_config
+    from pl_dpo.models import create_model, preset_config, save_pretrained
 
     heads = max(args.hidden // 64, 1)
     cfg = preset_config(

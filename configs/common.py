@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """`get_config`'s one string argument as typed fields (big_vision style).
+
+    `parse_arg("quick,rounds=4", quick=False, rounds=3)` -> quick=True, rounds=4: each
+    `key=value` takes its default's type; a bare `key` sets a boolean default to True.
+    Unknown keys are refused with the list of known ones.
+    """
+    out = dict(defaults)
+    for item in (part.strip() for part in (arg or "").split(",")):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {item!r}: unknown key {key!r}; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        if not eq:
+            if kind is not bool:
+                raise ValueError(f"config argument {item!r}: {key} needs a value ({key}=...)")
+            out[key] = True
+        elif kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {item!r}: expected true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = kind(value)
+    return ml_collections.ConfigDict(out)
 
 
 def optimizer(
@@ -55,25 +85,25 @@ def model(
     )
 
 
+def small_llama(hidden: int, layers: int) -> ml_collections.ConfigDict:
+    """A small Llama-style model section: 4 heads (2 KV heads), MLP 3x wide, 128 positions."""
+    return model(
+        overrides=dict(
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=128,
+        )
+    )
+
+
 def assistant(hidden: int, layers: int, steps: int) -> ml_collections.ConfigDict:
     """A Llama-style assistant larger than the policy, trained by SFT on the same answers."""
     return ml_collections.ConfigDict(
-        dict(
-            sft_steps=steps,
-            batch_size=32,
-            optim=optimizer(3e-3),
-            model=model(
-                overrides=dict(
-                    hidden_size=hidden,
-                    intermediate_size=3 * hidden,
-                    num_layers=layers,
-                    num_heads=4,
-                    num_kv_heads=2,
-                    head_dim=hidden // 4,
-                    max_position_embeddings=128,
-                )
-            ),
-        )
+        dict(sft_steps=steps, batch_size=32, optim=optimizer(3e-3), model=small_llama(hidden, layers))
     )
 
 

@@ -25,11 +25,11 @@ the tests.
 
 import ml_collections
 
-from configs.common import assistant, base, model, optimizer
+from configs.common import assistant, base, model, optimizer, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    quick = arg == "quick"
+    quick = parse_arg(arg, quick=False).quick
     c = base(seed=0)
     c.modes = "spin,asft"
     # The tiny-llama preset (hidden 64, 2 layers, 4 heads): 0.14M parameters with this vocabulary.

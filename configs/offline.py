@@ -5,7 +5,7 @@
         --config.data.files.train=/data/ultrafeedback/train.jsonl \
         --config.data.files.test=/data/ultrafeedback/test.jsonl
 
-`:ranked_jsonl` reads the generic `{"prompt": ..., "responses": [best, ..., worst]}`
+`:source=ranked_jsonl` reads the generic `{"prompt": ..., "responses": [best, ..., worst]}`
 format instead; `:tiny` does too, with a tiny random model trained by SFT first, on CPU
 (a local try-out: give it any small ranked JSONL file for train and test). Each prompt's
 4 completions are ranked by `overall_score` (ties keep the source order:
@@ -16,12 +16,13 @@ implicit reward accuracy rises above 0.5 within the first epoch.
 
 import ml_collections
 
-from configs.common import assistant, base, model, optimizer
+from configs.common import assistant, base, model, optimizer, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = arg == "tiny"
-    source = "ranked_jsonl" if tiny else (arg or "ultrafeedback")
+    arg = parse_arg(arg, tiny=False, source="ultrafeedback")
+    tiny = arg.tiny
+    source = "ranked_jsonl" if tiny else arg.source
     c = base(seed=0)
     c.modes = "offline"
     c.model = model(hf_path="", param_dtype="float32", compute_dtype="bfloat16", remat="dots")

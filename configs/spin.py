@@ -16,18 +16,18 @@ tokens sampled per prompt, bf16 compute with float32 master weights, per-layer r
 With `--config.export_hf=True` every round's policy is written to
 `<workdir>/spin/hf_export/round_<t>` for lm-evaluation-harness (experiments/README.md).
 Expected (paper, Open LLM Leaderboard average): 58.14 (SFT) -> 60.80, 62.12, 62.97 after
-rounds 1-3 (the paper's iterations 0-2); `:4` adds iteration 3 (63.16, at lr 1e-7).
+rounds 1-3 (the paper's iterations 0-2); `:rounds=4` adds iteration 3 (63.16, at lr 1e-7).
 
-Pass `:N` to run N rounds (default 3).
+Pass `:rounds=N` to run N rounds (default 3).
 """
 
 import ml_collections
 
-from configs.common import base, model, optimizer
+from configs.common import base, model, optimizer, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    rounds = int(arg) if arg else 3
+    rounds = parse_arg(arg, rounds=3).rounds
     c = base(seed=42)
     c.modes = "spin"
     c.model = model(hf_path="", param_dtype="float32", compute_dtype="bfloat16", remat="dots")

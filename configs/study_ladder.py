@@ -15,17 +15,18 @@ the study's. Ladder only, 2 rounds, 3 seeds.
 from __future__ import annotations
 
 from configs import study
+from configs.common import assistant, parse_arg
 
 
 def get_config(arg: str | None = None):
     c = study.get_config(arg)
-    quick = arg == "quick"
+    quick = parse_arg(arg, quick=False).quick
     c.modes = "ladder"
     c.rounds.num = 1 if quick else 2
-    c.assistants = [study._assistant(64, 2, 30 if quick else 1200), study._assistant(96, 3, 30 if quick else 400)]
+    c.assistants = [assistant(64, 2, 30 if quick else 1200), assistant(96, 3, 30 if quick else 400)]
     return c
 
 
 def sweep(arg: str | None = None) -> list[dict]:
     # "modes" repeats the default so that the job names differ from the study's (same sweep dir).
-    return [{"seed": s, "modes": "ladder"} for s in ((0,) if arg == "quick" else study.SEEDS)]
+    return [{"seed": s, "modes": "ladder"} for s in ((0,) if parse_arg(arg, quick=False).quick else study.SEEDS)]

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 import yaml  # PyYAML: a dependency of ml-collections
 
-K_OF_MODE = {"spin": 2, "asft": 3, "sft": 1}  # ladder: 2 + number of assistants; offline: loss.K
+from pl_dpo import modes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +58,20 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def _k(mode: str, cfg: dict[str, Any]) -> int:
-    if mode == "ladder":
-        return 2 + len(cfg.get("assistants") or [])
-    if mode == "offline":
-        return int(cfg["loss"]["K"])
-    return K_OF_MODE[mode]
+    return int(modes.get(mode).list_size(len(cfg.get("assistants") or []), int(cfg["loss"]["K"])))
 
 
 def _assistants(mode: str, cfg: dict[str, Any]) -> str:
     """The assistants a mode ranks (asft: the first; ladder: all), as width x layers @ SFT steps."""
-    used = {"asft": 1, "ladder": None}.get(mode, 0)
+    used = modes.get(mode).assistants_ranked(_k(mode, cfg))
     parts = []
-    for a in (cfg.get("assistants") or [])[:used] if used != 0 else []:
+    for a in (cfg.get("assistants") or [])[:used]:
         o = (a.get("model") or {}).get("overrides") or {}
-        parts.append(a["model"]["hf_path"] if a["model"].get("hf_path") else
-                     f"{o.get('hidden_size', '?')}x{o.get('num_layers', '?')}@{a.get('sft_steps')}")
+        parts.append(
+            a["model"]["hf_path"]
+            if a["model"].get("hf_path")
+            else f"{o.get('hidden_size', '?')}x{o.get('num_layers', '?')}@{a.get('sft_steps')}"
+        )
     return ">".join(parts)
 
 
@@ -92,7 +91,7 @@ def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]
         mode, _, t = phase.partition("/round_")
         by_step = {r["step"]: r for r in recs}  # a resumed round may log a step twice: keep the last
         steps = sorted(by_step)
-        tail = [by_step[s] for s in steps[-max(1, len(steps) // 4):]]
+        tail = [by_step[s] for s in steps[-max(1, len(steps) // 4) :]]
         summary = {}
         for key in ("loss", "pairwise_accuracy"):
             values = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
@@ -133,12 +132,18 @@ def read_job(job: str) -> list[Record]:
     train = _train_summary(os.path.join(job, "metrics.jsonl"))
     records = []
     for mode in [m.strip() for m in str(cfg["modes"]).split(",") if m.strip()]:
-        cell = Cell(mode, _k(mode, cfg), None if mode == "sft" else float(cfg["loss"]["T"]), num_train,
-                    int(cfg["sft"]["steps"]), _assistants(mode, cfg))
+        cell = Cell(
+            mode,
+            _k(mode, cfg),
+            None if modes.get(mode).objective is modes.Objective.SFT else float(cfg["loss"]["T"]),
+            num_train,
+            int(cfg["sft"]["steps"]),
+            _assistants(mode, cfg),
+        )
         records.append(Record(cell, seed, 0, dict(start), job))
         # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .
         for path in glob.glob(os.path.join(job, mode, "eval_*.json")):
-            t = int(os.path.basename(path)[len("eval_"):-len(".json")])
+            t = int(os.path.basename(path)[len("eval_") : -len(".json")])
             if t == 0:
                 continue
             metrics = dict(_read_json(path)["metrics"])

@@ -22,7 +22,6 @@ Per-job wall time, return code and which stages were copied go to `<sweep_dir>/s
 from __future__ import annotations
 
 import argparse
-import copy
 import glob
 import importlib.util
 import inspect
@@ -40,8 +39,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # `configs.*` imports inside config files
 
-import ml_collections  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from pl_dpo.config_lib import apply_overrides, lookup, plain  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import read_config  # noqa: E402
@@ -51,13 +51,13 @@ from collect import read_config  # noqa: E402
 STAGE_KEYS = {
     "tokenizer": ("tokenizer",),
     "tfds": ("data.source", "data.options", "data.files"),
-    "sft": ("seed", "tokenizer", "model", "data", "sft", "eval", "sampling.max_new_tokens", "mesh",
-            "logprob_chunk"),
+    "sft": ("seed", "tokenizer", "model", "data", "sft", "eval", "sampling.max_new_tokens", "mesh", "logprob_chunk"),
     "assistant": ("seed", "tokenizer", "data", "sampling", "mesh", "logprob_chunk"),  # + assistants[i]
 }
 
 
 # ------------------------------------------------------------------------------ configs and jobs
+
 
 def load_module(path: str) -> ModuleType:
     if not os.path.exists(path):
@@ -79,31 +79,6 @@ def sweep_jobs(module: ModuleType, arg: str | None) -> list[dict[str, Any]]:
     return jobs
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted fields set (what `--config.a.b=v` does), checking each exists."""
-    config = copy.deepcopy(config)  # to_dict() would share the ConfigDicts inside lists (assistants)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            if p not in node:
-                raise KeyError(f"override {key!r}: the config has no field {p!r}")
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"override {key!r}: the config has no field {leaf!r}")
-        node[leaf] = value
-    return config
-
-
-def plain(value: Any) -> Any:
-    """ConfigDicts (also inside lists, which `to_dict()` leaves alone) as plain dicts and lists."""
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "(" + ",".join(_fmt(v) for v in value) + ("," if len(value) == 1 else "") + ")"
@@ -118,8 +93,14 @@ def job_name(overrides: dict[str, Any]) -> str:
 
 
 def job_argv(config_spec: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
-    return [sys.executable, "-m", "pl_dpo.main", f"--config={config_spec}", f"--workdir={workdir}",
-            *(f"--config.{k}={_fmt(v)}" for k, v in overrides.items())]
+    return [
+        sys.executable,
+        "-m",
+        "pl_dpo.main",
+        f"--config={config_spec}",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={_fmt(v)}" for k, v in overrides.items()),
+    ]
 
 
 def print_command(config_spec: str, workdir: str, overrides: dict[str, Any]) -> str:
@@ -129,14 +110,9 @@ def print_command(config_spec: str, workdir: str, overrides: dict[str, Any]) -> 
 
 # ------------------------------------------------------------------------------ sharing stages
 
-def _lookup(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
 
 def _same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
-    canon = lambda d, k: json.dumps(_lookup(d, k), sort_keys=True, default=str)  # tuple == list
+    canon = lambda d, k: json.dumps(lookup(d, k), sort_keys=True, default=str)  # tuple == list
     return all(canon(a, k) == canon(b, k) for k in keys)
 
 
@@ -159,6 +135,7 @@ def seed_from_donors(workdir: str, config: dict[str, Any], donors: list[tuple[st
     copied: list[str] = []
     sft_record = None
     for donor, dcfg in donors:
+
         def have(rel: str) -> bool:
             return os.path.exists(os.path.join(donor, rel)) and not os.path.exists(os.path.join(workdir, rel))
 
@@ -168,8 +145,11 @@ def seed_from_donors(workdir: str, config: dict[str, Any], donors: list[tuple[st
         if have("tfds") and _same(config, dcfg, STAGE_KEYS["tfds"]):
             _copy(os.path.join(donor, "tfds"), os.path.join(workdir, "tfds"))
             copied.append("tfds")
-        if (have("sft/policies/0/commit_success.txt") and os.path.exists(os.path.join(donor, "sft/eval_0.json"))
-                and _same(config, dcfg, STAGE_KEYS["sft"])):
+        if (
+            have("sft/policies/0/commit_success.txt")
+            and os.path.exists(os.path.join(donor, "sft/eval_0.json"))
+            and _same(config, dcfg, STAGE_KEYS["sft"])
+        ):
             _copy(os.path.join(donor, "sft/policies/0"), os.path.join(workdir, "sft/policies/0"))
             _copy(os.path.join(donor, "sft/eval_0.json"), os.path.join(workdir, "sft/eval_0.json"))
             sft_record = _sft_eval_record(donor)
@@ -177,8 +157,12 @@ def seed_from_donors(workdir: str, config: dict[str, Any], donors: list[tuple[st
         for i, assistant in enumerate(config.get("assistants") or []):
             rel = f"assistant_{i}"
             theirs = dcfg.get("assistants") or []
-            if (i < len(theirs) and have(f"{rel}/samples.npz") and _same(config, dcfg, STAGE_KEYS["assistant"])
-                    and json.dumps(assistant, sort_keys=True) == json.dumps(theirs[i], sort_keys=True)):
+            if (
+                i < len(theirs)
+                and have(f"{rel}/samples.npz")
+                and _same(config, dcfg, STAGE_KEYS["assistant"])
+                and json.dumps(assistant, sort_keys=True) == json.dumps(theirs[i], sort_keys=True)
+            ):
                 for part in ("policies/0", "samples.npz"):
                     if os.path.exists(os.path.join(donor, rel, part)):
                         _copy(os.path.join(donor, rel, part), os.path.join(workdir, rel, part))
@@ -213,8 +197,8 @@ def _finished_jobs(sweep_dir: str) -> list[tuple[str, dict[str, Any]]]:
 
 # ------------------------------------------------------------------------------ running
 
-def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: bool = False,
-              share: bool = True) -> int:
+
+def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: bool = False, share: bool = True) -> int:
     module = load_module(config_path)
     jobs = sweep_jobs(module, arg)
     spec = config_path + (f":{arg}" if arg else "")
@@ -223,7 +207,9 @@ def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: b
     resolved = [plain(apply_overrides(base, o)) for o in jobs]
     names = [job_name(o) for o in jobs]
     if len(set(names)) != len(names):
-        raise ValueError(f"sweep() of {config_path} has duplicate jobs: {sorted(n for n in names if names.count(n) > 1)}")
+        raise ValueError(
+            f"sweep() of {config_path} has duplicate jobs: {sorted(n for n in names if names.count(n) > 1)}"
+        )
     if dry_print:
         for name, o in zip(names, jobs):
             print(print_command(spec, os.path.join(sweep_dir, name), o))
@@ -244,20 +230,34 @@ def run_sweep(config_path: str, arg: str | None, sweep_dir: str, *, dry_print: b
             copied = seed_from_donors(workdir, cfg, donors) if share else []
             t0 = time.time()
             with open(os.path.join(workdir, "job.log"), "a", encoding="utf-8") as log:
-                rc = subprocess.call(job_argv(spec, workdir, overrides), cwd=REPO, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+                rc = subprocess.call(
+                    job_argv(spec, workdir, overrides), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
             seconds = time.time() - t0
             with open(os.path.join(sweep_dir, "sweep_log.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"job": name, "overrides": overrides, "rc": rc, "seconds": round(seconds, 1),
-                                    "copied": copied, "end": time.time()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "job": name,
+                            "overrides": overrides,
+                            "rc": rc,
+                            "seconds": round(seconds, 1),
+                            "copied": copied,
+                            "end": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
             if rc == 0:
                 donors.append((workdir, cfg))
             else:
                 failed.append(name)
                 tqdm.write(f"job {name} failed (rc={rc}); see {workdir}/job.log")
             bar.update(1)
-    print(f"sweep: {len(jobs) - len(failed)}/{len(jobs)} jobs finished in {time.time() - start:.0f} s "
-          f"({sweep_dir}/sweep_log.jsonl)")
+    print(
+        f"sweep: {len(jobs) - len(failed)}/{len(jobs)} jobs finished in {time.time() - start:.0f} s "
+        f"({sweep_dir}/sweep_log.jsonl)"
+    )
     return 1 if failed else 0
 
 

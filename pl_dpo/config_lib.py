@@ -207,9 +207,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.loss.T > 0:
         raise ConfigError(f"config.loss.T={config.loss.T} must be > 0")
     if config.loss.variant not in losses.VARIANTS:
-        raise ConfigError(
-            f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(losses.VARIANTS)}"
-        )
+        raise ConfigError(f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(losses.VARIANTS)}")
     ranking = [m for m in arms if m.objective is modes.Objective.PL_DPO]
     if config.loss.variant == "hinge" and any(list_size(config, m) != 2 for m in ranking):
         raise ConfigError("config.loss.variant='hinge' is defined for K=2 only")

@@ -61,7 +61,9 @@ def evaluate_policy(
     greedy = sampler.SamplingConfig(
         max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id
     )
-    responses = sampler.generate_responses(model, heldout.arrays, greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id)
+    responses = sampler.generate_responses(
+        model, heldout.arrays, greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id
+    )
     correct = None
     if heldout.checkable:
         correct = np.array(

@@ -40,6 +40,7 @@ class LossConfig:
     variant: str = "pl"
     top_m: int | None = None
 
+
 # Masked scores are replaced by this finite value rather than -inf: it vanishes in
 # every logsumexp (exp underflows to exactly 0) yet keeps gradients finite, which
 # -inf would not (logaddexp(-inf, -inf) has a NaN gradient).

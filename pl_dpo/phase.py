@@ -131,7 +131,11 @@ def train_phase(
     done = start_step
     try:
         with tqdm(
-            total=num_steps, initial=start_step, desc=spec.name, unit="step", leave=False,
+            total=num_steps,
+            initial=start_step,
+            desc=spec.name,
+            unit="step",
+            leave=False,
             disable=jax.process_index() != 0,
         ) as bar:
             for step in range(start_step, num_steps):

@@ -130,7 +130,12 @@ class SelfPlay:
         )
 
     def supervised_model(
-        self, lineage: str, model_cfg: ml_collections.ConfigDict, steps: int, optim: train.OptimizerConfig, batch_size: int
+        self,
+        lineage: str,
+        model_cfg: ml_collections.ConfigDict,
+        steps: int,
+        optim: train.OptimizerConfig,
+        batch_size: int,
     ) -> Decoder:
         """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0)."""
         seed = self.config.seed + zlib.crc32(lineage.encode()) % 1000
@@ -154,7 +159,13 @@ class SelfPlay:
             )
             objective = train.sft_objective(self.config.logprob_chunk)
             return train_phase(
-                model, self.data.sft_arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
+                model,
+                self.data.sft_arrays,
+                objective,
+                spec,
+                mesh=self.mesh,
+                rules=self.rules,
+                metric_log=self.metric_log,
             )
 
         return _stage(
@@ -178,7 +189,11 @@ class SelfPlay:
                 max_new_tokens=self.config.sampling.max_new_tokens,
                 baseline=baseline,
             )
-            return {"metrics": metrics, "responses": responses, "correct": None if correct is None else correct.tolist()}
+            return {
+                "metrics": metrics,
+                "responses": responses,
+                "correct": None if correct is None else correct.tolist(),
+            }
 
         def save(result: dict[str, Any]) -> None:
             self.metric_log.write(f"eval/{lineage}", index, result["metrics"])
@@ -275,14 +290,18 @@ class SelfPlay:
 
     def ranked_set(self, mode: modes.Mode, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked lists of `mode` (modes.MODES) with the reference log-probs of its mode."""
-        path = self._path(mode.name, "ranked.npz") if mode.one_set else self._path(mode.name, f"round_{t}", "ranked.npz")
+        path = (
+            self._path(mode.name, "ranked.npz") if mode.one_set else self._path(mode.name, f"round_{t}", "ranked.npz")
+        )
 
         def build() -> dict[str, np.ndarray]:
             sources = modes.ListSources(
                 answers=self.data.train_answer_ids,
                 dataset_responses=self.data.train_response_ids,
                 assistant_samples=self.assistant_samples,
-                own_samples=lambda: self.samples(policy, f"{mode.name}/round_{t}/samples", f"{mode.name} round {t} samples"),
+                own_samples=lambda: self.samples(
+                    policy, f"{mode.name}/round_{t}/samples", f"{mode.name} round {t} samples"
+                ),
             )
             lists = mode.build_lists(sources, K)
             arrays = ranked_arrays(self.config, self.pad_id, self.data.train_prompt_ids, lists, k=K)

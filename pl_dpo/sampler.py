@@ -25,6 +25,7 @@ from pl_dpo import sharding
 from pl_dpo.data import prompt_batches, trim_at_eos
 from pl_dpo.models.decoder import Decoder, positions_from_valid
 
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int
@@ -224,9 +225,7 @@ def generate_responses(
     n = arrays["prompt_tokens_NxP"].shape[0]
     out: list[list[int] | None] = [None] * n
     for i, batch in enumerate(prompt_batches(arrays, batch_size=batch_size)):
-        gen = generate(
-            model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP, jax.random.fold_in(rng, i), sampling
-        )
+        gen = generate(model, batch.prompt_tokens_BxP, batch.prompt_valid_BxP, jax.random.fold_in(rng, i), sampling)
         tokens, lengths = sharding.to_host(gen.tokens_BxT), sharding.to_host(gen.lengths_B)
         for row, ex in enumerate(batch.example_ids_B):
             if ex >= 0:

@@ -21,3 +21,30 @@ import tempfile  # noqa: E402
 _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"pl_dpo_jax_cache_{_run_id}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MainCommand:
+    """`python -m pl_dpo.main` as the end-to-end tests run it, in a subprocess from the repository root."""
+
+    cwd = REPO
+
+    @staticmethod
+    def argv(workdir, *flags: str, config: str = "configs/demo.py:quick") -> list[str]:
+        return [sys.executable, "-m", "pl_dpo.main", f"--config={config}", f"--workdir={workdir}", *flags]
+
+    @staticmethod
+    def env(devices: int = 1) -> dict[str, str]:
+        """The test environment with `devices` CPU devices (1: as on a user's machine)."""
+        flags = "" if devices == 1 else f"--xla_force_host_platform_device_count={devices}"
+        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+
+@pytest.fixture(scope="session")
+def main_command() -> MainCommand:
+    return MainCommand()

@@ -21,8 +21,12 @@ import sweep  # noqa: E402
 
 def test_product_zip_concat():
     jobs = product(seed=[0, 1], **{"loss.T": [0.1, 1.0]})
-    assert jobs == [{"seed": 0, "loss.T": 0.1}, {"seed": 0, "loss.T": 1.0},
-                    {"seed": 1, "loss.T": 0.1}, {"seed": 1, "loss.T": 1.0}]
+    assert jobs == [
+        {"seed": 0, "loss.T": 0.1},
+        {"seed": 0, "loss.T": 1.0},
+        {"seed": 1, "loss.T": 0.1},
+        {"seed": 1, "loss.T": 1.0},
+    ]
     z = zip_(**{"data.num_train": [500, 1000], "sft.steps": [100, 200]})
     assert z == [{"data.num_train": 500, "sft.steps": 100}, {"data.num_train": 1000, "sft.steps": 200}]
     assert product(z, seed=[3]) == [{**z[0], "seed": 3}, {**z[1], "seed": 3}]
@@ -78,9 +82,17 @@ def test_seed_from_donors_copies_only_stages_with_equal_settings(tmp_path):
     base = study.get_config()
     resolve = lambda o: sweep.plain(sweep.apply_overrides(base, o))
     donor = str(tmp_path / "donor")
-    for rel in ("tokenizer/tokenizer.json", "tfds/ds/data", "sft/policies/0/commit_success.txt", "sft/eval_0.json",
-                "sft/policies/1/commit_success.txt", "assistant_0/samples.npz", "assistant_0/policies/0/params",
-                "assistant_1/samples.npz", "spin/eval_1.json"):
+    for rel in (
+        "tokenizer/tokenizer.json",
+        "tfds/ds/data",
+        "sft/policies/0/commit_success.txt",
+        "sft/eval_0.json",
+        "sft/policies/1/commit_success.txt",
+        "assistant_0/samples.npz",
+        "assistant_0/policies/0/params",
+        "assistant_1/samples.npz",
+        "spin/eval_1.json",
+    ):
         _touch(os.path.join(donor, rel))
     _touch(os.path.join(donor, "metrics.jsonl"), json.dumps({"phase": "eval/sft", "step": 0, "exact_match": 0.5}))
     donors = [(donor, resolve({"seed": 0}))]
@@ -99,12 +111,20 @@ def test_seed_from_donors_copies_only_stages_with_equal_settings(tmp_path):
     assert sweep.seed_from_donors(fewer, resolve({"data.num_train": 500}), donors) == ["tokenizer", "tfds"]
     longer = str(tmp_path / "longer")  # a longer SFT: the assistants do not depend on it
     assert sweep.seed_from_donors(longer, resolve({"sft.steps": 1200}), donors) == [
-        "tokenizer", "tfds", "assistant_0", "assistant_1"]
+        "tokenizer",
+        "tfds",
+        "assistant_0",
+        "assistant_1",
+    ]
     other_assistant = sweep.apply_overrides(base, {})
     other_assistant.assistants[1].sft_steps = 99
     diff = str(tmp_path / "diff")
     assert sweep.seed_from_donors(diff, sweep.plain(other_assistant), donors) == [
-        "tokenizer", "tfds", "sft", "assistant_0"]
+        "tokenizer",
+        "tfds",
+        "sft",
+        "assistant_0",
+    ]
     assert base.assistants[1].sft_steps != 99  # apply_overrides copied the assistants too
     _touch(os.path.join(diff, "config.json"))  # a started job is never touched
     assert sweep.seed_from_donors(diff, resolve({}), donors) == []
@@ -119,6 +139,7 @@ def test_stat_matches_numpy():
     assert collect.stat([0.5]).fmt().endswith("(n=1)")
 
 
+@pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     """Two tiny jobs: the second starts from the first's SFT; the report has its tables and plots."""
     sweep_dir, out = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
@@ -152,8 +173,11 @@ def test_quick_study_end_to_end(tmp_path):
 
 
 def test_every_experiment_config_defines_a_sweep_that_resolves():
-    configs = [p for p in sorted(os.listdir(os.path.join(REPO, "configs")))
-               if p.endswith(".py") and p not in ("__init__.py", "sweeps.py", "common.py")]
+    configs = [
+        p
+        for p in sorted(os.listdir(os.path.join(REPO, "configs")))
+        if p.endswith(".py") and p not in ("__init__.py", "sweeps.py", "common.py")
+    ]
     assert "study.py" in configs and "demo.py" in configs
     for name in configs:
         module = sweep.load_module(os.path.join(REPO, "configs", name))

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from pl_dpo import sampler  # noqa: E402
-from pl_dpo.models import create_model, from_pretrained, positions_from_valid, save_pretrained, preset_config  # noqa: E402
+from pl_dpo.models import create_model, from_pretrained, positions_from_valid, preset_config, save_pretrained  # noqa: E402
 
 _COMMON = dict(
     vocab_size=160,

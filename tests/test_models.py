@@ -18,9 +18,9 @@ from pl_dpo.models import (
     from_hf_config,
     from_pretrained,
     positions_from_valid,
+    preset_config,
     preset_names,
     save_pretrained,
-    preset_config,
 )
 
 

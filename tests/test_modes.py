@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -40,33 +39,29 @@ def write_ranked_jsonl(path, examples, rng):
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory):
+def offline_run(tmp_path_factory, main_command):
     root = tmp_path_factory.mktemp("modes")
     splits = generate_examples(SyntheticConfig(seed=3, n_train=96, n_test=32))
     rng = np.random.default_rng(0)
     for split, examples in splits.items():
         write_ranked_jsonl(root / f"{split}.jsonl", examples, rng)
     workdir = root / "run"
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pl_dpo.main",
-        "--config=configs/offline.py:tiny",
-        f"--workdir={workdir}",
+    cmd = main_command.argv(
+        workdir,
         f"--config.data.files.train={root / 'train.jsonl'}",
         f"--config.data.files.test={root / 'test.jsonl'}",
         "--config.modes=offline,ladder,sft",
         "--config.rounds.num=2",
         "--config.export_hf=True",
-    ]
-    proc = subprocess.run(
-        cmd + ["--config.rounds.max_steps=6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        "--config.rounds.max_steps=6",
+        config="configs/offline.py:tiny",
     )
+    proc = subprocess.run(cmd, cwd=REPO, env=main_command.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
 
 
+@pytest.mark.slow
 def test_offline_ladder_and_sft_modes(offline_run):
     workdir, stdout = offline_run
     for row in ("| sft |", "| offline round 1 |", "| offline round 2 |", "| ladder round 2 |", "| sft round 2 |"):
@@ -86,6 +81,7 @@ def test_offline_ladder_and_sft_modes(offline_run):
         assert os.path.exists(workdir / f"assistant_{i}" / "samples.npz")
 
 
+@pytest.mark.slow
 def test_exported_policy_loads_in_transformers(offline_run):
     """The last policy, exported as a Hugging Face folder, gives the same logits in torch."""
     torch = pytest.importorskip("torch")

@@ -3,7 +3,6 @@
 import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,44 +23,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def _cmd(workdir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "pl_dpo.main",
-        "--config=configs/demo.py:quick",
-        f"--workdir={workdir}",
-        *OVERRIDES,
-        *extra,
-    ]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, main_command):
     root = tmp_path_factory.mktemp("multihost")
     port = _free_port()
     two = [
         subprocess.Popen(
-            _cmd(
+            main_command.argv(
                 root / "two",
+                *OVERRIDES,
                 "--distributed",
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
             cwd=REPO,
-            env=_env(2),
+            env=main_command.env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
-    one = subprocess.run(_cmd(root / "one"), cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        main_command.argv(root / "one", *OVERRIDES),
+        cwd=REPO,
+        env=main_command.env(4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     outs = [p.communicate(timeout=600) for p in two]
     for p, (_, err) in zip(two, outs):
         assert p.returncode == 0, err[-3000:]

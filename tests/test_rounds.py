@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -26,36 +25,22 @@ OVERRIDES = [
 ]
 
 
-def main_cmd(workdir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "pl_dpo.main",
-        "--config=configs/demo.py:quick",
-        f"--workdir={workdir}",
-        *OVERRIDES,
-        *extra,
-    ]
-
-
-def subprocess_env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # one CPU device, as on a user's machine
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def load_config(*overrides):
     config = demo.get_config("quick")
     return config_lib.apply_overrides(config, config_lib.parse_flag_overrides(config, OVERRIDES + list(overrides)))
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(tmp_path_factory, main_command):
     root = tmp_path_factory.mktemp("rounds")
     workdir = str(root / "reference")
     proc = subprocess.run(
-        main_cmd(workdir), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
+        main_command.argv(workdir, *OVERRIDES),
+        cwd=REPO,
+        env=main_command.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, workdir, proc.stdout
@@ -68,6 +53,7 @@ def restore_params(workdir, lineage, index, *overrides):
     return sp, model
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(reference_run):
     _, workdir, stdout = reference_run
     for row in ("| sft |", "| spin round 1 |", "| spin round 2 |", "| asft round 1 |", "| asft round 2 |"):
@@ -95,6 +81,7 @@ def test_arm_curves_start_at_the_sft_row():
     assert plots.arm_curves(table, "answer_logp") == {}
 
 
+@pytest.mark.slow
 def test_reference_logps_are_the_restored_round_policy(reference_run):
     """Round t's stored reference log-probs equal scoring its ranked set with the saved
     πθ(t) restored from disk, bit for bit; round 1 starts from exactly policy 1."""
@@ -117,11 +104,12 @@ def test_reference_logps_are_the_restored_round_policy(reference_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run):
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run, main_command):
     root, ref_workdir, _ = reference_run
     workdir = str(root / "killed")
-    env = subprocess_env()
-    cmd = main_cmd(workdir, "--config.modes=spin")
+    env = main_command.env()
+    cmd = main_command.argv(workdir, *OVERRIDES, "--config.modes=spin")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_ckpt = os.path.join(workdir, "spin", "round_1", "train", "3")
     deadline = time.time() + 300
@@ -142,6 +130,7 @@ def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_incompatible_workdir_is_refused_before_compiling(reference_run):
     _, workdir, _ = reference_run
     config = load_config()
@@ -176,12 +165,13 @@ def test_mesh_that_does_not_divide_devices_is_refused(tmp_path):
         rounds.SelfPlay(config, str(tmp_path))
 
 
-def test_sigterm_mid_round_saves_and_exits_143(reference_run):
+@pytest.mark.slow
+def test_sigterm_mid_round_saves_and_exits_143(reference_run, main_command):
     root, _, _ = reference_run
     workdir = str(root / "terminated")
-    cmd = main_cmd(workdir, "--config.modes=spin")
+    cmd = main_command.argv(workdir, *OVERRIDES, "--config.modes=spin")
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd, cwd=REPO, env=main_command.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     first_ckpt = os.path.join(workdir, "spin", "round_0", "train", "3")
     deadline = time.time() + 300
