@@ -1,12 +1,11 @@
 """Thin Orbax wrapper: per-round policies and mid-round train state (saved on preemption too).
 
-Layout of a workdir:
+Layout below a lineage's folder (docs/ARCHITECTURE.md, "Workdir layout"):
 
-    config.json            the config of the first run (check_workdir_config)
     policies/<t>/          πθ(t): params + metadata.json-like item (RoundCheckpoints)
     train/<step>/          mid-round state: params, opt_state, extra (TrainCheckpoints)
 
-Atomicity (DESIGN.md §8): Orbax writes `<step>.orbax-checkpoint-tmp-<ts>/` and renames it
+Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-<ts>/` and renames it
 on commit (local/NFS), or writes `commit_success.txt` (GCS). On top of that a step is
 taken as committed only if its `_CHECKPOINT_METADATA` carries a commit timestamp and
 every item directory exists; anything else found at start-up is renamed aside to

@@ -1,4 +1,4 @@
-"""Plackett-Luce DPO losses over K ranked responses (DESIGN.md §1).
+"""Plackett-Luce DPO losses over K ranked responses (docs/ARCHITECTURE.md, "The math").
 
 A prompt comes with K responses ranked best first. Each response gets the score
 

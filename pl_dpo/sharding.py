@@ -1,6 +1,6 @@
 """Device mesh, regex partition rules and sharded creation of parameters.
 
-One mesh with axes ("data", "fsdp", "tensor") (DESIGN.md §4). Parameters are placed
+One mesh with axes ("data", "fsdp", "tensor") (docs/ARCHITECTURE.md, "Scale-out"). Parameters are placed
 by *rules as data*: a sequence of `(regex, PartitionSpec)` pairs matched with
 `re.search` against the '/'-joined path of each parameter (e.g.
 `layers/3/attn/q_proj/kernel`); the first match wins. The same rules place the

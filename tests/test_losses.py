@@ -16,7 +16,7 @@ from pl_dpo import losses
 
 
 def numpy_pl_nll(scores_BxK: np.ndarray, valid_BxK: np.ndarray | None = None, top_m=None):
-    """Float64 reference written straight from DESIGN.md §1, one list at a time."""
+    """Float64 reference written straight from the formula (docs/ARCHITECTURE.md, "The math"), one list at a time."""
     scores_BxK = np.asarray(scores_BxK, np.float64)
     if valid_BxK is None:
         valid_BxK = np.ones(scores_BxK.shape, bool)
