@@ -1,9 +1,10 @@
 """Thin Orbax wrapper: per-round policies and mid-round train state (saved on preemption too).
 
-Layout below a lineage's folder (docs/ARCHITECTURE.md, "Workdir layout"):
+Where they live in a workdir (docs/ARCHITECTURE.md, "Workdir layout"):
 
-    policies/<t>/          πθ(t): params + metadata.json-like item (RoundCheckpoints)
-    train/<step>/          mid-round state: params, opt_state, extra (TrainCheckpoints)
+    <lineage>/policies/<t>/   πθ(t): params + metadata.json-like item (RoundCheckpoints)
+    <phase>/train/<step>/     a phase's mid-phase state: params, opt_state, extra (TrainCheckpoints);
+                              <phase> is `sft`, `assistant_<i>` or `<mode>/round_<t>`
 
 Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-<ts>/` and renames it
 on commit (local/NFS), or writes `commit_success.txt` (GCS). On top of that a step is

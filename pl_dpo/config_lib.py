@@ -104,7 +104,11 @@ def parse_flag_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]
             out[key] = text.lower() == "true"
         else:
             value = ast.literal_eval(text)
-            out[key] = type(current)(value) if isinstance(current, (int, float)) and current is not None else value
+            if isinstance(current, float) and isinstance(value, int):
+                value = float(value)
+            elif isinstance(current, int) and not isinstance(value, int):
+                raise ValueError(f"{flag!r}: expected an integer")
+            out[key] = value
     return out
 
 

@@ -1,8 +1,9 @@
 """Preemption, all of it: SIGTERM (one process) or JAX's preemption service (several), and the exit.
 
-A phase polls `Preemption.reached(step)` at every step boundary; once it is reached the
-phase saves its state at that step and raises `Preempted`, which `pl_dpo.main` turns into
-exit code 143. Running the same command again resumes from that state.
+At every step boundary a phase asks its `TrainCheckpoints.should_save(step)`, which polls
+`Preemption.reached(step)`; once it is reached the phase saves its state at that step and
+raises `Preempted`, which `pl_dpo.main` turns into exit code 143. Running the same command
+again resumes from that state.
 """
 
 from __future__ import annotations

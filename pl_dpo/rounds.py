@@ -8,6 +8,7 @@ Workdir layout:
 
     config.json                  the first run's config (later runs must agree, config_lib.WORKDIR_KEYS)
     tokenizer/                   built once when no tokenizer path is configured
+    tfds/                        the built datasets (array_record)
     sft/policies/0               πθ(0)  (sft/train: its mid-phase state)
     sft/eval_0.json              πθ(0)'s held-out metrics and greedy answers
     assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
@@ -17,6 +18,8 @@ Workdir layout:
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
     <mode>/hf_export/round_<t+1> πθ(t+1) as a Hugging Face folder (with export_hf)
     metrics.jsonl, tensorboard/  every step and every evaluation
+    results.md, results.png      the evaluation table and its plot (pl_dpo.main)
+    jax_cache/                   compiled programs, reused by later rounds and resumed runs
 """
 
 from __future__ import annotations

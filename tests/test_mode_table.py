@@ -1,0 +1,117 @@
+"""The modes table and the config boundary: list builders, K rules, typed sections, overrides, config arguments."""
+
+import dataclasses
+
+import pytest
+
+from configs import common, demo, offline, spin
+from pl_dpo import config_lib, losses, modes, train
+
+
+def _sources(n=3, calls=None):
+    calls = [] if calls is None else calls
+
+    def assistant(i):
+        calls.append(f"assistant_{i}")
+        return [[100 + i, p] for p in range(n)]
+
+    def own():
+        calls.append("own")
+        return [[200, p] for p in range(n)]
+
+    return modes.ListSources(
+        answers=[[1, p] for p in range(n)],
+        dataset_responses=[[[1, p], [2, p], [3, p], [4, p]] for p in range(n)],
+        assistant_samples=assistant,
+        own_samples=own,
+    )
+
+
+def test_self_play_lists_rank_answer_then_assistants_then_own_sample():
+    calls = []
+    lists = modes.self_play_lists(_sources(calls=calls), K=4)
+    assert lists[2] == [[1, 2], [100, 2], [101, 2], [200, 2]]
+    # Assistants first (strongest first), then the policy: the order the stages run in.
+    assert calls == ["assistant_0", "assistant_1", "own"]
+    calls.clear()
+    assert modes.self_play_lists(_sources(calls=calls), K=2)[0] == [[1, 0], [200, 0]] and calls == ["own"]
+
+
+def test_dataset_lists_keep_the_first_K():
+    assert modes.dataset_lists(_sources(), K=2)[1] == [[1, 1], [2, 1]]
+
+
+@pytest.mark.parametrize(
+    "name, n_assistants, loss_K, K, ranked, reference, objective",
+    [
+        ("spin", 2, 0, 2, 0, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
+        ("asft", 2, 0, 3, 1, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
+        ("ladder", 2, 0, 4, 2, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
+        ("offline", 2, 3, 3, 0, modes.Reference.SFT, modes.Objective.PL_DPO),
+        ("sft", 2, 0, 1, 0, modes.Reference.NONE, modes.Objective.SFT),
+    ],
+)
+def test_mode_table(name, n_assistants, loss_K, K, ranked, reference, objective):
+    mode = modes.get(name)
+    assert mode.list_size(n_assistants, loss_K) == K
+    assert mode.assistants_ranked(K) == ranked
+    assert mode.reference is reference and mode.objective is objective
+    assert mode.one_set == (name == "offline") and mode.ranks_own_sample == (name in ("spin", "asft", "ladder"))
+
+
+def test_list_size_reads_the_table_and_names_what_is_missing():
+    c = demo.get_config("quick")  # two assistants
+    assert [config_lib.list_size(c, m) for m in ("spin", "asft", "ladder", "sft")] == [2, 3, 4, 1]
+    c.assistants = []
+    with pytest.raises(config_lib.ConfigError, match="mode 'asft' needs one assistant model"):
+        config_lib.list_size(c, "asft")
+    with pytest.raises(KeyError, match="unknown mode 'dpo'"):
+        modes.get("dpo")
+
+
+def test_typed_sections_from_the_config():
+    c = demo.get_config("quick")
+    optim = config_lib.optimizer(c.rounds.optim)
+    assert isinstance(optim, train.OptimizerConfig) and optim.lr == 5e-4 and optim.decay == "linear"
+    assert config_lib.loss(c.loss) == losses.LossConfig(T=5.0, variant="pl", top_m=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        optim.lr = 1.0
+    section = common.optimizer(1e-3)
+    section.momentum = 0.9
+    with pytest.raises(TypeError, match="momentum"):  # an unknown field is refused, not ignored
+        config_lib.optimizer(section)
+
+
+def test_overrides_plain_and_lookup():
+    c = demo.get_config("quick")
+    parsed = config_lib.parse_flag_overrides(
+        c, ["--config.rounds.num=2", "--config.loss.T=0.5", "--config.modes=spin", "--config.export_hf=True"]
+    )
+    assert parsed == {"rounds.num": 2, "loss.T": 0.5, "modes": "spin", "export_hf": True}
+    assert isinstance(parsed["loss.T"], float)
+    new = config_lib.apply_overrides(c, parsed)
+    assert new.rounds.num == 2 and c.rounds.num == 1  # a copy
+    plain = config_lib.plain(new)
+    assert isinstance(plain["assistants"][0], dict) and plain["assistants"][0]["sft_steps"] == 30
+    assert config_lib.lookup(plain, "loss.T") == 0.5 and config_lib.lookup(plain, "loss.Tau") is config_lib.MISSING
+    with pytest.raises(ValueError, match="expected an integer"):
+        config_lib.parse_flag_overrides(c, ["--config.rounds.num=0.5"])
+    with pytest.raises(KeyError, match="existing field"):
+        config_lib.parse_flag_overrides(c, ["--config.loss.Tau=1"])
+    with pytest.raises(KeyError, match="no field 'Tau'"):
+        config_lib.apply_overrides(c, {"loss.Tau": 1.0})
+
+
+def test_config_arguments():
+    arg = common.parse_arg("quick,rounds=4", quick=False, rounds=3, source="x")
+    assert (arg.quick, arg.rounds, arg.source) == (True, 4, "x")
+    assert common.parse_arg(None, quick=False).quick is False
+    with pytest.raises(ValueError, match="unknown key 'rnds'"):
+        common.parse_arg("rnds=4", rounds=3)
+    with pytest.raises(ValueError, match="rounds needs a value"):
+        common.parse_arg("rounds", rounds=3)
+    assert spin.get_config("rounds=4").rounds.num == 4 and spin.get_config().rounds.num == 3
+    assert offline.get_config("source=ranked_jsonl").data.source == "ranked_jsonl"
+    assert (
+        offline.get_config("tiny").data.source == "ranked_jsonl" and offline.get_config().data.source == "ultrafeedback"
+    )
