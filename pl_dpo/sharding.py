@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -203,13 +202,6 @@ def with_shardings(abstract_state: Any, shardings: Any) -> Any:
 # ----------------------------------------------------------------------------- creation
 
 
-def create_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules, **rule_kwargs: Any) -> Any:
-    """Run a pure `init_fn() -> pytree` so that its outputs are born sharded."""
-    abstract = jax.eval_shape(init_fn)
-    shardings = logical_to_shardings(abstract, mesh, rules, **rule_kwargs)
-    return jax.jit(init_fn, out_shardings=shardings)()
-
-
 def create_sharded_module(
     constructor: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, **rule_kwargs: Any
 ) -> nnx.Module:
@@ -223,29 +215,6 @@ def create_sharded_module(
 
     state = jax.jit(lambda: nnx.split(constructor())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
-
-
-def create_sharded_optimizer(
-    model: nnx.Module,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    rules: Rules,
-    wrt: Any = nnx.Param,
-) -> nnx.Optimizer:
-    """An nnx.Optimizer whose state (moments, counters) is created sharded like its params.
-
-    Optimizer-state leaves whose rank differs from the rule (scalar counters,
-    factored moments) are replicated.
-    """
-    graphdef, params = nnx.split(model)
-
-    def build(model_state):
-        return nnx.Optimizer(nnx.merge(graphdef, model_state), tx, wrt=wrt)
-
-    opt_graphdef, abstract_opt = nnx.split(nnx.eval_shape(build, params))
-    shardings = logical_to_shardings(abstract_opt, mesh, rules, rank_mismatch="replicate")
-    opt_state = jax.jit(lambda s: nnx.split(build(s))[1], out_shardings=shardings)(params)
-    return nnx.merge(opt_graphdef, opt_state)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from sharded_state import create_sharded_optimizer
 
 from pl_dpo import checkpoint as ckpt_lib
 from pl_dpo import sharding as shd
@@ -58,7 +59,7 @@ def run_train(args) -> None:
     mesh = shd.make_mesh()
     rules = shd.DEFAULT_DECODER_RULES
     model = shd.create_sharded_module(lambda: TinyMlp(nnx.Rngs(0)), mesh, rules)
-    opt = shd.create_sharded_optimizer(model, optax.adam(1e-2), mesh, rules)
+    opt = create_sharded_optimizer(model, optax.adam(1e-2), mesh, rules)
     gdef, mstate = nnx.split(model)
     odef, ostate = nnx.split(opt)
     ckpt = ckpt_lib.TrainCheckpoints(args.dir, save_every_steps=args.save_every, max_to_keep=2)
@@ -124,7 +125,7 @@ def run_dist(args) -> None:
     assert rounds.latest_round() == 0
 
     # Train state with optimizer, plus a batch built from per-process rows.
-    opt = shd.create_sharded_optimizer(model, optax.adam(1e-2), mesh, rules)
+    opt = create_sharded_optimizer(model, optax.adam(1e-2), mesh, rules)
     ostate = nnx.state(opt)
     train = ckpt_lib.TrainCheckpoints(os.path.join(args.dir, "train"), save_every_steps=1)
     train.maybe_save(1, params, ostate, {"data_pos": 1})

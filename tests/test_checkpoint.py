@@ -20,6 +20,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from sharded_state import create_sharded_optimizer
 
 from pl_dpo import checkpoint as ck
 from pl_dpo import config_lib
@@ -96,7 +97,7 @@ def test_restore_target_without_sharding_is_a_clear_error(tmp_path):
 
 def _train_state(mesh):
     model = shd.create_sharded_module(lambda: Small(nnx.Rngs(0)), mesh, RULES)
-    opt = shd.create_sharded_optimizer(model, optax.adamw(1e-3), mesh, RULES)
+    opt = create_sharded_optimizer(model, optax.adamw(1e-3), mesh, RULES)
     return nnx.state(model), nnx.state(opt)
 
 

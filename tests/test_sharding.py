@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from sharded_state import create_sharded, create_sharded_optimizer
 
 from pl_dpo import sharding as shd
 
@@ -179,7 +180,7 @@ def test_create_sharded_module_and_optimizer_2x2x2():
     ref = nnx.state(TinyDecoder(nnx.Rngs(0)), nnx.Param)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref)
 
-    opt = shd.create_sharded_optimizer(model, optax.adamw(1e-3), mesh, shd.DEFAULT_DECODER_RULES)
+    opt = create_sharded_optimizer(model, optax.adamw(1e-3), mesh, shd.DEFAULT_DECODER_RULES)
     mu = opt.opt_state[0].mu
     assert mu["layers"][0]["mlp"]["up_proj"]["kernel"].get_value().sharding.spec == P("fsdp", "tensor")
     assert _shard_shape(mu["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()) == (D // 2, F // 2)
@@ -189,7 +190,7 @@ def test_create_sharded_module_and_optimizer_2x2x2():
 def test_create_sharded_plain_pytree():
     mesh = shd.make_mesh(1, 4, 2)
     init = lambda: {"lm_head": {"kernel": jnp.ones((D, V))}, "step": jnp.zeros((), jnp.int32)}
-    out = shd.create_sharded(init, mesh, shd.DEFAULT_DECODER_RULES)
+    out = create_sharded(init, mesh, shd.DEFAULT_DECODER_RULES)
     assert out["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
     assert _shard_shape(out["lm_head"]["kernel"]) == (D // 4, V // 2)
     assert out["step"].sharding.spec == P()
@@ -212,7 +213,7 @@ def test_shard_batch():
 def _train(mesh, tokens_BxL, n_steps=3):
     rules = shd.DEFAULT_DECODER_RULES
     model = shd.create_sharded_module(lambda: TinyDecoder(nnx.Rngs(0)), mesh, rules)
-    opt = shd.create_sharded_optimizer(model, optax.adamw(1e-2, eps=1e-6), mesh, rules)
+    opt = create_sharded_optimizer(model, optax.adamw(1e-2, eps=1e-6), mesh, rules)
     gdef, mstate = nnx.split(model)
     odef, ostate = nnx.split(opt)
     m_sh = jax.tree.map(lambda x: x.sharding, mstate)
