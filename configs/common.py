@@ -85,6 +85,13 @@ def model(
     )
 
 
+def synthetic_task(n_train: int, n_test: int) -> dict:
+    """Options of the built-in synthetic source: addition, sorting and reversal, difficulty 1-3."""
+    return dict(
+        seed=0, n_train=n_train, n_test=n_test, tasks=("add", "sort", "reverse"), min_difficulty=1, max_difficulty=3
+    )
+
+
 def small_llama(hidden: int, layers: int) -> ml_collections.ConfigDict:
     """A small Llama-style model section: 4 heads (2 KV heads), MLP 3x wide, 128 positions."""
     return model(

@@ -25,7 +25,7 @@ the tests.
 
 import ml_collections
 
-from configs.common import assistant, base, model, optimizer, parse_arg
+from configs.common import assistant, base, model, optimizer, parse_arg, synthetic_task
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,14 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.modes = "spin,asft"
     # The tiny-llama preset (hidden 64, 2 layers, 4 heads): 0.14M parameters with this vocabulary.
     c.model = model(overrides=dict(max_position_embeddings=128))
-    c.data.options = dict(
-        seed=0,
-        n_train=400 if quick else 2000,
-        n_test=64 if quick else 300,
-        tasks=("add", "sort", "reverse"),
-        min_difficulty=1,
-        max_difficulty=3,
-    )
+    c.data.options = synthetic_task(n_train=400 if quick else 2000, n_test=64 if quick else 300)
     # One sequence length (40 + 16) for every batch: at this size a recompile costs more than padding.
     c.data.length_buckets = (56,)
     c.sft.steps = 20 if quick else 300

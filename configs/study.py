@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import assistant, base, optimizer, parse_arg, small_llama
+from configs.common import assistant, base, optimizer, parse_arg, small_llama, synthetic_task
 from configs.sweeps import concat, product
 
 SEEDS = (0, 1, 2)
@@ -41,14 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base(seed=0)
     c.modes = "spin" if quick else "spin,asft,ladder,sft"
     c.model = small_llama(hidden=64, layers=2)  # ~0.2M parameters
-    c.data.options = dict(
-        seed=0,
-        n_train=400 if quick else 2000,
-        n_test=64 if quick else 300,
-        tasks=("add", "sort", "reverse"),
-        min_difficulty=1,
-        max_difficulty=3,
-    )
+    c.data.options = synthetic_task(n_train=400 if quick else 2000, n_test=64 if quick else 300)
     c.data.length_buckets = (56,)
     c.sft.steps = 20 if quick else 300
     # Strongest first: aSFT ranks [answer, assistant 0, own]; the ladder [answer, a0, a1, own].
