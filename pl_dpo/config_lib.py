@@ -181,7 +181,12 @@ def optimizer(section: ml_collections.ConfigDict) -> train.OptimizerConfig:
 
 
 def loss(section: ml_collections.ConfigDict) -> losses.LossConfig:
-    return losses.LossConfig(T=float(section.T), variant=section.variant, top_m=section.get("top_m"))
+    return losses.LossConfig(
+        T=float(section.T),
+        variant=section.variant,
+        top_m=section.get("top_m"),
+        sft_weight=float(section.get("sft_weight", 0.0)),
+    )
 
 
 def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> DecoderConfig:
@@ -210,6 +215,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.K={config.loss.K} must be >= 2 (or 0: from the mode)")
     if not config.loss.T > 0:
         raise ConfigError(f"config.loss.T={config.loss.T} must be > 0")
+    if not config.loss.get("sft_weight", 0.0) >= 0:
+        raise ConfigError(f"config.loss.sft_weight={config.loss.sft_weight} must be >= 0")
     if config.loss.variant not in losses.VARIANTS:
         raise ConfigError(f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(losses.VARIANTS)}")
     ranking = [m for m in arms if m.objective is modes.Objective.PL_DPO]

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ("pl", "pl_top_m", "hinge")
+VARIANTS = ("pl", "pl_top_m", "hinge", "lipo_lambda", "bt_all_pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,9 @@ class LossConfig:
     T: float
     variant: str = "pl"
     top_m: int | None = None
+    # Weight of the token-mean NLL of each list's rank-1 response added to the loss (RPO / TRL's
+    # "sft" term): an anchor against the falling likelihood of the preferred answers. 0: off.
+    sft_weight: float = 0.0
 
 
 # Masked scores are replaced by this finite value rather than -inf: it vanishes in
@@ -96,6 +99,60 @@ def hinge_nll(scores_BxK: jax.Array, valid_BxK: jax.Array | None = None) -> jax.
     return jax.nn.relu(1.0 - margin_B)
 
 
+def rank_labels(valid_BxK: jax.Array) -> jax.Array:
+    """Graded labels from the ranking alone: the number of valid responses ranked below each one."""
+    valid_BxK = valid_BxK.astype(bool)
+    return jnp.where(valid_BxK, valid_BxK.sum(axis=1, keepdims=True) - jnp.cumsum(valid_BxK, axis=1), 0)
+
+
+def lambda_weights(scores_BxK: jax.Array, labels_BxK: jax.Array, valid_BxK: jax.Array) -> jax.Array:
+    """LiPO-lambda's pair weights [B, K, K]: |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|.
+
+    G = 2^label - 1 is the gain, D(tau) = log2(1 + tau) the discount of the 1-based position
+    tau of a response when the valid responses are sorted by the current scores (ties broken by
+    list order). The weights are constants of the step (no gradient flows through them)."""
+    scores_BxK = jax.lax.stop_gradient(scores_BxK)
+    K = scores_BxK.shape[1]
+    idx_K = jnp.arange(K)
+    # tau_i = 1 + #{valid j ahead of i}: j scores higher, or equal and earlier in the list.
+    ahead_BxKxK = (scores_BxK[:, None, :] > scores_BxK[:, :, None]) | (
+        (scores_BxK[:, None, :] == scores_BxK[:, :, None]) & (idx_K[None, :] < idx_K[:, None])[None]
+    )
+    tau_BxK = 1 + jnp.sum(ahead_BxKxK & valid_BxK[:, None, :], axis=2)
+    inv_discount_BxK = 1.0 / jnp.log2(1.0 + tau_BxK.astype(jnp.float32))
+    gain_BxK = jnp.exp2(labels_BxK.astype(jnp.float32)) - 1.0
+    return jnp.abs(gain_BxK[:, :, None] - gain_BxK[:, None, :]) * jnp.abs(
+        inv_discount_BxK[:, :, None] - inv_discount_BxK[:, None, :]
+    )
+
+
+def pairwise_logistic_nll(
+    scores_BxK: jax.Array,
+    valid_BxK: jax.Array | None = None,
+    labels_BxK: jax.Array | None = None,
+    weighting: str = "none",
+) -> jax.Array:
+    """Per-list sum over ordered pairs (i better than j) of w_ij * -log sigmoid(s_i - s_j), shape [B].
+
+    "Better" is a higher label (`labels_BxK`, graded: ratings, verifier scores); without labels,
+    earlier in the list (`rank_labels`). Pairs with equal labels carry no preference and are
+    skipped. `weighting`: "none" (w = 1, every pair: "bt_all_pairs") or "lambda" (LiPO-lambda,
+    Liu et al. 2024, `lambda_weights`). For K=2 with rank labels, "none" is exactly the DPO
+    loss -log sigmoid(s_1 - s_2) and "lambda" is (1 - 1/log2(3)) ~ 0.369 times it.
+    """
+    valid_BxK = _as_valid(scores_BxK, valid_BxK)
+    scores_BxK = scores_BxK.astype(jnp.promote_types(scores_BxK.dtype, jnp.float32))
+    labels_BxK = rank_labels(valid_BxK) if labels_BxK is None else labels_BxK
+    better_BxKxK = (labels_BxK[:, :, None] > labels_BxK[:, None, :]) & valid_BxK[:, :, None] & valid_BxK[:, None, :]
+    diff_BxKxK = jnp.where(better_BxKxK, scores_BxK[:, :, None] - scores_BxK[:, None, :], 0.0)
+    nll_BxKxK = jax.nn.softplus(-diff_BxKxK)  # -log sigmoid, stable for |s| ~ 1e4
+    if weighting == "lambda":
+        nll_BxKxK = nll_BxKxK * lambda_weights(scores_BxK, labels_BxK, valid_BxK)
+    elif weighting != "none":
+        raise ValueError(f"weighting must be 'none' or 'lambda', got {weighting!r}")
+    return jnp.sum(jnp.where(better_BxKxK, nll_BxKxK, 0.0), axis=(1, 2))
+
+
 def _check_temperature(T: Any) -> None:
     # A traced T (swept without recompiling) cannot be checked here; configs check it.
     if isinstance(T, (int, float)) and not T > 0:
@@ -109,6 +166,7 @@ def pl_dpo_loss(
     valid: jax.Array | None = None,
     variant: str = "pl",
     top_m: int | None = None,
+    labels: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Plackett-Luce DPO loss of a batch of ranked lists and its metrics.
 
@@ -117,9 +175,13 @@ def pl_dpo_loss(
       ref_logps: [B, K] the same under the frozen reference.
       T: KL temperature (DPO's beta), > 0.
       valid: [B, K] bool, which responses exist.
-      variant: "pl" (full Plackett-Luce), "pl_top_m" (first `top_m` stages) or
-        "hinge" (SPIN's hinge, K=2).
+      variant: "pl" (full Plackett-Luce), "pl_top_m" (first `top_m` stages),
+        "hinge" (SPIN's hinge, K=2), "lipo_lambda" (LiPO-lambda: lambda-weighted
+        pairwise logistic terms) or "bt_all_pairs" (unweighted, every ordered pair);
+        see `pairwise_logistic_nll`.
       top_m: number of stages for "pl_top_m".
+      labels: [B, K] graded labels for the pairwise variants (higher is better);
+        None: derived from the ranking.
 
     Returns:
       (loss, metrics): the mean loss over lists with >= 2 valid responses, and a
@@ -141,6 +203,9 @@ def pl_dpo_loss(
 
     if variant == "hinge":
         nll_B = hinge_nll(scores_BxK, valid_BxK)
+    elif variant in ("lipo_lambda", "bt_all_pairs"):
+        weighting = "lambda" if variant == "lipo_lambda" else "none"
+        nll_B = pairwise_logistic_nll(scores_BxK, valid_BxK, labels, weighting)
     else:
         nll_B = plackett_luce_nll(scores_BxK, valid_BxK, top_m if variant == "pl_top_m" else None)
 

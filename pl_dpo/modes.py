@@ -9,6 +9,7 @@ here and, if it ranks lists in a new way, one list-building function.
 | spin | 2 | dataset answer, πθ(t)'s sample | πθ(t) |
 | asft | 3 | dataset answer, assistant 0's sample, πθ(t)'s sample | πθ(t) |
 | ladder | 2 + #assistants | dataset answer, every assistant's sample (strongest first), πθ(t)'s sample | πθ(t) |
+| triplet | 3 | dataset answer, πθ(0)'s sample, πθ(t)'s sample | πθ(t) |
 | offline | config.loss.K | the dataset's own ranked responses | πθ(0), fixed |
 | sft | 1 | (none: more SFT epochs on the dataset answers, the control arm) | (none) |
 
@@ -45,6 +46,7 @@ class ListSources:
     answers: Sequence[TokenIds]  # the dataset answer of each prompt
     dataset_responses: Sequence[Sequence[TokenIds]]  # the dataset's ranked responses, best first
     assistant_samples: Callable[[int], Sequence[TokenIds]]  # assistant i's samples (generated once, cached)
+    sft_samples: Callable[[], Sequence[TokenIds]]  # πθ(0)'s samples (generated once, cached)
     own_samples: Callable[[], Sequence[TokenIds]]  # πθ(t)'s samples (generated when asked)
 
 
@@ -53,6 +55,16 @@ def self_play_lists(sources: ListSources, K: int) -> RankedLists:
     assistants = [sources.assistant_samples(i) for i in range(K - 2)]
     own = sources.own_samples()
     return [[answer, *(a[n] for a in assistants), own[n]] for n, answer in enumerate(sources.answers)]
+
+
+def triplet_lists(sources: ListSources, K: int) -> RankedLists:
+    """[dataset answer, πθ(0)'s sample, πθ(t)'s sample]: aSFT's shape with the SFT policy as the
+    middle rank instead of an assistant (cf. T-SPIN, which keeps πθ(0)'s samples in play so that
+    the advantage over πθ(t) does not vanish as the rounds go on)."""
+    if K != 3:
+        raise ValueError(f"triplet lists have K=3, got K={K}")
+    sft, own = sources.sft_samples(), sources.own_samples()
+    return [[answer, sft[n], own[n]] for n, answer in enumerate(sources.answers)]
 
 
 def dataset_lists(sources: ListSources, K: int) -> RankedLists:
@@ -79,11 +91,11 @@ class Mode:
     @property
     def ranks_own_sample(self) -> bool:
         """The lists end with πθ(t)'s own sample (and so change every round)."""
-        return self.build_lists is self_play_lists
+        return self.build_lists in (self_play_lists, triplet_lists)
 
     def assistants_ranked(self, K: int) -> int:
         """How many of the configured assistants (the first ones) this mode's lists of size K rank."""
-        return K - 2 if self.ranks_own_sample else 0
+        return K - 2 if self.build_lists is self_play_lists else 0
 
     @property
     def ranks_dataset_responses(self) -> bool:
@@ -105,6 +117,7 @@ MODES: dict[str, Mode] = {
             Objective.PL_DPO,
             self_play_lists,
         ),
+        Mode("triplet", lambda n, k: 3, "K=3", 0, Reference.ROUND_POLICY, Objective.PL_DPO, triplet_lists),
         Mode(
             "offline",
             lambda n, k: k,

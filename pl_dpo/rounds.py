@@ -11,6 +11,7 @@ Workdir layout:
     tfds/                        the built datasets (array_record)
     sft/policies/0               πθ(0)  (sft/train: its mid-phase state)
     sft/eval_0.json              πθ(0)'s held-out metrics and greedy answers
+    sft/samples.npz              πθ(0)'s cached samples (mode triplet)
     assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
     <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
                                  (a mode with one fixed set, offline: <mode>/ranked.npz)
@@ -44,7 +45,7 @@ from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
 from pl_dpo.phase import PhaseSpec, train_phase
 from pl_dpo.policies import PolicyStore
-from pl_dpo.run_data import RunData, TokenIds, prepare_data, ranked_arrays, run_tokenizer
+from pl_dpo.run_data import RunData, TokenIds, graded_labels, prepare_data, ranked_arrays, run_tokenizer
 from pl_dpo.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,21 @@ class SelfPlay:
             lambda out: _save_npz(path, _pack(out, self.pad_id)),
         )
 
+    def sft_samples(self) -> list[TokenIds]:
+        """Samples of πθ(0) on the training prompts, generated once and cached (like an assistant's)."""
+        path = self._path("sft", "samples.npz")
+
+        def generate() -> list[TokenIds]:
+            sft = self.restore_policy("sft", self.config.model, 0)
+            return self.samples(sft, "sft/samples", "sft samples")
+
+        return _stage(
+            os.path.exists(path),
+            lambda: _unpack(load_ranked_set(path)),
+            generate,
+            lambda out: _save_npz(path, _pack(out, self.pad_id)),
+        )
+
     def ranked_set(self, mode: modes.Mode, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked lists of `mode` (modes.MODES) with the reference log-probs of its mode."""
         path = (
@@ -302,6 +318,7 @@ class SelfPlay:
                 answers=self.data.train_answer_ids,
                 dataset_responses=self.data.train_response_ids,
                 assistant_samples=self.assistant_samples,
+                sft_samples=self.sft_samples,
                 own_samples=lambda: self.samples(
                     policy, f"{mode.name}/round_{t}/samples", f"{mode.name} round {t} samples"
                 ),
@@ -310,6 +327,9 @@ class SelfPlay:
             arrays = ranked_arrays(self.config, self.pad_id, self.data.train_prompt_ids, lists, k=K)
             if mode.ranks_own_sample:  # a diagnostic: how often πθ(t) already gives the answer
                 arrays["policy_sample_correct_N"] = np.array([lst[-1] == lst[0] for lst in lists], bool)
+            labels = graded_labels(self.data.train_examples, K) if mode.ranks_dataset_responses else None
+            if labels is not None:  # ratings (UltraFeedback): the pairwise losses weigh pairs by them
+                arrays["labels_NxK"] = labels
             if mode.reference is modes.Reference.SFT:
                 reference = self.restore_policy("sft", self.config.model, 0)
             elif mode.reference is modes.Reference.ROUND_POLICY:

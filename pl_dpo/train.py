@@ -32,8 +32,9 @@ Objective = Callable[[Decoder, Any], tuple[jax.Array, Metrics]]
 
 
 def pl_dpo_objective(loss: losses.LossConfig, chunk_size: int) -> Objective:
-    """Plackett-Luce DPO over the K ranked responses of each prompt."""
-    T, variant, top_m = float(loss.T), loss.variant, loss.top_m
+    """Plackett-Luce DPO (or a pairwise variant) over the K ranked responses of each prompt,
+    plus `loss.sft_weight` times the token-mean NLL of the rank-1 responses when it is > 0."""
+    T, variant, top_m, sft_weight = float(loss.T), loss.variant, loss.top_m, float(loss.sft_weight)
 
     def objective(model: Decoder, batch) -> tuple[jax.Array, Metrics]:
         policy_BxK = list_logps(
@@ -44,7 +45,16 @@ def pl_dpo_objective(loss: losses.LossConfig, chunk_size: int) -> Objective:
             batch.positions_BxKxL,
             chunk_size=chunk_size,
         )
-        return losses.pl_dpo_loss(policy_BxK, batch.ref_logps_BxK, T, batch.valid_BxK, variant, top_m)
+        pref_loss, metrics = losses.pl_dpo_loss(
+            policy_BxK, batch.ref_logps_BxK, T, batch.valid_BxK, variant, top_m, batch.labels_BxK
+        )
+        if not sft_weight:
+            return pref_loss, metrics
+        # The anchor: token-mean NLL of the rank-1 responses (as the SFT objective computes it).
+        num_tokens = jnp.maximum(batch.loss_mask_BxKxL[:, 0].sum(), 1)
+        sft_nll = -jnp.sum(jnp.where(batch.valid_BxK[:, 0], policy_BxK[:, 0], 0.0)) / num_tokens
+        total = pref_loss + sft_weight * sft_nll
+        return total, dict(metrics, loss=total, preference_loss=pref_loss, sft_nll=sft_nll)
 
     return objective
 

@@ -145,7 +145,7 @@ def test_top_m_and_hinge_variants():
 
 def test_bad_config_errors():
     s = jnp.zeros((2, 3))
-    with pytest.raises(ValueError, match="valid variants: pl, pl_top_m, hinge"):
+    with pytest.raises(ValueError, match="valid variants: pl, pl_top_m, hinge, lipo_lambda, bt_all_pairs"):
         losses.pl_dpo_loss(s, s, 0.1, variant="ipo")
     with pytest.raises(ValueError, match="T must be > 0"):
         losses.pl_dpo_loss(s, s, 0.0)

@@ -19,10 +19,15 @@ def _sources(n=3, calls=None):
         calls.append("own")
         return [[200, p] for p in range(n)]
 
+    def sft():
+        calls.append("sft")
+        return [[300, p] for p in range(n)]
+
     return modes.ListSources(
         answers=[[1, p] for p in range(n)],
         dataset_responses=[[[1, p], [2, p], [3, p], [4, p]] for p in range(n)],
         assistant_samples=assistant,
+        sft_samples=sft,
         own_samples=own,
     )
 
@@ -37,6 +42,14 @@ def test_self_play_lists_rank_answer_then_assistants_then_own_sample():
     assert modes.self_play_lists(_sources(calls=calls), K=2)[0] == [[1, 0], [200, 0]] and calls == ["own"]
 
 
+def test_triplet_lists_rank_answer_then_sft_sample_then_own_sample():
+    calls = []
+    assert modes.triplet_lists(_sources(calls=calls), K=3)[1] == [[1, 1], [300, 1], [200, 1]]
+    assert calls == ["sft", "own"]
+    with pytest.raises(ValueError, match="K=3"):
+        modes.triplet_lists(_sources(), K=4)
+
+
 def test_dataset_lists_keep_the_first_K():
     assert modes.dataset_lists(_sources(), K=2)[1] == [[1, 1], [2, 1]]
 
@@ -47,6 +60,7 @@ def test_dataset_lists_keep_the_first_K():
         ("spin", 2, 0, 2, 0, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
         ("asft", 2, 0, 3, 1, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
         ("ladder", 2, 0, 4, 2, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
+        ("triplet", 2, 0, 3, 0, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
         ("offline", 2, 3, 3, 0, modes.Reference.SFT, modes.Objective.PL_DPO),
         ("sft", 2, 0, 1, 0, modes.Reference.NONE, modes.Objective.SFT),
     ],
@@ -56,12 +70,14 @@ def test_mode_table(name, n_assistants, loss_K, K, ranked, reference, objective)
     assert mode.list_size(n_assistants, loss_K) == K
     assert mode.assistants_ranked(K) == ranked
     assert mode.reference is reference and mode.objective is objective
-    assert mode.one_set == (name == "offline") and mode.ranks_own_sample == (name in ("spin", "asft", "ladder"))
+    assert mode.one_set == (name == "offline") and mode.ranks_own_sample == (
+        name in ("spin", "asft", "ladder", "triplet")
+    )
 
 
 def test_list_size_reads_the_table_and_names_what_is_missing():
     c = demo.get_config("quick")  # two assistants
-    assert [config_lib.list_size(c, m) for m in ("spin", "asft", "ladder", "sft")] == [2, 3, 4, 1]
+    assert [config_lib.list_size(c, m) for m in ("spin", "asft", "ladder", "triplet", "sft")] == [2, 3, 4, 3, 1]
     c.assistants = []
     with pytest.raises(config_lib.ConfigError, match="mode 'asft' needs one assistant model"):
         config_lib.list_size(c, "asft")

@@ -9,7 +9,7 @@ import pytest
 
 from configs import asft, demo, offline, spin
 from pl_dpo import config_lib
-from pl_dpo.data import SyntheticConfig, generate_examples
+from pl_dpo.data import SyntheticConfig, generate_examples, load_ranked_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,9 @@ def offline_run(tmp_path_factory, main_command):
         workdir,
         f"--config.data.files.train={root / 'train.jsonl'}",
         f"--config.data.files.test={root / 'test.jsonl'}",
-        "--config.modes=offline,ladder,sft",
+        "--config.modes=offline,ladder,sft,triplet",
+        "--config.loss.variant=lipo_lambda",
+        "--config.loss.sft_weight=0.1",
         "--config.rounds.num=2",
         "--config.export_hf=True",
         "--config.rounds.max_steps=6",
@@ -79,6 +81,16 @@ def test_offline_ladder_and_sft_modes(offline_run):
     # Both assistants were trained and sampled once.
     for i in (0, 1):
         assert os.path.exists(workdir / f"assistant_{i}" / "samples.npz")
+    # Triplets [answer, πθ(0) sample, πθ(t) sample]: πθ(0)'s samples generated once, for both rounds.
+    triplet = [r for r in records if r["phase"] == "triplet/round_1"]
+    assert "| triplet round 2 |" in stdout and len(triplet[0]["scores_K"]) == 3
+    assert os.path.exists(workdir / "sft" / "samples.npz")
+    ranked = load_ranked_set(workdir / "triplet" / "round_1" / "ranked.npz")
+    samples = load_ranked_set(workdir / "sft" / "samples.npz")
+    n = int(samples["lengths"][0])
+    assert ranked["tokens_NxKxL"][0, 1][ranked["loss_mask_NxKxL"][0, 1]].tolist() == samples["tokens"][0, :n].tolist()
+    # The SFT anchor and the LiPO-lambda loss reached the preference arms' metrics.
+    assert all("sft_nll" in r and "preference_loss" in r for r in triplet + ladder + offline_)
 
 
 @pytest.mark.slow
@@ -101,7 +113,9 @@ def test_exported_policy_loads_in_transformers(offline_run):
     from pl_dpo import rounds
 
     config = offline.get_config("tiny")
-    config.modes = "offline,ladder,sft"
+    config.modes = "offline,ladder,sft,triplet"
+    config.loss.variant = "lipo_lambda"
+    config.loss.sft_weight = 0.1
     config.rounds.num = 2
     config.rounds.max_steps = 6
     config.export_hf = True

@@ -75,12 +75,8 @@ def test_sharded_step_matches_single_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_objective_equals_loss_of_separately_computed_logps():
-    """The [B*K, L] single forward equals scoring each response alone with the full logits."""
-    arrays = ranked_arrays(n=4)
-    model = tiny_model()
-    batch = next(BatchIterator(arrays, batch_size=4, shuffle=False, length_buckets=(16,)))
-    loss, _ = train.pl_dpo_objective(LOSS, chunk_size=4)(model, batch)
+def separate_logps(model, batch):
+    """Each response scored alone with the full logits: summed response log-probs [B, K]."""
     B, K, L = batch.tokens_BxKxL.shape
     policy = np.zeros((B, K), np.float32)
     for b in range(B):
@@ -90,8 +86,38 @@ def test_objective_equals_loss_of_separately_computed_logps():
             logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float64 if jax.config.x64_enabled else jnp.float32))
             tok_logp = np.take_along_axis(np.asarray(logp), tokens[0, 1:, None], -1)[:, 0]
             policy[b, k] = (tok_logp * batch.loss_mask_BxKxL[b, k, 1:]).sum()
+    return policy
+
+
+def test_objective_equals_loss_of_separately_computed_logps():
+    """The [B*K, L] single forward equals scoring each response alone with the full logits."""
+    arrays = ranked_arrays(n=4)
+    model = tiny_model()
+    batch = next(BatchIterator(arrays, batch_size=4, shuffle=False, length_buckets=(16,)))
+    loss, _ = train.pl_dpo_objective(LOSS, chunk_size=4)(model, batch)
+    policy = separate_logps(model, batch)
     want, _ = losses.pl_dpo_loss(jnp.asarray(policy), jnp.asarray(batch.ref_logps_BxK), LOSS.T, batch.valid_BxK)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["pl", "lipo_lambda"])
+def test_sft_anchor_adds_the_token_mean_nll_of_the_rank_one_responses(variant):
+    arrays = ranked_arrays(n=4)
+    arrays["valid_NxK"][1, 0] = False  # a list without its rank-1 response adds nothing to the anchor
+    arrays["loss_mask_NxKxL"][1, 0] = False
+    model = tiny_model()
+    batch = next(BatchIterator(arrays, batch_size=4, shuffle=False, length_buckets=(16,)))
+    anchored = dataclasses.replace(LOSS, variant=variant, sft_weight=0.3)
+    loss, metrics = train.pl_dpo_objective(anchored, chunk_size=4)(model, batch)
+    policy = separate_logps(model, batch)
+    pref, _ = losses.pl_dpo_loss(
+        jnp.asarray(policy), jnp.asarray(batch.ref_logps_BxK), LOSS.T, batch.valid_BxK, variant=variant
+    )
+    valid = np.asarray(batch.valid_BxK)[:, 0]
+    nll = -policy[valid, 0].sum() / np.asarray(batch.loss_mask_BxKxL)[valid, 0].sum()
+    np.testing.assert_allclose(metrics["sft_nll"], nll, rtol=1e-5)
+    np.testing.assert_allclose(loss, pref + 0.3 * nll, rtol=1e-5)
+    np.testing.assert_allclose(metrics["preference_loss"], pref, rtol=1e-5)
 
 
 def test_first_step_scores_are_zero_when_reference_is_the_policy():

@@ -45,6 +45,7 @@ class RankedBatch:
     valid_BxK: np.ndarray  # bool, response exists
     example_ids_B: np.ndarray  # int64, -1 for padding rows
     ref_logps_BxK: np.ndarray | None = None  # float32
+    labels_BxK: np.ndarray | None = None  # float32 graded labels (ratings, verifier scores), higher is better
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> int:
         "valid_NxK": ((n, k), "b"),
         "example_ids_N": ((n,), "i"),
         "ref_logps_NxK": ((n, k), "f"),
+        "labels_NxK": ((n, k), "f"),
         "prompt_valid_NxP": (None, "b"),
         "prompt_tokens_NxP": (None, "i"),
     }
@@ -115,7 +117,7 @@ def gather_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, p
     loss_mask = arrays["loss_mask_NxKxL"][idx, :, :seq_len] & keep[:, None, None]
     valid = arrays["valid_NxK"][idx] & keep[:, None]
     ids = arrays["example_ids_N"][idx] if "example_ids_N" in arrays else idx.astype(np.int64)
-    ref = arrays.get("ref_logps_NxK")
+    ref, labels = arrays.get("ref_logps_NxK"), arrays.get("labels_NxK")
     b, k = valid.shape
     return RankedBatch(
         tokens_BxKxL=tokens,
@@ -125,6 +127,7 @@ def gather_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, p
         valid_BxK=valid,
         example_ids_B=np.where(pad, -1, ids).astype(np.int64),
         ref_logps_BxK=None if ref is None else np.where(valid, ref[idx], 0.0).astype(np.float32),
+        labels_BxK=None if labels is None else np.where(valid, labels[idx], 0.0).astype(np.float32),
     )
 
 
