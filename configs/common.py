@@ -144,6 +144,11 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
             max_steps=0,  # 0: all epochs
             optim=optimizer(1e-5),
             lr_per_round=(),
+            # Round mixing: also train on the ranked sets of this many previous rounds, their
+            # reference log-probs re-scored with the round's reference (mix_rescore, SPIN's code) or kept.
+            mix_previous=0,
+            mix_rescore=True,
+            answer_on_top=False,  # mode ranked_samples: the dataset answer above the K-1 ranked samples
         )
     )
     c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64))

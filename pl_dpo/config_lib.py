@@ -34,6 +34,9 @@ WORKDIR_KEYS = (
     "sft",
     "rounds.epochs",
     "rounds.batch_size",
+    "rounds.mix_previous",
+    "rounds.mix_rescore",
+    "rounds.answer_on_top",
     "sampling",
 )
 
@@ -226,6 +229,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.rounds.num={config.rounds.num} and rounds.epochs={config.rounds.epochs} must be >= 1"
         )
+    if config.rounds.get("mix_previous", 0) < 0:
+        raise ConfigError(f"config.rounds.mix_previous={config.rounds.mix_previous} must be >= 0")
     lrs = config.rounds.get("lr_per_round")
     if lrs and len(lrs) < config.rounds.num:
         raise ConfigError(f"config.rounds.lr_per_round has {len(lrs)} values for {config.rounds.num} rounds")
@@ -233,6 +238,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.sampling.max_new_tokens={config.sampling.max_new_tokens} exceeds "
             f"config.data.max_response_len={config.data.max_response_len}"
+        )
+    needs_verifier = [m.name for m in arms if m.needs_verifier]
+    if needs_verifier and config.data.source != "synthetic":
+        raise ConfigError(
+            f"mode {needs_verifier[0]!r} ranks samples with the task's verifier, which only "
+            f"data.source='synthetic' has (got {config.data.source!r})"
         )
     needs_ranked_data = [m.name for m in arms if m.ranks_dataset_responses]
     if needs_ranked_data and config.data.source == "synthetic":

@@ -14,6 +14,7 @@ Workdir layout:
     sft/samples.npz              πθ(0)'s cached samples (mode triplet)
     assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
     <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
+    <mode>/round_<t>/mixed.npz   with rounds.mix_previous: that set and the previous rounds' sets
                                  (a mode with one fixed set, offline: <mode>/ranked.npz)
     <mode>/round_<t>/train       mid-round train state
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
@@ -26,6 +27,7 @@ Workdir layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,13 +41,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pl_dpo import config_lib, evaluate, modes, sampler, scoring, sharding, train
-from pl_dpo.data import load_ranked_set, save_ranked_set, tokenize_examples
+from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, save_ranked_set, tokenize_examples
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
 from pl_dpo.phase import PhaseSpec, train_phase
 from pl_dpo.policies import PolicyStore
-from pl_dpo.run_data import RunData, TokenIds, graded_labels, prepare_data, ranked_arrays, run_tokenizer
+from pl_dpo.run_data import RunData, TokenIds, prepare_data, ranked_arrays, run_tokenizer
 from pl_dpo.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -307,29 +309,43 @@ class SelfPlay:
             lambda out: _save_npz(path, _pack(out, self.pad_id)),
         )
 
+    def _list_sources(self, mode: modes.Mode, t: int, policy_samples) -> modes.ListSources:
+        examples = self.data.train_examples
+
+        def grade(n: int, ids: TokenIds) -> float:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return grade_answer(examples[n].task, examples[n].meta, text)
+
+        return modes.ListSources(
+            answers=self.data.train_answer_ids,
+            dataset_responses=self.data.train_response_ids,
+            assistant_samples=self.assistant_samples,
+            sft_samples=self.sft_samples,
+            policy_samples=policy_samples,
+            dataset_scores=[e.scores for e in examples],
+            grade=grade if self.config.data.source == "synthetic" else None,
+            answer_on_top=bool(self.config.rounds.get("answer_on_top", False)),
+            seed=self.config.seed + zlib.crc32(f"{mode.name}/round_{t}/ties".encode()),
+        )
+
     def ranked_set(self, mode: modes.Mode, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked lists of `mode` (modes.MODES) with the reference log-probs of its mode."""
         path = (
             self._path(mode.name, "ranked.npz") if mode.one_set else self._path(mode.name, f"round_{t}", "ranked.npz")
         )
 
+        def policy_samples(i: int) -> list[TokenIds]:
+            # Sample 0 keeps the label self-play has always used; further draws get their own.
+            label = f"{mode.name}/round_{t}/samples" + (f"_{i}" if i else "")
+            return self.samples(policy, label, f"{mode.name} round {t} samples" + (f" {i}" if i else ""))
+
         def build() -> dict[str, np.ndarray]:
-            sources = modes.ListSources(
-                answers=self.data.train_answer_ids,
-                dataset_responses=self.data.train_response_ids,
-                assistant_samples=self.assistant_samples,
-                sft_samples=self.sft_samples,
-                own_samples=lambda: self.samples(
-                    policy, f"{mode.name}/round_{t}/samples", f"{mode.name} round {t} samples"
-                ),
-            )
-            lists = mode.build_lists(sources, K)
-            arrays = ranked_arrays(self.config, self.pad_id, self.data.train_prompt_ids, lists, k=K)
+            ranked = mode.build_lists(self._list_sources(mode, t, functools.cache(policy_samples)), K)
+            arrays = ranked_arrays(self.config, self.pad_id, self.data.train_prompt_ids, ranked.lists, k=K)
             if mode.ranks_own_sample:  # a diagnostic: how often πθ(t) already gives the answer
-                arrays["policy_sample_correct_N"] = np.array([lst[-1] == lst[0] for lst in lists], bool)
-            labels = graded_labels(self.data.train_examples, K) if mode.ranks_dataset_responses else None
-            if labels is not None:  # ratings (UltraFeedback): the pairwise losses weigh pairs by them
-                arrays["labels_NxK"] = labels
+                arrays["policy_sample_correct_N"] = np.array([lst[-1] == lst[0] for lst in ranked.lists], bool)
+            if ranked.labels is not None:  # ratings or verifier scores: the pairwise losses weigh pairs by them
+                arrays["labels_NxK"] = ranked.labels
             if mode.reference is modes.Reference.SFT:
                 reference = self.restore_policy("sft", self.config.model, 0)
             elif mode.reference is modes.Reference.ROUND_POLICY:
@@ -338,6 +354,28 @@ class SelfPlay:
                 raise ValueError(f"mode {mode.name!r} ranks lists but names no reference")
             arrays["ref_logps_NxK"] = scoring.score_ranked(reference, arrays, self.config.eval.batch_size)
             return arrays
+
+        return _stage(os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: _save_npz(path, a))
+
+    def training_set(self, mode: modes.Mode, t: int, start: Decoder, K: int) -> dict[str, np.ndarray]:
+        """Round t's ranked set, joined by those of the `rounds.mix_previous` rounds before it.
+
+        Round mixing (SPIN's authors: training on rounds t and t-1 together "works better than a
+        single iteration"). With `rounds.mix_rescore` (default, as their code does: the trainer
+        scores every list with the current reference) the earlier sets get reference log-probs of
+        πθ(t); without it each keeps the log-probs of the policy that generated it."""
+        own = self.ranked_set(mode, t, start, K)
+        previous = range(max(0, t - int(self.config.rounds.get("mix_previous", 0) or 0)), t)
+        if mode.one_set or not previous:
+            return own
+        path = self._path(mode.name, f"round_{t}", "mixed.npz")
+
+        def build() -> dict[str, np.ndarray]:
+            sets = [load_ranked_set(self._path(mode.name, f"round_{s}", "ranked.npz")) for s in previous]
+            if self.config.rounds.get("mix_rescore", True):
+                bs = self.config.eval.batch_size
+                sets = [dict(a, ref_logps_NxK=scoring.score_ranked(start, a, bs)) for a in sets]
+            return concat_ranked_sets([*sets, own])
 
         return _stage(os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: _save_npz(path, a))
 
@@ -362,7 +400,7 @@ class SelfPlay:
         if mode.objective is modes.Objective.SFT:
             arrays, objective = self.data.sft_arrays, train.sft_objective(c.logprob_chunk)
         else:
-            arrays = self.ranked_set(mode, t, start, K)
+            arrays = self.training_set(mode, t, start, K)
             objective = train.pl_dpo_objective(config_lib.loss(c.loss), c.logprob_chunk)
         optim = config_lib.optimizer(c.rounds.optim)
         if c.rounds.get("lr_per_round"):

@@ -67,18 +67,6 @@ def ranked_arrays(
     )
 
 
-def graded_labels(examples: list[Example], K: int) -> np.ndarray | None:
-    """The dataset's own ratings of its first K responses as labels [N, K] (0 where a list is
-    shorter), for the pairwise losses; None unless every example carries ratings."""
-    if not examples or not all(e.scores for e in examples):
-        return None
-    labels = np.zeros((len(examples), K), np.float32)
-    for n, e in enumerate(examples):
-        scores = e.scores[:K]
-        labels[n, : len(scores)] = scores
-    return labels
-
-
 def _load(config: ml_collections.ConfigDict, workdir: str, split: str, limit: int | None) -> list[Example]:
     data = config.data
     files = {name: path for name, path in dict(data.get("files", {}) or {}).items() if path} or None

@@ -9,6 +9,7 @@ from pl_dpo.data import (
     BatchIterator,
     RankedBatch,
     assemble_ranked,
+    concat_ranked_sets,
     load_ranked_set,
     prompt_batches,
     save_ranked_set,
@@ -183,3 +184,16 @@ def test_ranked_set_roundtrip_atomic_no_pickle(tmp_path):
         load_ranked_set(evil)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_ranked_set(tmp_path / "nope.npz")
+
+
+def test_concat_ranked_sets_joins_common_arrays_in_order():
+    a, b = _arrays(n=5, seed=1), _arrays(n=7, seed=2)
+    b["policy_sample_correct_N"] = np.ones(7, bool)  # only in one set: left out
+    both = concat_ranked_sets([a, b])
+    assert sorted(both) == sorted(a)
+    for k in a:
+        np.testing.assert_array_equal(both[k][:5], a[k])
+        np.testing.assert_array_equal(both[k][5:], b[k])
+    assert validate_arrays(both) == 12
+    with pytest.raises(ValueError, match="different layouts"):
+        concat_ranked_sets([a, _arrays(n=5, k=2)])

@@ -11,7 +11,7 @@ import pytest
 from pl_dpo.data import DataError, load_split, make_builder, read_split, skipped_rows
 from pl_dpo.data.schemas import rank_with_ties
 from pl_dpo.data.stats import main as stats_main
-from pl_dpo.data.synthetic import SyntheticConfig, check_answer, generate_examples
+from pl_dpo.data.synthetic import SyntheticConfig, check_answer, generate_examples, grade_answer
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 UC, UF, RJ = (os.path.join(FIX, f) for f in ("ultrachat.jsonl", "ultrafeedback.jsonl", "ranked.jsonl"))
@@ -66,6 +66,17 @@ def test_synthetic_checker_examples_and_errors():
         SyntheticConfig(tasks=("mul",)).validate()
     with pytest.raises(ValueError, match="distinct prompts"):  # 1-digit addition has 100 prompts.
         generate_examples(SyntheticConfig(tasks=("add",), n_train=150, n_test=10, max_difficulty=1))
+
+
+def test_synthetic_grader_is_graded_and_agrees_with_the_checker():
+    assert grade_answer("add", {"a": 37, "b": 5}, " 42 ") == 1.0
+    assert grade_answer("add", {"a": 37, "b": 5}, "43") == 0.5  # one of two characters right
+    assert grade_answer("add", {"a": 37, "b": 5}, "421") == 2 / 3  # an extra character costs
+    assert grade_answer("sort", '{"digits": "3140"}', "01") == 0.5  # so does a missing one
+    assert grade_answer("reverse", {"letters": "abcd"}, "") == 0.0
+    for e in generate_examples(SyntheticConfig(n_train=60, n_test=10))["train"]:
+        for text in (e.responses[0], e.responses[0][::-1] + "x", e.responses[0][:-1]):
+            assert (grade_answer(e.task, e.meta, text) == 1.0) == check_answer(e.task, e.meta, text)
 
 
 UC_GOOD = [

@@ -2,22 +2,23 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from configs import common, demo, offline, spin
 from pl_dpo import config_lib, losses, modes, train
 
 
-def _sources(n=3, calls=None):
+def _sources(n=3, calls=None, **fields):
     calls = [] if calls is None else calls
 
     def assistant(i):
         calls.append(f"assistant_{i}")
         return [[100 + i, p] for p in range(n)]
 
-    def own():
-        calls.append("own")
-        return [[200, p] for p in range(n)]
+    def policy(i):
+        calls.append("own" if i == 0 else f"own_{i}")
+        return [[200 + i, p] for p in range(n)]
 
     def sft():
         calls.append("sft")
@@ -28,30 +29,55 @@ def _sources(n=3, calls=None):
         dataset_responses=[[[1, p], [2, p], [3, p], [4, p]] for p in range(n)],
         assistant_samples=assistant,
         sft_samples=sft,
-        own_samples=own,
+        policy_samples=policy,
+        **fields,
     )
 
 
 def test_self_play_lists_rank_answer_then_assistants_then_own_sample():
     calls = []
-    lists = modes.self_play_lists(_sources(calls=calls), K=4)
-    assert lists[2] == [[1, 2], [100, 2], [101, 2], [200, 2]]
+    lists, labels = modes.self_play_lists(_sources(calls=calls), K=4)
+    assert labels is None and lists[2] == [[1, 2], [100, 2], [101, 2], [200, 2]]
     # Assistants first (strongest first), then the policy: the order the stages run in.
     assert calls == ["assistant_0", "assistant_1", "own"]
     calls.clear()
-    assert modes.self_play_lists(_sources(calls=calls), K=2)[0] == [[1, 0], [200, 0]] and calls == ["own"]
+    assert modes.self_play_lists(_sources(calls=calls), K=2).lists[0] == [[1, 0], [200, 0]] and calls == ["own"]
 
 
 def test_triplet_lists_rank_answer_then_sft_sample_then_own_sample():
     calls = []
-    assert modes.triplet_lists(_sources(calls=calls), K=3)[1] == [[1, 1], [300, 1], [200, 1]]
+    assert modes.triplet_lists(_sources(calls=calls), K=3).lists[1] == [[1, 1], [300, 1], [200, 1]]
     assert calls == ["sft", "own"]
     with pytest.raises(ValueError, match="K=3"):
         modes.triplet_lists(_sources(), K=4)
 
 
-def test_dataset_lists_keep_the_first_K():
-    assert modes.dataset_lists(_sources(), K=2)[1] == [[1, 1], [2, 1]]
+def test_dataset_lists_keep_the_first_K_with_their_ratings():
+    lists, labels = modes.dataset_lists(_sources(), K=2)
+    assert lists[1] == [[1, 1], [2, 1]] and labels is None
+    rated = _sources(dataset_scores=[(9.0, 7.0, 1.0), (5.0,), (4.0, 3.0, 2.0, 1.0)])
+    lists, labels = modes.dataset_lists(rated, K=2)
+    np.testing.assert_array_equal(labels, [[9.0, 7.0], [5.0, 0.0], [4.0, 3.0]])
+
+
+def test_verifier_ranked_lists_sort_by_grade_and_draw_tie_orders_from_the_seed():
+    n, K = 40, 4
+    # Sample i of prompt p is [200 + i, p]; the verifier likes sample 2, then 0; 1 and 3 tie at 0.
+    grade = lambda p, ids: {200: 0.5, 201: 0.0, 202: 1.0, 203: 0.0}[ids[0]]
+    calls = []
+    lists, labels = modes.verifier_ranked_lists(_sources(n, calls, grade=grade, seed=3), K)
+    assert calls == ["own", "own_1", "own_2", "own_3"]
+    assert all([r[0] for r in lst[:2]] == [202, 200] for lst in lists)
+    np.testing.assert_array_equal(labels, np.tile([1.0, 0.5, 0.0, 0.0], (n, 1)))
+    tail_orders = {tuple(r[0] for r in lst[2:]) for lst in lists}
+    assert tail_orders == {(201, 203), (203, 201)}  # ties in a random order, both seen over 40 prompts
+    again = modes.verifier_ranked_lists(_sources(n, grade=grade, seed=3), K)
+    assert again.lists == lists  # ... drawn from the seed
+    # The answer on top, then K-1 samples; its label is above any grade.
+    lists, labels = modes.verifier_ranked_lists(_sources(n, grade=grade, answer_on_top=True), K)
+    assert [r[0] for r in lists[5][:3]] == [1, 202, 200] and labels[5].tolist() == [2.0, 1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="need a verifier"):
+        modes.verifier_ranked_lists(_sources(n), K)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +87,7 @@ def test_dataset_lists_keep_the_first_K():
         ("asft", 2, 0, 3, 1, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
         ("ladder", 2, 0, 4, 2, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
         ("triplet", 2, 0, 3, 0, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
+        ("ranked_samples", 2, 4, 4, 0, modes.Reference.ROUND_POLICY, modes.Objective.PL_DPO),
         ("offline", 2, 3, 3, 0, modes.Reference.SFT, modes.Objective.PL_DPO),
         ("sft", 2, 0, 1, 0, modes.Reference.NONE, modes.Objective.SFT),
     ],
@@ -131,3 +158,19 @@ def test_config_arguments():
     assert (
         offline.get_config("tiny").data.source == "ranked_jsonl" and offline.get_config().data.source == "ultrafeedback"
     )
+
+
+def test_modes_that_need_data_features_are_refused_without_them():
+    c = offline.get_config("tiny")
+    c.modes = "ranked_samples"
+    with pytest.raises(config_lib.ConfigError, match="ranks samples with the task's verifier"):
+        config_lib.validate(c)
+    c = demo.get_config("quick")
+    c.modes = "ranked_samples"
+    with pytest.raises(config_lib.ConfigError, match="needs config.loss.K >= 2"):
+        config_lib.validate(c)
+    c.loss.K = 4
+    config_lib.validate(c)
+    for field, value in (("loss.sft_weight", -1.0), ("rounds.mix_previous", -1)):
+        with pytest.raises(config_lib.ConfigError, match=field.split(".")[1]):
+            config_lib.validate(config_lib.apply_overrides(c, {field: value}))

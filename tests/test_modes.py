@@ -9,7 +9,7 @@ import pytest
 
 from configs import asft, demo, offline, spin
 from pl_dpo import config_lib
-from pl_dpo.data import SyntheticConfig, generate_examples, load_ranked_set
+from pl_dpo.data import SyntheticConfig, generate_examples, load_ranked_set, load_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +38,18 @@ def write_ranked_jsonl(path, examples, rng):
             f.write(json.dumps({"prompt": e.prompt, "responses": [answer, "".join(chars), answer[::-1] + "0"]}) + "\n")
 
 
+def _config(workdir):
+    """The config of `offline_run`, as the main job resolves it from its flags."""
+    config = offline.get_config("tiny")
+    config.modes = "offline,ladder,sft,triplet"
+    config.loss.variant = "lipo_lambda"
+    config.loss.sft_weight = 0.1
+    config.rounds.update(num=2, max_steps=6, mix_previous=1)
+    config.export_hf = True
+    config.data.files = dict(train=str(workdir.parent / "train.jsonl"), test=str(workdir.parent / "test.jsonl"))
+    return config
+
+
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory, main_command):
     root = tmp_path_factory.mktemp("modes")
@@ -53,6 +65,7 @@ def offline_run(tmp_path_factory, main_command):
         "--config.modes=offline,ladder,sft,triplet",
         "--config.loss.variant=lipo_lambda",
         "--config.loss.sft_weight=0.1",
+        "--config.rounds.mix_previous=1",
         "--config.rounds.num=2",
         "--config.export_hf=True",
         "--config.rounds.max_steps=6",
@@ -89,6 +102,21 @@ def test_offline_ladder_and_sft_modes(offline_run):
     samples = load_ranked_set(workdir / "sft" / "samples.npz")
     n = int(samples["lengths"][0])
     assert ranked["tokens_NxKxL"][0, 1][ranked["loss_mask_NxKxL"][0, 1]].tolist() == samples["tokens"][0, :n].tolist()
+    # Round mixing: round 1 trains on round 0's set (re-scored with πθ(1)) followed by its own.
+    mixed = load_ranked_set(workdir / "triplet" / "round_1" / "mixed.npz")
+    round0 = load_ranked_set(workdir / "triplet" / "round_0" / "ranked.npz")
+    n = len(ranked["tokens_NxKxL"])
+    assert len(mixed["tokens_NxKxL"]) == 2 * n and not os.path.exists(workdir / "triplet" / "round_0" / "mixed.npz")
+    np.testing.assert_array_equal(mixed["tokens_NxKxL"][:n], round0["tokens_NxKxL"])
+    np.testing.assert_array_equal(mixed["ref_logps_NxK"][n:], ranked["ref_logps_NxK"])
+    from pl_dpo import rounds, scoring
+
+    sp = rounds.SelfPlay(_config(workdir), str(workdir))
+    policy1 = sp.restore_policy("triplet", sp.config.model, 1)
+    np.testing.assert_array_equal(
+        mixed["ref_logps_NxK"][:n], scoring.score_ranked(policy1, round0, sp.config.eval.batch_size)
+    )
+    assert not np.array_equal(mixed["ref_logps_NxK"][:n], round0["ref_logps_NxK"])
     # The SFT anchor and the LiPO-lambda loss reached the preference arms' metrics.
     assert all("sft_nll" in r and "preference_loss" in r for r in triplet + ladder + offline_)
 
@@ -112,17 +140,55 @@ def test_exported_policy_loads_in_transformers(offline_run):
 
     from pl_dpo import rounds
 
-    config = offline.get_config("tiny")
-    config.modes = "offline,ladder,sft,triplet"
-    config.loss.variant = "lipo_lambda"
-    config.loss.sft_weight = 0.1
-    config.rounds.num = 2
-    config.rounds.max_steps = 6
-    config.export_hf = True
-    config.data.files = dict(train=str(workdir.parent / "train.jsonl"), test=str(workdir.parent / "test.jsonl"))
+    config = _config(workdir)
     sp = rounds.SelfPlay(config, str(workdir))
     policy = sp.restore_policy("sft", config.model, 2)
     tokens = jnp.asarray([ids])
     positions = jnp.arange(len(ids))[None]
     ours = policy.logits(policy(tokens, positions, jnp.ones_like(tokens, bool)))[0]
     np.testing.assert_allclose(np.asarray(ours), torch_logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_verifier_ranked_samples_end_to_end(tmp_path, main_command):
+    """Mode ranked_samples on the synthetic task: the answer on top of K-1 samples of πθ(t) sorted by
+    the verifier's graded score, which the ranked set keeps as labels for LiPO-lambda."""
+    workdir = tmp_path / "ranked_samples"
+    flags = [
+        "--config.modes=ranked_samples",
+        "--config.loss.K=3",
+        "--config.loss.variant=lipo_lambda",
+        "--config.rounds.answer_on_top=True",
+        "--config.rounds.max_steps=4",
+    ]
+    proc = subprocess.run(
+        main_command.argv(workdir, *flags),
+        cwd=REPO,
+        env=main_command.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ranked_samples round 1 |" in proc.stdout
+    ranked = load_ranked_set(workdir / "ranked_samples" / "round_0" / "ranked.npz")
+    labels = ranked["labels_NxK"]
+    assert labels.shape[1] == 3 and (labels[:, 0] == 2.0).all() and (np.diff(labels, axis=1) <= 0).all()
+    from pl_dpo.data import grade_answer
+    from pl_dpo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(workdir / "tokenizer")
+    sp_examples = demo_examples(workdir)
+    for n in range(0, len(labels), 37):
+        for k in (1, 2):
+            ids = ranked["tokens_NxKxL"][n, k][ranked["loss_mask_NxKxL"][n, k]].tolist()
+            text = tok.decode(ids, skip_special_tokens=True)
+            assert grade_answer(sp_examples[n].task, sp_examples[n].meta, text) == pytest.approx(labels[n, k])
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert len([r for r in records if r["phase"] == "ranked_samples/round_0"]) == 4
+
+
+def demo_examples(workdir):
+    """The training examples of configs/demo.py:quick as the run read them (its built dataset)."""
+    options = dict(demo.get_config("quick").data.options)
+    return load_split("synthetic", "train", data_dir=str(workdir / "tfds"), **options)

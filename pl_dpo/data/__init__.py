@@ -17,6 +17,7 @@ scores, task, meta JSON):
   generate_examples(SyntheticConfig(...)) -> {"train": [...], "test": [...]}
       the same synthetic examples without TFDS (in memory).
   check_answer(task, prompt_meta, text) -> bool   (synthetic checker)
+  grade_answer(task, prompt_meta, text) -> float  (its graded score in [0, 1])
 
 Examples -> arrays (layout documented in `pl_dpo.data.tokenize`):
 
@@ -37,6 +38,7 @@ Arrays -> batches:
 A round's ranked set on disk (atomic .npz, no pickle):
 
   save_ranked_set(path, arrays) / load_ranked_set(path) -> arrays
+  concat_ranked_sets([arrays, ...]) -> arrays   (round mixing)
 
 Statistics: `python -m pl_dpo.data.stats --source=... [--files=split=path]`.
 """
@@ -44,9 +46,9 @@ Statistics: `python -m pl_dpo.data.stats --source=... [--files=split=path]`.
 from pl_dpo.data.batching import BatchIterator, PromptBatch, RankedBatch, default_buckets, prompt_batches
 from pl_dpo.data.builders import SOURCES, load_split, make_builder, read_split, skipped_rows
 from pl_dpo.data.files import BadRowPolicy, DataError
-from pl_dpo.data.ranked_set import load_ranked_set, save_ranked_set
+from pl_dpo.data.ranked_set import concat_ranked_sets, load_ranked_set, save_ranked_set
 from pl_dpo.data.schemas import Example
-from pl_dpo.data.synthetic import TASKS, SyntheticConfig, check_answer, generate_examples
+from pl_dpo.data.synthetic import TASKS, SyntheticConfig, check_answer, generate_examples, grade_answer
 from pl_dpo.data.tokenize import TokenizeConfig, TokenizeStats, assemble_ranked, tokenize_examples, trim_at_eos
 
 __all__ = [
@@ -62,9 +64,11 @@ __all__ = [
     "TokenizeConfig",
     "TokenizeStats",
     "assemble_ranked",
+    "concat_ranked_sets",
     "check_answer",
     "default_buckets",
     "generate_examples",
+    "grade_answer",
     "load_ranked_set",
     "load_split",
     "make_builder",

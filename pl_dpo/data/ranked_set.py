@@ -46,6 +46,18 @@ def save_ranked_set(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
         os.close(dir_fd)
 
 
+def concat_ranked_sets(sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Ranked sets of the same layout (K, L, P) as one set, in order: the arrays that every set
+    has, joined along N. Example ids keep their values (the prompt each list belongs to)."""
+    if not sets:
+        raise ValueError("concat_ranked_sets: no sets")
+    shapes = {(a["tokens_NxKxL"].shape[1:], a.get("prompt_tokens_NxP", np.zeros((0, 0))).shape[1:]) for a in sets}
+    if len(shapes) > 1:
+        raise ValueError(f"concat_ranked_sets: sets of different layouts (K, L), (P): {sorted(shapes)}")
+    keys = [k for k in sets[0] if all(k in a for a in sets)]
+    return {k: np.concatenate([a[k] for a in sets], axis=0) for k in keys}
+
+
 def load_ranked_set(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a file written by `save_ranked_set` into memory (no pickle)."""
     path = os.fspath(path)

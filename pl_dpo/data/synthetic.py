@@ -117,6 +117,17 @@ def check_answer(task: str, prompt_meta: dict[str, Any] | str, text: str) -> boo
     return _normalise(text) == solve(task, meta)
 
 
+def grade_answer(task: str, prompt_meta: dict[str, Any] | str, text: str) -> float:
+    """A graded verifier score in [0, 1]: the fraction of characters of the (normalised) response
+    that match the answer position by position, over the longer of the two. 1.0 iff
+    `check_answer` is True; a wrong length costs what it adds or leaves out."""
+    meta = json.loads(prompt_meta) if isinstance(prompt_meta, str) else prompt_meta
+    got, want = _normalise(text), solve(task, meta)
+    if not got and not want:
+        return 1.0
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
+
+
 def generate_examples(cfg: SyntheticConfig) -> dict[str, list[Example]]:
     """{"train": [...], "test": [...]}: unique prompts, disjoint splits, deterministic.
 
