@@ -28,7 +28,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import Cell, Record, aggregate, read_sweep, stat  # noqa: E402
 
-ARM_ORDER = {"sft": 0, "spin": 1, "asft": 2, "ladder": 3, "offline": 4}
+from pl_dpo import modes  # noqa: E402
+
+# The control arm first, then the modes in the order of their table.
+ARM_ORDER = {"sft": 0, **{name: i + 1 for i, name in enumerate(m for m in modes.MODES if m != "sft")}}
 METRICS = ("exact_match", "answer_logp_per_token", "win_rate_vs_sft", "reward_accuracy")
 FINDINGS = ("<!-- findings:begin -->", "<!-- findings:end -->")
 
