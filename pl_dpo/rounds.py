@@ -2,7 +2,7 @@
 
 What each mode ranks and against which reference is data (`pl_dpo.modes`); this file
 runs every stage once. Every stage is skipped when its output is already committed
-(`_stage`), so a killed run resumes where it stopped and ends with the same parameters.
+(`stages.load_or_make`), so a killed run resumes where it stopped and ends with the same parameters.
 
 Workdir layout:
 
@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import zlib
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from pl_dpo import config_lib, evaluate, modes, sampler, scoring, sharding, train
-from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, save_ranked_set, tokenize_examples
+from pl_dpo import config_lib, evaluate, modes, sampler, scoring, sharding, stages, train
+from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
@@ -52,52 +50,10 @@ from pl_dpo.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 def _rng(seed: int, *labels: Any) -> jax.Array:
     """A key derived from the seed and a stage label (stable across runs and processes)."""
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, labels)).encode()))
-
-
-def _stage(saved: bool, load: Callable[[], T], make: Callable[[], T], save: Callable[[T], None]) -> T:
-    """A stage's output: loaded when committed by an earlier run, else made and saved."""
-    if saved:
-        return load()
-    value = make()
-    save(value)
-    return value
-
-
-def _write_json(path: str, obj: Any) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
-
-
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    if jax.process_index() == 0:
-        save_ranked_set(path, arrays)
-
-
-def _pack(responses: list[TokenIds], pad_id: int) -> dict[str, np.ndarray]:
-    """Variable-length responses as one padded array with their lengths (samples.npz)."""
-    tokens = np.full((len(responses), max(len(r) for r in responses)), pad_id, np.int32)
-    for i, r in enumerate(responses):
-        tokens[i, : len(r)] = r
-    return {"tokens": tokens, "lengths": np.array([len(r) for r in responses], np.int32)}
-
-
-def _unpack(z: dict[str, np.ndarray]) -> list[TokenIds]:
-    return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]
 
 
 class SelfPlay:
@@ -174,7 +130,7 @@ class SelfPlay:
                 metric_log=self.metric_log,
             )
 
-        return _stage(
+        return stages.load_or_make(
             saved,
             lambda: self.restore_policy(lineage, model_cfg, 0),
             sft,
@@ -203,9 +159,9 @@ class SelfPlay:
 
         def save(result: dict[str, Any]) -> None:
             self.metric_log.write(f"eval/{lineage}", index, result["metrics"])
-            _write_json(path, result)
+            stages.write_json(path, result)
 
-        result = _stage(os.path.exists(path), lambda: _read_json(path), run_eval, save)
+        result = stages.load_or_make(os.path.exists(path), lambda: stages.read_json(path), run_eval, save)
         # Index 0 of the SFT lineage is the start of every arm; the control arm continues that lineage.
         name = "sft" if (lineage, index) == ("sft", 0) else f"{lineage} round {index}"
         row = {"policy": name, "arm": lineage, "round": index, **result["metrics"]}
@@ -287,11 +243,11 @@ class SelfPlay:
                 return self._foreign_samples(index, model, a.tokenizer_path)
             return self.samples(model, f"{lineage}/samples", f"{lineage} samples")
 
-        return _stage(
+        return stages.load_or_make(
             os.path.exists(path),
-            lambda: _unpack(load_ranked_set(path)),
+            lambda: stages.unpack_responses(load_ranked_set(path)),
             generate,
-            lambda out: _save_npz(path, _pack(out, self.pad_id)),
+            lambda out: stages.save_npz(path, stages.pack_responses(out, self.pad_id)),
         )
 
     def sft_samples(self) -> list[TokenIds]:
@@ -302,11 +258,11 @@ class SelfPlay:
             sft = self.restore_policy("sft", self.config.model, 0)
             return self.samples(sft, "sft/samples", "sft samples")
 
-        return _stage(
+        return stages.load_or_make(
             os.path.exists(path),
-            lambda: _unpack(load_ranked_set(path)),
+            lambda: stages.unpack_responses(load_ranked_set(path)),
             generate,
-            lambda out: _save_npz(path, _pack(out, self.pad_id)),
+            lambda out: stages.save_npz(path, stages.pack_responses(out, self.pad_id)),
         )
 
     def _list_sources(self, mode: modes.Mode, t: int, policy_samples) -> modes.ListSources:
@@ -355,7 +311,9 @@ class SelfPlay:
             arrays["ref_logps_NxK"] = scoring.score_ranked(reference, arrays, self.config.eval.batch_size)
             return arrays
 
-        return _stage(os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: _save_npz(path, a))
+        return stages.load_or_make(
+            os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: stages.save_npz(path, a)
+        )
 
     def training_set(self, mode: modes.Mode, t: int, start: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked set, joined by those of the `rounds.mix_previous` rounds before it.
@@ -377,7 +335,9 @@ class SelfPlay:
                 sets = [dict(a, ref_logps_NxK=scoring.score_ranked(start, a, bs)) for a in sets]
             return concat_ranked_sets([*sets, own])
 
-        return _stage(os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: _save_npz(path, a))
+        return stages.load_or_make(
+            os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: stages.save_npz(path, a)
+        )
 
     # --------------------------------------------------------------------------- the loop
 
@@ -418,7 +378,7 @@ class SelfPlay:
 
     def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:
         """πθ(t+1) of an arm: restored if round t is done, else round t is run."""
-        return _stage(
+        return stages.load_or_make(
             self.policies.saved(mode.name, t + 1),
             lambda: self.restore_policy(mode.name, self.config.model, t + 1),
             lambda: self._train_round(mode, t, K),

@@ -1,0 +1,60 @@
+"""A run's stages on disk: an output is loaded when an earlier run committed it, else made and saved.
+
+Every write is atomic (a temporary file, then a rename) and made by process 0 only, so a
+killed run never leaves a half-written output that a resumed run would take as committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+from pl_dpo.data import save_ranked_set
+
+T = TypeVar("T")
+TokenIds = list[int]
+
+
+def load_or_make(saved: bool, load: Callable[[], T], make: Callable[[], T], save: Callable[[T], None]) -> T:
+    """A stage's output: loaded when committed by an earlier run, else made and saved."""
+    if saved:
+        return load()
+    value = make()
+    save(value)
+    return value
+
+
+def write_json(path: str, obj: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
+
+
+def read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    if jax.process_index() == 0:
+        save_ranked_set(path, arrays)
+
+
+def pack_responses(responses: list[TokenIds], pad_id: int) -> dict[str, np.ndarray]:
+    """Variable-length responses as one padded array with their lengths (samples.npz)."""
+    tokens = np.full((len(responses), max(len(r) for r in responses)), pad_id, np.int32)
+    for i, r in enumerate(responses):
+        tokens[i, : len(r)] = r
+    return {"tokens": tokens, "lengths": np.array([len(r) for r in responses], np.int32)}
+
+
+def unpack_responses(z: dict[str, np.ndarray]) -> list[TokenIds]:
+    return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]
