@@ -133,7 +133,8 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
             length_buckets=(),
         )
     )
-    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=32, optim=optimizer(3e-3)))
+    # eval_every > 0: early stopping on the held-out answers' log-likelihood (steps is then a maximum).
+    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=32, optim=optimizer(3e-3), eval_every=0, patience=3))
     c.assistants = []
     c.loss = ml_collections.ConfigDict(dict(K=0, T=0.1, variant="pl", top_m=0, sft_weight=0.0))
     c.rounds = ml_collections.ConfigDict(

@@ -229,6 +229,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.rounds.num={config.rounds.num} and rounds.epochs={config.rounds.epochs} must be >= 1"
         )
+    if config.sft.get("eval_every", 0) < 0 or config.sft.get("patience", 1) < 1:
+        raise ConfigError(
+            f"config.sft.eval_every={config.sft.eval_every} must be >= 0 and sft.patience={config.sft.patience} >= 1"
+        )
     if config.rounds.get("mix_previous", 0) < 0:
         raise ConfigError(f"config.rounds.mix_previous={config.rounds.mix_previous} must be >= 0")
     lrs = config.rounds.get("lr_per_round")

@@ -54,9 +54,8 @@ def evaluate_policy(
     """Metrics of one policy; also returns its greedy responses and their correctness."""
     metrics: dict[str, Any] = {}
     logps_N = score_ranked(model, heldout.arrays, batch_size)[:, 0]
-    num_tokens = heldout.arrays["loss_mask_NxKxL"][:, 0].sum(-1)
     metrics["answer_logp"] = float(logps_N.mean())
-    metrics["answer_logp_per_token"] = float(logps_N.sum() / max(num_tokens.sum(), 1))
+    metrics["answer_logp_per_token"] = _per_token(logps_N, heldout)
 
     greedy = sampler.SamplingConfig(
         max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id
@@ -81,6 +80,15 @@ def evaluate_policy(
         reward = logps - baseline.lists["ref_logps_NxK"]
         metrics["reward_accuracy"] = float(np.mean(reward[:, 0] > reward[:, 1]))
     return metrics, responses, correct
+
+
+def _per_token(logps_N: np.ndarray, heldout: HeldOut) -> float:
+    return float(logps_N.sum() / max(heldout.arrays["loss_mask_NxKxL"][:, 0].sum(), 1))
+
+
+def answer_logp_per_token(model: Decoder, heldout: HeldOut, batch_size: int) -> float:
+    """The held-out answers' log-likelihood per token (what SFT's early stopping reads)."""
+    return _per_token(score_ranked(model, heldout.arrays, batch_size)[:, 0], heldout)
 
 
 def sft_baseline(

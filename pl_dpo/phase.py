@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,6 +47,10 @@ class PhaseSpec:
     max_steps: int | None = None
     # Sequence-length buckets of the batches (one compile each); None: powers of two up to L.
     length_buckets: tuple[int, ...] | None = None
+    # Early stopping: every `eval_every` steps (0: never) train_phase's `evaluate(model)` is read
+    # (higher is better); after `patience` readings in a row without a new best the phase stops.
+    eval_every: int = 0
+    patience: int = 1
 
 
 def to_host_metrics(metrics: train.Metrics) -> dict[str, Any]:
@@ -66,11 +71,14 @@ def train_phase(
     mesh: jax.sharding.Mesh,
     rules: sharding.Rules,
     metric_log: MetricLog,
+    evaluate: Callable[[Decoder], float] | None = None,
 ) -> Decoder:
     """Trains `model` on `arrays` for `spec.num_epochs` epochs and returns the trained model.
 
     The step donates its state, so `model`'s buffers are consumed: the caller must
-    not use `model` afterwards (no second copy of the weights is ever held)."""
+    not use `model` afterwards (no second copy of the weights is ever held). With
+    `evaluate` and `spec.eval_every`, the phase stops early (the model of the stopping
+    step is returned: `patience` readings after the best one)."""
     # ------------------------------------------------------------------ setup
     batches = BatchIterator(
         arrays,
@@ -94,6 +102,8 @@ def train_phase(
 
     # ------------------------------------------------------------------ restore
     start_step = 0
+    early_stopping = bool(evaluate is not None and spec.eval_every)
+    early = {"best": None, "best_step": None, "bad_readings": 0, "stopped": False}
     restored = ckpts.restore_latest(
         sharding.with_shardings(state.params, state_sh.params),
         sharding.with_shardings(state.opt_state, state_sh.opt_state),
@@ -102,6 +112,7 @@ def train_phase(
         start_step, params, opt_state, extra = restored
         state = train.TrainState(params, opt_state)
         batches.restore(extra["data"])
+        early.update(extra.get("early_stop", {}))
         log.info("%s: resumed at step %d of %d", spec.name, start_step, num_steps)
 
     # ------------------------------------------------------------------ metrics
@@ -127,8 +138,24 @@ def train_phase(
             clock = now
             metric_log.write(spec.name, step, host)
 
+    def should_stop_early(step: int) -> bool:
+        """Reads `evaluate` at `step`; True once `patience` readings in a row brought no new best."""
+        value = float(evaluate(nnx.merge(graphdef, state.params)))
+        if early["best"] is None or value > early["best"]:
+            early.update(best=value, best_step=step, bad_readings=0)
+        else:
+            early["bad_readings"] += 1
+        early["stopped"] = early["bad_readings"] >= spec.patience
+        metric_log.write(f"{spec.name}/early_stopping", step, {"value": value, **early})
+        if early["stopped"]:
+            log.info(
+                "%s: early stop at step %d (best %.4f at step %d)", spec.name, step, early["best"], early["best_step"]
+            )
+        return early["stopped"]
+
     # ------------------------------------------------------------------ the loop
     done = start_step
+    end_step = start_step if early["stopped"] else num_steps
     try:
         with tqdm(
             total=num_steps,
@@ -138,7 +165,7 @@ def train_phase(
             leave=False,
             disable=jax.process_index() != 0,
         ) as bar:
-            for step in range(start_step, num_steps):
+            for step in range(start_step, end_step):
                 host_batch = next(batches)
                 params, opt_state, metrics = train_step(
                     state.params, state.opt_state, sharding.shard_batch(host_batch, mesh)
@@ -150,16 +177,18 @@ def train_phase(
                 pending.append((step, metrics, np.asarray(host_batch.example_ids_B), num_tokens))
                 bar.update(1)
                 done = step + 1
-                last = done == num_steps
+                stop = early_stopping and done % spec.eval_every == 0 and should_stop_early(done)
+                last = done == num_steps or stop
                 if ckpts.should_save(done, force=last):  # on the interval, at the end, or preempted
                     read_metrics()  # a non-finite loss stops here, before anything is saved
-                    ckpts.maybe_save(done, state.params, state.opt_state, {"data": batches.state()}, force=last)
-                if ckpts.preemption.should_exit:
+                    extra = {"data": batches.state(), **({"early_stop": dict(early)} if early_stopping else {})}
+                    ckpts.maybe_save(done, state.params, state.opt_state, extra, force=last)
+                if ckpts.preemption.should_exit or stop:
                     break
             read_metrics()
     finally:
         ckpts.close()  # waits for an async save in flight, also when a NaN stopped the phase
-    if ckpts.preemption.should_exit and done < num_steps:
+    if ckpts.preemption.should_exit and done < num_steps and not early["stopped"]:
         raise Preempted(
             f"{spec.name}: SIGTERM, state saved at step {done} in {ckpts.directory}; "
             "run the same command again to resume"

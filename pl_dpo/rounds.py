@@ -98,8 +98,13 @@ class SelfPlay:
         steps: int,
         optim: train.OptimizerConfig,
         batch_size: int,
+        eval_every: int = 0,
+        patience: int = 1,
     ) -> Decoder:
-        """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0)."""
+        """πθ(0) or an assistant: SFT on the dataset answers (or the model as loaded when steps == 0).
+
+        With `eval_every`, `steps` is a maximum: SFT stops once `patience` readings of the held-out
+        answers' log-likelihood in a row bring no new best (a converged start)."""
         seed = self.config.seed + zlib.crc32(lineage.encode()) % 1000
         saved = self.policies.saved(lineage, 0)
         if steps == 0 and lineage != "sft" and not saved:
@@ -118,8 +123,11 @@ class SelfPlay:
                 seed=seed,
                 optim=optim,
                 max_steps=steps,
+                eval_every=eval_every,
+                patience=patience,
             )
             objective = train.sft_objective(self.config.logprob_chunk)
+            heldout, eval_batch = self.data.heldout, self.config.eval.batch_size
             return train_phase(
                 model,
                 self.data.sft_arrays,
@@ -128,6 +136,7 @@ class SelfPlay:
                 mesh=self.mesh,
                 rules=self.rules,
                 metric_log=self.metric_log,
+                evaluate=lambda m: evaluate.answer_logp_per_token(m, heldout, eval_batch),
             )
 
         return stages.load_or_make(
@@ -345,7 +354,15 @@ class SelfPlay:
         """πθ(0): trained (or restored), evaluated, and turned into the reference lists of
         every later evaluation. Its weights are not kept: rounds restore them when needed."""
         c = self.config
-        sft = self.supervised_model("sft", c.model, c.sft.steps, config_lib.optimizer(c.sft.optim), c.sft.batch_size)
+        sft = self.supervised_model(
+            "sft",
+            c.model,
+            c.sft.steps,
+            config_lib.optimizer(c.sft.optim),
+            c.sft.batch_size,
+            eval_every=c.sft.get("eval_every", 0),
+            patience=c.sft.get("patience", 1),
+        )
         sft_eval = self.evaluate("sft", 0, sft, baseline=None)
         correct = None if sft_eval["correct"] is None else np.array(sft_eval["correct"])
         return evaluate.sft_baseline(

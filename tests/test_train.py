@@ -1,12 +1,14 @@
 """The jitted PL-DPO / SFT step: sharded vs single device, NaN guard, optimizer."""
 
 import dataclasses
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.common import optimizer
 from pl_dpo import config_lib, losses, phase, scoring, sharding, train
@@ -208,3 +210,50 @@ def test_optimizer_errors_and_rmsprop_accumulation():
     assert np.all(np.asarray(updates["w"]) == 0)  # first micro-step: accumulate only
     updates, state = tx.update({"w": jnp.ones(3)}, state, params)
     assert np.all(np.asarray(updates["w"]) != 0)
+
+
+def test_early_stopping_stops_after_patience_readings_and_stays_stopped(tmp_path):
+    arrays = ranked_arrays(n=32)
+    readings = iter([1.0, 2.0, 1.5, 1.9, 5.0])  # best at step 4, then two worse: stop at step 8
+    seen = []
+
+    def evaluate(model):
+        seen.append(model)
+        return next(readings)
+
+    spec = phase.PhaseSpec(
+        name="es",
+        directory=str(tmp_path),
+        num_epochs=10,
+        batch_size=8,
+        seed=0,
+        optim=OPTIM,
+        save_every_steps=3,
+        length_buckets=(16,),
+        eval_every=2,
+        patience=2,
+    )
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    run = lambda: phase.train_phase(
+        tiny_model(),
+        arrays,
+        train.pl_dpo_objective(LOSS, chunk_size=8),
+        spec,
+        mesh=mesh,
+        rules=sharding.DEFAULT_DECODER_RULES,
+        metric_log=MetricLog(str(tmp_path / "logs")),
+        evaluate=evaluate,
+    )
+    first = jax.tree.map(np.asarray, nnx.state(run()))
+    assert len(seen) == 4  # readings at steps 2, 4, 6, 8 (of 40)
+    records = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
+    assert max(r["step"] for r in records if r["phase"] == "es") == 7
+    stops = [r for r in records if r["phase"] == "es/early_stopping"]
+    assert [r["step"] for r in stops] == [2, 4, 6, 8]
+    assert stops[-1]["best_step"] == 4 and stops[-1]["stopped"] and stops[-1]["best"] == 2.0
+    # The stopping step was saved: a second run (a resume after a crash before the policy was
+    # committed) trains nothing, reads nothing and returns the same parameters.
+    assert os.path.isdir(tmp_path / "train" / "8")
+    again = jax.tree.map(np.asarray, nnx.state(run()))
+    assert len(seen) == 4
+    jax.tree.map(np.testing.assert_array_equal, first, again)
