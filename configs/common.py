@@ -131,6 +131,8 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
             max_prompt_len=40,
             max_response_len=16,
             length_buckets=(),
+            # Refuse to run when more than this fraction of prompts or responses would be truncated.
+            max_truncated_fraction=0.5,
         )
     )
     # eval_every > 0: early stopping on the held-out answers' log-likelihood (steps is then a maximum).
@@ -155,7 +157,8 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64))
     c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=64))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
-    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200))
+    # keep_train_state: keep each phase's mid-phase train states after its policy is committed.
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200, keep_train_state=False))
     c.logprob_chunk = 256
     c.export_hf = False
     return c

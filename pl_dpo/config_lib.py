@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from pl_dpo import losses, modes, train
+from pl_dpo import losses, modes, sampler, train
 from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
 
 # Keys that must not change between runs on one workdir (the saved work depends on them).
@@ -192,6 +192,21 @@ def loss(section: ml_collections.ConfigDict) -> losses.LossConfig:
     )
 
 
+def check_vocab(config: ml_collections.ConfigDict, tokenizer_size: int) -> None:
+    """Every model the run trains must have an embedding row for every id of the tokenizer."""
+    sections = [("model", config.model)]
+    sections += [
+        (f"assistants[{i}].model", a.model) for i, a in enumerate(config.assistants) if not a.get("tokenizer_path")
+    ]
+    for name, section in sections:
+        vocab = model_config(section, tokenizer_size).vocab_size
+        if vocab < tokenizer_size:
+            raise ConfigError(
+                f"config.{name}: vocab_size={vocab} is smaller than the tokenizer's {tokenizer_size} ids "
+                "(ids past the embedding table would train on garbage)"
+            )
+
+
 def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> DecoderConfig:
     """The decoder of a model section: a Hugging Face folder's config.json when `hf_path`
     is set (numerics from the section), else a named preset with overrides."""
@@ -238,6 +253,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     lrs = config.rounds.get("lr_per_round")
     if lrs and len(lrs) < config.rounds.num:
         raise ConfigError(f"config.rounds.lr_per_round has {len(lrs)} values for {config.rounds.num} rounds")
+    s = config.sampling
+    try:  # the sampler's own checks, before SFT has trained
+        sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("SamplingConfig.", "config.sampling.")) from None
+    if not 0 < config.data.get("max_truncated_fraction", 0.5) <= 1:
+        raise ConfigError(f"config.data.max_truncated_fraction={config.data.max_truncated_fraction} must be in (0, 1]")
     if config.sampling.max_new_tokens > config.data.max_response_len:
         raise ConfigError(
             f"config.sampling.max_new_tokens={config.sampling.max_new_tokens} exceeds "

@@ -42,6 +42,30 @@ class MetricLog:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{phase}/{key}", value, gstep)
 
+    def drop(self, phase: str, from_step: int) -> None:
+        """Removes `phase`'s JSONL records with step >= `from_step`: a resumed phase logs those
+        steps again, so the file keeps one record per step. (TensorBoard keeps both: it can only
+        purge by step across every tag of a run.)"""
+        if not self._active:
+            return
+        path = self._jsonl.name
+        self._jsonl.close()
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+
+        def keep(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return True  # not ours to judge
+            return record.get("phase") != phase or record.get("step", -1) < from_step
+
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line for line in lines if keep(line))
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        self._jsonl = open(path, "a", encoding="utf-8")
+
     def close(self) -> None:
         if self._active:
             self._jsonl.close()

@@ -53,6 +53,14 @@ class PhaseSpec:
     patience: int = 1
 
 
+def epochs_for_steps(steps: int, num_examples: int, batch_size: int) -> int:
+    """Epochs that hold `steps` full batches (an epoch drops its last partial batch)."""
+    per_epoch = num_examples // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} examples: no full batch")
+    return -(-steps // per_epoch)
+
+
 def to_host_metrics(metrics: train.Metrics) -> dict[str, Any]:
     """Scalars to floats, vectors to lists (the JSONL / TensorBoard form)."""
     out = {}
@@ -113,6 +121,9 @@ def train_phase(
         state = train.TrainState(params, opt_state)
         batches.restore(extra["data"])
         early.update(extra.get("early_stop", {}))
+        # Steps after the checkpoint are trained (and logged) again: one record per step.
+        metric_log.drop(spec.name, from_step=start_step)
+        metric_log.drop(f"{spec.name}/early_stopping", from_step=start_step + 1)
         log.info("%s: resumed at step %d of %d", spec.name, start_step, num_steps)
 
     # ------------------------------------------------------------------ metrics

@@ -36,11 +36,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
+from etils import epath
 
-from pl_dpo import config_lib, evaluate, modes, sampler, scoring, sharding, stages, train
+from pl_dpo import config_lib, evaluate, generation, modes, phase, scoring, sharding, stages, train
 from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
-from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
 from pl_dpo.phase import PhaseSpec, train_phase
@@ -49,11 +48,6 @@ from pl_dpo.run_data import RunData, TokenIds, prepare_data, ranked_arrays, run_
 from pl_dpo.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def _rng(seed: int, *labels: Any) -> jax.Array:
-    """A key derived from the seed and a stage label (stable across runs and processes)."""
-    return jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, labels)).encode()))
 
 
 class SelfPlay:
@@ -68,6 +62,7 @@ class SelfPlay:
         self.rules = sharding.DEFAULT_DECODER_RULES
         config_lib.check_workdir_config(self.workdir, config, config_lib.WORKDIR_KEYS)
         self.tokenizer = run_tokenizer(config, self.workdir)
+        config_lib.check_vocab(config, len(self.tokenizer))
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         self.policies = PolicyStore(self.workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
         self.metric_log = MetricLog(self.workdir)
@@ -118,7 +113,7 @@ class SelfPlay:
             spec = self._phase_spec(
                 lineage,
                 self._path(lineage),
-                num_epochs=-(-steps * batch_size // n),
+                num_epochs=phase.epochs_for_steps(steps, n, batch_size),
                 batch_size=batch_size,
                 seed=seed,
                 optim=optim,
@@ -139,12 +134,14 @@ class SelfPlay:
                 evaluate=lambda m: evaluate.answer_logp_per_token(m, heldout, eval_batch),
             )
 
-        return stages.load_or_make(
+        model = stages.load_or_make(
             saved,
             lambda: self.restore_policy(lineage, model_cfg, 0),
             sft,
             lambda model: self.policies.save(lineage, 0, model, {"lineage": lineage, "sft_steps": steps}),
         )
+        self._drop_train_state(self._path(lineage))
+        return model
 
     # --------------------------------------------------------------------------- evaluation
 
@@ -180,65 +177,30 @@ class SelfPlay:
 
     # --------------------------------------------------------------------------- generation
 
-    def samples(
-        self,
-        model: Decoder,
-        label: str,
-        progress_desc: str,
-        arrays: dict[str, np.ndarray] | None = None,
-        eos_id: int | None = None,
-        pad_id: int | None = None,
-    ) -> list[TokenIds]:
-        """One sampled response per training prompt (default: the policy's tokenisation)."""
-        s = self.config.sampling
-        eos_id = self.eos_id if eos_id is None else eos_id
-        cfg = sampler.SamplingConfig(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            eos_ids=(eos_id,),
-            pad_id=self.pad_id if pad_id is None else pad_id,
+    def samples(self, model: Decoder, label: str, desc: str) -> list[TokenIds]:
+        """One sampled response per training prompt, the key drawn from `label`."""
+        key = generation.stage_key(self.config.seed, label)
+        return generation.sample_responses(
+            model, self.data.sft_arrays, self.config.sampling, key, eos_id=self.eos_id, pad_id=self.pad_id, desc=desc
         )
-        with tqdm(
-            total=len(self.data.train_prompt_ids),
-            desc=progress_desc,
-            unit="prompt",
-            leave=False,
-            disable=jax.process_index() != 0,
-        ) as bar:
-            return sampler.generate_responses(
-                model,
-                self.data.sft_arrays if arrays is None else arrays,
-                cfg,
-                _rng(self.config.seed, label),
-                s.batch_size,
-                eos_id,
-                progress=bar,
-            )
 
     def _foreign_samples(self, index: int, model: Decoder, tokenizer_path: str) -> list[TokenIds]:
         """Samples of an assistant with its own tokenizer: prompts in its chat template,
         answers decoded to text and tokenised again with the policy's tokenizer."""
         tok = load_tokenizer(tokenizer_path)
         arrays, _ = tokenize_examples(tok, self.data.train_examples, self.data.tokenize, k=1)
-        ids = self.samples(
+        key = generation.stage_key(self.config.seed, f"assistant_{index}/samples")
+        ids = generation.sample_responses(
             model,
-            f"assistant_{index}/samples",
-            f"assistant_{index} samples",
-            arrays=arrays,
+            arrays,
+            self.config.sampling,
+            key,
             eos_id=tok.eos_token_id,
             pad_id=tok.pad_token_id,
+            desc=f"assistant_{index} samples",
         )
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
-        out = []
-        for example, text in zip(self.data.train_examples, texts):
-            if not text:  # an empty answer is still a (bad) answer: EOS alone
-                out.append([self.eos_id])
-                continue
-            retokenised = dataclasses.replace(example, responses=(text,))
-            out.append(encode_examples(self.tokenizer, [retokenised], self.data.tokenize)[1][0][0])
-        return out
+        return generation.retokenise(texts, self.data.train_examples, self.tokenizer, self.data.tokenize, self.eos_id)
 
     def assistant_samples(self, index: int) -> list[TokenIds]:
         """Samples of assistant `index` on the training prompts, generated once and cached."""
@@ -395,12 +357,26 @@ class SelfPlay:
 
     def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:
         """πθ(t+1) of an arm: restored if round t is done, else round t is run."""
-        return stages.load_or_make(
+        policy = stages.load_or_make(
             self.policies.saved(mode.name, t + 1),
             lambda: self.restore_policy(mode.name, self.config.model, t + 1),
             lambda: self._train_round(mode, t, K),
             lambda policy: self.policies.save(mode.name, t + 1, policy, {"mode": mode.name, "round": t + 1, "K": K}),
         )
+        self._drop_train_state(self._path(mode.name, f"round_{t}"))
+        return policy
+
+    def _drop_train_state(self, phase_dir: str) -> None:
+        """Deletes a phase's mid-phase train states once its policy is committed (a 7B float32 RMSprop
+        state is ~112 GB); `checkpoint.keep_train_state` keeps them. Also after a run killed between
+        the commit and the deletion: the next run deletes them when it restores the policy."""
+        train_dir = epath.Path(phase_dir) / "train"
+        if (
+            not self.config.checkpoint.get("keep_train_state", False)
+            and jax.process_index() == 0
+            and train_dir.exists()
+        ):
+            train_dir.rmtree()
 
     def _export(self, mode: modes.Mode, index: int, policy: Decoder) -> None:
         """πθ(index) as a Hugging Face folder `<mode>/hf_export/round_<index>` (lm-eval, vLLM)."""

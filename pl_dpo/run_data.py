@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pl_dpo import evaluate, sharding
+from pl_dpo import config_lib, evaluate, sharding
 from pl_dpo.data import Example, TokenizeConfig, assemble_ranked, load_split
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
@@ -81,9 +81,19 @@ def _load(config: ml_collections.ConfigDict, workdir: str, split: str, limit: in
     return examples[:limit] if limit else examples
 
 
-def _encode(tokenizer, examples, tokenize: TokenizeConfig, split: str, metric_log: MetricLog):
+def _encode(tokenizer, examples, tokenize: TokenizeConfig, split: str, metric_log: MetricLog, max_fraction: float):
     prompt_ids, response_ids, stats = encode_examples(tokenizer, examples, tokenize)
     metric_log.write(f"data/{split}", 0, stats.summary())
+    for what, cut, total, field in (
+        ("prompts", stats.prompts_truncated, stats.rows, "max_prompt_len"),
+        ("responses", stats.responses_truncated, stats.responses, "max_response_len"),
+    ):
+        if total and cut / total > max_fraction:
+            raise config_lib.ConfigError(
+                f"{split}: {cut} of {total} {what} ({cut / total:.0%}) are longer than "
+                f"config.data.{field}={getattr(tokenize, field)} tokens and would be truncated; raise it, "
+                f"or config.data.max_truncated_fraction={max_fraction} to accept that"
+            )
     if stats.prompts_truncated or stats.responses_truncated:
         log.warning(
             "%s: truncated %d prompts and %d responses (data.max_prompt_len / max_response_len)",
@@ -99,8 +109,9 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: str, met
     pad_id = tokenizer.pad_token_id
     train_examples = _load(config, workdir, "train", config.data.get("num_train"))
     test_examples = _load(config, workdir, "test", config.eval.num_prompts)
-    train_prompts, train_responses = _encode(tokenizer, train_examples, tokenize, "train", metric_log)
-    test_prompts, test_responses = _encode(tokenizer, test_examples, tokenize, "test", metric_log)
+    max_fraction = config.data.get("max_truncated_fraction", 0.5)
+    train_prompts, train_responses = _encode(tokenizer, train_examples, tokenize, "train", metric_log, max_fraction)
+    test_prompts, test_responses = _encode(tokenizer, test_examples, tokenize, "test", metric_log, max_fraction)
     answers = lambda responses: [r[:1] for r in responses]
     heldout = evaluate.HeldOut(
         examples=test_examples,

@@ -91,6 +91,8 @@ def test_offline_ladder_and_sft_modes(offline_run):
     # The continued-SFT arm trains the NLL on the answers: no ranking metrics.
     sft_train = [r for r in records if r["phase"] == "sft/round_0"]
     assert sft_train and "pairwise_accuracy" not in sft_train[0]
+    # No dead state: every phase's mid-phase train states went once its policy was committed.
+    assert not list(workdir.glob("**/train")) and (workdir / "triplet" / "policies" / "2").is_dir()
     # Both assistants were trained and sampled once.
     for i in (0, 1):
         assert os.path.exists(workdir / f"assistant_{i}" / "samples.npz")

@@ -22,6 +22,8 @@ OVERRIDES = [
     "--config.rounds.epochs=2",
     "--config.rounds.max_steps=24",
     "--config.checkpoint.save_every_steps=3",
+    # test_reference_logps_are_the_restored_round_policy reads the final train state of a round.
+    "--config.checkpoint.keep_train_state=True",
 ]
 
 
@@ -128,6 +130,10 @@ def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run, main
 
     for a, b in zip(jax.tree.leaves(nnx.state(ref_policy)), jax.tree.leaves(nnx.state(got_policy))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The steps trained again after the resume replaced their first records: one per step.
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [(r["phase"], r["step"]) for r in records if r["phase"].startswith("spin/round_")]
+    assert len(steps) == len(set(steps)) == 48
 
 
 @pytest.mark.slow
