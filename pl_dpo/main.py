@@ -7,6 +7,7 @@ prints one line per evaluated policy at the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -39,8 +40,13 @@ def main(argv: list[str]) -> None:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    from pl_dpo import evaluate, plots, rounds  # after distributed init: they touch devices
+    from pl_dpo import config_lib, evaluate, plots, rounds  # after distributed init: they touch devices
+    from pl_dpo.data import DataError
     from pl_dpo.preemption import Preempted
+    from pl_dpo.workdir import WorkdirLock, WorkdirLocked
+
+    # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
+    user_errors = (config_lib.ConfigError, config_lib.WorkdirConfigMismatch, DataError, WorkdirLocked)
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = FLAGS.config
@@ -49,11 +55,17 @@ def main(argv: list[str]) -> None:
     # workdir turns those recompiles (and a resumed run's) into cache reads.
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
+    # One run per workdir, held by process 0 (the others share its workdir).
+    lock = WorkdirLock(FLAGS.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
-        table = rounds.SelfPlay(config, FLAGS.workdir).run()
+        with lock:
+            table = rounds.SelfPlay(config, FLAGS.workdir).run()
     except Preempted as e:
         print(e.message, file=sys.stderr)
         raise
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() == 0:
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in table)]
         text = evaluate.format_table(table, columns)

@@ -78,3 +78,58 @@ def test_metric_log_drops_the_steps_a_resumed_phase_logs_again(tmp_path):
     spin = [(r["step"], r["loss"]) for r in records if r["phase"] == "spin/round_0"]
     assert spin == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]
     assert len([r for r in records if r["phase"] == "sft"]) == 6  # other phases untouched
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line_and_exit_2(tmp_path, main_command):
+    import subprocess
+
+    proc = subprocess.run(
+        main_command.argv(tmp_path / "run", "--config.sampling.temperature=0.0"),
+        cwd=main_command.cwd,
+        env=main_command.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: config.sampling.temperature=0.0 must be > 0 (or set greedy=True)"
+    assert "Traceback" not in proc.stderr
+    # A second run on a workdir in use is refused the same way, before any work.
+    from pl_dpo.workdir import WorkdirLock
+
+    (tmp_path / "busy").mkdir()
+    with WorkdirLock(tmp_path / "busy"):
+        proc = subprocess.run(
+            main_command.argv(tmp_path / "busy"),
+            cwd=main_command.cwd,
+            env=main_command.env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 2 and "is in use by pid" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "busy" / "sft").exists()
+
+
+def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pl_dpo.workdir import WorkdirLock, WorkdirLocked
+
+    with WorkdirLock(tmp_path):
+        with pytest.raises(WorkdirLocked, match=f"is in use by pid {os.getpid()} on .* since"):
+            WorkdirLock(tmp_path).acquire()
+    assert not (tmp_path / ".lock").exists()  # released
+    # A run killed without releasing: its process is gone, the next run takes the lock over.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": os.uname().nodename, "since": "x"}))
+    with WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    # A lock of another host cannot be checked: refused, and the message says how to clear it.
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "tpu-worker-7", "since": "x"}))
+    with pytest.raises(WorkdirLocked, match="on tpu-worker-7 .* or delete .*.lock if it is gone"):
+        WorkdirLock(tmp_path).acquire()
