@@ -251,21 +251,46 @@ class TrainCheckpoints:
     def restore_latest(
         self, abstract_params: Any, abstract_opt_state: Any
     ) -> tuple[int, Any, Any, dict[str, Any]] | None:
-        """(step, params, opt_state, extra_json) of the newest committed step, or None."""
-        step = self._mngr.latest_step()
-        if step is None:
-            return None
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(_restore_target(abstract_params, f"train step {step} params")),
-            opt_state=ocp.args.StandardRestore(_restore_target(abstract_opt_state, f"train step {step} opt_state")),
-            extra=ocp.args.JsonRestore(),
-        )
-        out = self._mngr.restore(step, args=args)
-        params = _from_restored(abstract_params, out["params"])
-        opt_state = _from_restored(abstract_opt_state, out["opt_state"])
-        extra = dict(out["extra"])
-        extra.pop("step", None)
-        return step, params, opt_state, extra
+        """(step, params, opt_state, extra_json) of the newest committed step that restores, or None.
+
+        A step whose files fail to restore (truncated, zeroed, deleted, undecodable) or hold a
+        non-finite value is moved aside to `<step>.damaged-<ts>` (kept, logged) and the step before
+        it is tried: a run resumes from its last good state and ends as an uninterrupted one would."""
+        params_target = _restore_target(abstract_params, "train params")
+        opt_target = _restore_target(abstract_opt_state, "train opt_state")
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            args = ocp.args.Composite(
+                params=ocp.args.StandardRestore(params_target),
+                opt_state=ocp.args.StandardRestore(opt_target),
+                extra=ocp.args.JsonRestore(),
+            )
+            try:
+                out = self._mngr.restore(step, args=args)
+                finite = all(
+                    bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves((out["params"], out["opt_state"]))
+                )
+                if not finite:
+                    raise ValueError("non-finite values")
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is unusable
+                self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                continue
+            params = _from_restored(abstract_params, out["params"])
+            opt_state = _from_restored(abstract_opt_state, out["opt_state"])
+            extra = dict(out["extra"])
+            extra.pop("step", None)
+            return step, params, opt_state, extra
+        return None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        if jax.process_index() == 0:
+            aside = self.directory / f"{step}.damaged-{time.time_ns()}"
+            log.warning(
+                "train state %s/%d does not restore (%s); moved aside to %s", self.directory, step, reason, aside
+            )
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"pl_dpo_checkpoint_aside:{self.directory}/{step}")
+        self._mngr.reload()
 
     def wait_until_finished(self) -> None:
         self._mngr.wait_until_finished()
