@@ -20,9 +20,12 @@ import ml_collections
 from etils import epath
 
 from pl_dpo import losses, modes, sampler, train
+from pl_dpo import workdir as workdir_lib
 from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
 
 # Keys that must not change between runs on one workdir (the saved work depends on them).
+# Not here: rounds.num (more rounds continue a run), eval.* (a change re-evaluates), mesh,
+# checkpoint, export_hf.
 WORKDIR_KEYS = (
     "seed",
     "modes",
@@ -34,6 +37,10 @@ WORKDIR_KEYS = (
     "sft",
     "rounds.epochs",
     "rounds.batch_size",
+    "rounds.optim",
+    "rounds.max_steps",
+    "rounds.lr_per_round",
+    "logprob_chunk",
     "rounds.mix_previous",
     "rounds.mix_rescore",
     "rounds.answer_on_top",
@@ -62,6 +69,7 @@ def plain(value: Any) -> Any:
 
 
 MISSING = "<missing>"
+INPUTS_KEY = "_inputs"  # config.json: {config field: {file: fingerprint}} (workdir.input_fingerprints)
 
 
 def lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -125,6 +133,8 @@ def check_workdir_config(
     the key, the old and the new value.
     """
     new = json.loads(json.dumps(plain(config), default=str, sort_keys=True))
+    if isinstance(config, ml_collections.ConfigDict):  # the files it names, by content
+        new[INPUTS_KEY] = workdir_lib.input_fingerprints(config)
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         if jax.process_index() == 0:
@@ -141,6 +151,15 @@ def check_workdir_config(
                 f"workdir {workdir} was written by an incompatible config: {key!r} was {a!r}, now {b!r} "
                 f"(see {path}); use a new --workdir or restore the old value"
             )
+    for field, files in (old.get(INPUTS_KEY) or {}).items():
+        now = new.get(INPUTS_KEY, {}).get(field, {})
+        for file in sorted(set(files) | set(now)):
+            if files.get(file) != now.get(file):
+                state = "is gone" if file not in now else "is new" if file not in files else "changed"
+                raise WorkdirConfigMismatch(
+                    f"workdir {workdir}: {file} (config.{field}) {state} since the workdir's saved work was made "
+                    f"from it; use a new --workdir, or the file as it was"
+                )
 
 
 # ----------------------------------------------------------------------------- modes

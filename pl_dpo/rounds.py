@@ -146,7 +146,10 @@ class SelfPlay:
     # --------------------------------------------------------------------------- evaluation
 
     def evaluate(self, lineage: str, index: int, model: Decoder, baseline) -> dict[str, Any]:
+        """Held-out metrics of a policy, cached with the settings they were made with: a run
+        with other evaluation settings (config.eval) evaluates again instead of mixing."""
         path = self._path(lineage, f"eval_{index}.json")
+        settings = {"eval": config_lib.plain(self.config.eval), "max_new_tokens": self.config.sampling.max_new_tokens}
 
         def run_eval() -> dict[str, Any]:
             metrics, responses, correct = evaluate.evaluate_policy(
@@ -161,13 +164,18 @@ class SelfPlay:
                 "metrics": metrics,
                 "responses": responses,
                 "correct": None if correct is None else correct.tolist(),
+                "settings": settings,
             }
 
+        saved = os.path.exists(path) and stages.read_json(path).get("settings") == settings
+
         def save(result: dict[str, Any]) -> None:
+            if os.path.exists(path):  # evaluated again under new settings: the new record replaces the old
+                self.metric_log.drop(f"eval/{lineage}", from_step=index)
             self.metric_log.write(f"eval/{lineage}", index, result["metrics"])
             stages.write_json(path, result)
 
-        result = stages.load_or_make(os.path.exists(path), lambda: stages.read_json(path), run_eval, save)
+        result = stages.load_or_make(saved, lambda: stages.read_json(path), run_eval, save)
         # Index 0 of the SFT lineage is the start of every arm; the control arm continues that lineage.
         name = "sft" if (lineage, index) == ("sft", 0) else f"{lineage} round {index}"
         row = {"policy": name, "arm": lineage, "round": index, **result["metrics"]}

@@ -1,13 +1,18 @@
-"""The workdir as a whole: one run at a time (no jax here, so that tools can import it).
+"""The workdir as a whole: one run at a time, and the identity of what it was made from
+(no jax here, so that tools can import it).
 
 `WorkdirLock` is held by process 0 for the whole run: a second run on the same workdir is
 refused at once, naming the run that holds it, instead of both training SFT and one dying
 later. A lock left by a killed run (its process is gone) is taken over with a warning.
+
+`input_fingerprints` names every file a run reads besides its config (data files, model and
+tokenizer folders), so that a resumed run can refuse data edited in place.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +22,55 @@ import time
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+
+
+# Files up to this size are hashed whole; larger ones by size, head and tail (a 1 GB parquet
+# file of a TPU VM's bucket mount is not read again at every start).
+_WHOLE_HASH_BYTES = 64 << 20
+_EDGE_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str) -> str:
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _WHOLE_HASH_BYTES:
+            h.update(f.read())
+        else:
+            h.update(f.read(_EDGE_BYTES))
+            f.seek(size - _EDGE_BYTES)
+            h.update(f.read(_EDGE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    return [path] if os.path.exists(path) else []
+
+
+def input_fingerprints(config) -> dict[str, dict[str, str]]:
+    """{config field: {file: fingerprint}} for the data files and the model / tokenizer folders."""
+    fields: list[tuple[str, str]] = []
+    for split, paths in dict(config.data.get("files", {}) or {}).items():
+        for p in [paths] if isinstance(paths, str) else list(paths or []):
+            if p:
+                fields.append((f"data.files.{split}", p))
+    for name, path in (
+        ("model.hf_path", config.model.get("hf_path")),
+        ("tokenizer.path", config.tokenizer.get("path")),
+    ):
+        if path:
+            fields.append((name, path))
+    for i, a in enumerate(config.assistants):
+        for name, path in (("model.hf_path", a.model.get("hf_path")), ("tokenizer_path", a.get("tokenizer_path"))):
+            if path:
+                fields.append((f"assistants[{i}].{name}", path))
+    out: dict[str, dict[str, str]] = {}
+    for field, path in fields:
+        for f in _files(os.fspath(path)):
+            out.setdefault(field, {})[os.path.abspath(f)] = file_fingerprint(f)
+    return out
 
 
 class WorkdirLocked(RuntimeError):

@@ -133,3 +133,30 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "tpu-worker-7", "since": "x"}))
     with pytest.raises(WorkdirLocked, match="on tpu-worker-7 .* or delete .*.lock if it is gone"):
         WorkdirLock(tmp_path).acquire()
+
+
+def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
+    from configs import offline
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for f in (train, test):
+        f.write_text('{"prompt": "1 + 1?", "responses": ["2", "3"]}\n')
+    config = offline.get_config("tiny")
+    config.data.files = dict(train=str(train), test=str(test))
+    workdir = tmp_path / "run"
+    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)  # same again: fine
+    # Training settings the saved work depends on, rounds.optim among them.
+    changed = config_lib.apply_overrides(config, {"rounds.optim.lr": 0.1})
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'rounds.optim' was .* now .*use a new --workdir"):
+        config_lib.check_workdir_config(workdir, changed, config_lib.WORKDIR_KEYS)
+    # A data file rewritten with the same content (a new mtime) is the same input ...
+    train.write_text(train.read_text())
+    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+    # ... one edited in place is refused, naming the file and the field.
+    train.write_text('{"prompt": "1 + 1?", "responses": ["2", "11"]}\n')
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match=f"{train} \\(config.data.files.train\\) changed"):
+        config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+    train.unlink()
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="is gone"):
+        config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)

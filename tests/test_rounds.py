@@ -189,3 +189,30 @@ def test_sigterm_mid_round_saves_and_exits_143(reference_run, main_command):
     assert "SIGTERM, state saved at step" in stderr
     step = int(stderr.split("state saved at step ")[1].split()[0])
     assert 3 <= step < 24 and os.path.isdir(os.path.join(workdir, "spin", "round_0", "train", str(step)))
+
+
+@pytest.mark.slow
+def test_other_evaluation_settings_evaluate_again(reference_run, main_command):
+    """eval.* is not part of the saved work: a finished run resumed with another eval.num_prompts
+    evaluates every policy again on the new held-out set (before, it crashed on a shape mismatch)."""
+    import shutil
+
+    root, ref_workdir, _ = reference_run
+    workdir = str(root / "re_evaluated")
+    shutil.copytree(ref_workdir, workdir)
+    proc = subprocess.run(
+        main_command.argv(workdir, *OVERRIDES, "--config.eval.num_prompts=32"),
+        cwd=REPO,
+        env=main_command.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for lineage, index in (("sft", 0), ("spin", 1), ("asft", 2)):
+        result = json.load(open(os.path.join(workdir, lineage, f"eval_{index}.json")))
+        assert len(result["responses"]) == 32 and result["settings"]["eval"]["num_prompts"] == 32
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [(r["phase"], r["step"]) for r in records if r["phase"].startswith("eval/")]
+    assert len(evals) == len(set(evals)) == 5  # the new evaluations replaced the old records
+    assert len([r for r in records if r["phase"] == "spin/round_0"]) == 24  # nothing trained again
