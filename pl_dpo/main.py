@@ -3,6 +3,13 @@
 Runs the whole self-play job of the config (SFT -> assistants -> rounds) in the
 workdir, resuming whatever an earlier run on the same workdir left unfinished, and
 prints one line per evaluated policy at the end.
+
+Configs (configs/): demo.py (the built-in demo, `:quick` the CI-sized form), spin.py (SPIN as
+in the paper, `:rounds=N`), asft.py (aSFT, K=3), offline.py (ranked lists, `:tiny`,
+`:source=ranked_jsonl`), study.py / study_ladder.py (the study of experiments/RESULTS.md).
+Every field of a config is in configs/common.py:base(); the README explains the modes, and
+docs/ARCHITECTURE.md the rest. Mistakes in flags, the config, the data or the workdir end in
+one line starting with "error:" and exit code 2.
 """
 
 from __future__ import annotations
@@ -42,14 +49,23 @@ def main(argv: list[str]) -> None:
         )
     from pl_dpo import config_lib, evaluate, plots, rounds  # after distributed init: they touch devices
     from pl_dpo.data import DataError
+    from pl_dpo.models.hf_io import TensorFileError
     from pl_dpo.preemption import Preempted
     from pl_dpo.workdir import WorkdirLock, WorkdirLocked
 
     # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
-    user_errors = (config_lib.ConfigError, config_lib.WorkdirConfigMismatch, DataError, WorkdirLocked)
+    user_errors = (config_lib.ConfigError, config_lib.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    config = FLAGS.config
+    try:
+        config = FLAGS.config
+        config.get("modes")  # the config file is read lazily, at its first use
+    except (flags.Error, ValueError, TypeError, OSError) as e:
+        print(
+            f"error: --config={FLAGS['config'].serialize().split('=', 1)[-1]}: {_one_line(e.__cause__ or e)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     # Every round builds the same step and sampler programs again: a compilation cache in the
     # workdir turns those recompiles (and a resumed run's) into cache reads.
@@ -76,5 +92,26 @@ def main(argv: list[str]) -> None:
             print(f"Plot: {FLAGS.workdir}/results.png")
 
 
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # a config file's own error: its last line
+        return f"{lines[0].split(':')[0]}: {lines[-1]}"
+    return " ".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a mistake in a flag or a --config override is one line and exit 2."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
+        name = str(e.args[0] if e.args else e).strip("'\"")
+        flag = next((a for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")), None)
+        where = f" in {flag}" if flag else ""
+        print(f"error: the config has no field {name!r}{where} (its fields: configs/common.py:base())", file=sys.stderr)
+    except (flags.Error, ValueError, TypeError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

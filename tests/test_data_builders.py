@@ -91,7 +91,7 @@ def test_ultrachat_jsonl_and_parquet(tmp_path):
     with pytest.raises(DataError) as e:
         make_builder("ultrachat", files={"train_sft": UC})
     assert e.value.file == UC and e.value.row == 3 and e.value.field == "messages"
-    assert "no assistant turn" in str(e.value) and "ultrachat.jsonl: row 3" in str(e.value)
+    assert "no assistant turn" in str(e.value) and "ultrachat.jsonl: row 4" in str(e.value)  # numbered from 1
 
     b = make_builder("ultrachat", files={"train_sft": UC}, skip_bad_rows=True)
     got = [(x.example_id, x.prompt, x.responses) for x in read_split(b, "train_sft")]
@@ -146,10 +146,10 @@ def test_ultrafeedback_ranking_and_tie_rules():
     )
     assert fg[1].responses == ("4", "Four.", "22", "5")
     with pytest.raises(
-        DataError, match=r"row 2: field 'completions\[0\].annotations.helpfulness.Rating': not a number"
+        DataError, match=r"row 3: field 'completions\[0\].annotations.helpfulness.Rating': not a number"
     ):
         make_builder("ultrafeedback", files={"train": UF}, rating_field="mean_annotation")
-    with pytest.raises(DataError, match=r"row 3: field 'completions\[0\].overall_score': not a number: 'N/A'"):
+    with pytest.raises(DataError, match=r"row 4: field 'completions\[0\].overall_score': not a number: 'N/A'"):
         make_builder("ultrafeedback", files={"train": UF})
     with pytest.raises(ValueError, match="ties"):
         make_builder("ultrafeedback", files={"train": UF}, ties="random")
@@ -168,18 +168,27 @@ def test_ranked_jsonl_and_bad_inputs(tmp_path):
         ("r4", "Last one.", ("yes", "no")),
     ]
     assert sum(skipped_rows(b)["skipped_train"].values()) == 4
-    with pytest.raises(DataError, match=r"row 3: field 'responses': 1 responses, need at least 2"):
+    with pytest.raises(DataError, match=r"row 4: field 'responses': 1 responses, need at least 2"):
         make_builder("ranked_jsonl", files={"train": RJ})
     lines = open(RJ, encoding="utf-8").read().splitlines()
     for bad_row, pattern in (
-        (4, r"row 0: field 'prompt': missing"),
+        (4, r"row 1: field 'prompt': missing"),
         (5, r"field 'responses\[1\]': empty"),
-        (6, r"row 0: invalid JSON line"),
+        (6, r"row 1: invalid JSON line"),
     ):
         p = tmp_path / f"bad{bad_row}.jsonl"
         p.write_text(lines[bad_row] + "\n" + lines[0] + "\n")
         with pytest.raises(DataError, match=pattern):
             make_builder("ranked_jsonl", files={"train": str(p)})
+    # A line that is not UTF-8 is that row's error (skippable), named with its file and row.
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(
+        lines[0].encode() + b"\n" + '{"prompt": "caf\xe9", "responses": ["a", "b"]}'.encode("latin-1") + b"\n"
+    )
+    with pytest.raises(DataError, match=r"latin1.jsonl: row 2: invalid JSON line: not UTF-8 text"):
+        make_builder("ranked_jsonl", files={"train": str(p)})
+    skipped = make_builder("ranked_jsonl", files={"train": str(p)}, skip_bad_rows=True)
+    assert len(read_split(skipped, "train")) == 1 and sum(skipped_rows(skipped)["skipped_train"].values()) == 1
     with pytest.raises(DataError, match="missing.jsonl: file not found"):
         make_builder("ranked_jsonl", files={"train": str(tmp_path / "missing.jsonl")})
     with pytest.raises(ValueError, match="pass files"):

@@ -19,11 +19,14 @@ from typing import Any
 
 
 class DataError(ValueError):
-    """A bad input row or file; the message names file, row and field."""
+    """A bad input row or file; the message names file, row and field.
+
+    `row` is the 0-based index; the message counts from 1, as an editor does (in a JSONL file,
+    row N is line N)."""
 
     def __init__(self, file: str, row: int | None, field: str | None, problem: str):
         self.file, self.row, self.field, self.problem = file, row, field, problem
-        where = file if row is None else f"{file}: row {row}"
+        where = file if row is None else f"{file}: row {row + 1}"
         if field is not None:
             where += f": field {field!r}"
         super().__init__(f"{where}: {problem}")
@@ -101,10 +104,12 @@ def iter_rows(paths: str | Sequence[str]) -> Iterator[tuple[str, int, dict[str, 
             for i, row in enumerate(table.to_pylist()):
                 yield path, i, row
             continue
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a row that is not UTF-8 is that row's error, not the file's
             if ext == ".json":  # A single JSON list of rows.
                 try:
-                    rows = json.load(f)
+                    rows = json.loads(f.read().decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(path, None, None, f"not UTF-8 text: {e}") from None
                 except json.JSONDecodeError as e:
                     raise DataError(path, None, None, f"invalid JSON: {e}") from e
                 if not isinstance(rows, list):
@@ -112,7 +117,12 @@ def iter_rows(paths: str | Sequence[str]) -> Iterator[tuple[str, int, dict[str, 
                 for i, row in enumerate(rows):
                     yield path, i, row
                 continue
-            for i, line in enumerate(f):
+            for i, raw in enumerate(f):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield path, i, _BadJson(f"not UTF-8 text: {e}")
+                    continue
                 if not line.strip():
                     continue
                 try:

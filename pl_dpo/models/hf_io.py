@@ -49,10 +49,22 @@ def _flat_params(state: nnx.State) -> list[tuple[str, Any]]:
     return [(_path_str(path), var) for path, var in nnx.to_flat_state(state)]
 
 
+class TensorFileError(ValueError):
+    """A model folder's safetensors files are missing, damaged or incomplete; names the file."""
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged headers
+        raise TensorFileError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
+
+
 class _TensorFiles:
     """Name -> file index over one or several safetensors files, read lazily one tensor at a time."""
 
     def __init__(self, folder: str):
+        self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.exists(index):
@@ -60,7 +72,7 @@ class _TensorFiles:
                 weight_map = json.load(f)["weight_map"]
             self.where = {name: os.path.join(folder, file) for name, file in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
+            with _open(single) as f:
                 self.where = {name: single for name in f.keys()}
         else:
             raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json exists")
@@ -68,11 +80,14 @@ class _TensorFiles:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.where:
-            raise KeyError(f"tensor {name!r} is missing from the safetensors files of this model")
+            raise TensorFileError(f"{self.folder}: tensor {name!r} is missing from the model's safetensors files")
         file = self.where[name]
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy").__enter__()
-        return self._open[file].get_tensor(name)
+            self._open[file] = _open(file).__enter__()
+        try:
+            return self._open[file].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - a truncated file fails only when its tensor is read
+            raise TensorFileError(f"{file}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
 
     def close(self) -> None:
         for handle in self._open.values():
