@@ -160,3 +160,29 @@ def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
     train.unlink()
     with pytest.raises(config_lib.WorkdirConfigMismatch, match="is gone"):
         config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.loss.TT=1"], "error: the config has no field 'TT' in --config.loss.TT=1"),
+        (["--config.rounds.num=x"], "error: flag --config.rounds.num=x: invalid literal for int()"),
+        (["--config=configs/demo.py:quik"], "unknown key 'quik'; known: ['quick']"),
+        (["--config=configs/nope.py"], "error: --config=configs/nope.py: Failed loading config file"),
+    ],
+)
+def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, main_command, flags, message):
+    import subprocess
+
+    proc = subprocess.run(
+        main_command.argv(tmp_path / "run", *flags),
+        cwd=main_command.cwd,
+        env=main_command.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in proc.stderr
