@@ -21,6 +21,7 @@ import numpy as np
 import yaml  # PyYAML: a dependency of ml-collections
 
 from pl_dpo import modes
+from pl_dpo import workdir as wd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,7 @@ def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]
 def _rank_correct(job: str, mode: str, t: int) -> dict[str, float]:
     """Round t's ranked set: the fraction of prompts whose rank-k response equals the answer (rank 0),
     for k = 1..K-1 (assistant samples, then the policy's own sample last)."""
-    path = os.path.join(job, mode, f"round_{t}", "ranked.npz")
+    path = wd.ranked_set_path(job, mode, t)
     if not os.path.exists(path):
         return {}
     with np.load(path) as z:
@@ -122,7 +123,7 @@ def _rank_correct(job: str, mode: str, t: int) -> dict[str, float]:
 def read_job(job: str) -> list[Record]:
     """The records of one job workdir (empty when it has not evaluated anything yet)."""
     cfg_path = os.path.join(job, "config.json")
-    start_path = os.path.join(job, "sft", "eval_0.json")
+    start_path = wd.eval_path(job, "sft", 0)
     if not (os.path.exists(cfg_path) and os.path.exists(start_path)):
         return []
     cfg = read_config(cfg_path)
@@ -142,7 +143,7 @@ def read_job(job: str) -> list[Record]:
         )
         records.append(Record(cell, seed, 0, dict(start), job))
         # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .
-        for path in glob.glob(os.path.join(job, mode, "eval_*.json")):
+        for path in glob.glob(wd.eval_path(job, mode, "*")):
             t = int(os.path.basename(path)[len("eval_") : -len(".json")])
             if t == 0:
                 continue

@@ -41,18 +41,20 @@ if REPO not in sys.path:
 
 from tqdm import tqdm  # noqa: E402
 
+from pl_dpo import workdir as wd  # noqa: E402
 from pl_dpo.config_lib import apply_overrides, lookup, plain  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import read_config  # noqa: E402
 
-# Config fields each deterministic stage depends on (rounds.py: tokenizer, _load, supervised_model,
-# evaluate, assistant_samples). A stage is copied only when all of them agree.
+# Config fields each deterministic stage depends on (pl_dpo.workdir.STAGE_FIELDS): a stage is copied
+# only when all of them agree, the mesh too (shared work must be bit-identical), and for πθ(0),
+# copied with its evaluation, the evaluation settings.
 STAGE_KEYS = {
-    "tokenizer": ("tokenizer",),
-    "tfds": ("data.source", "data.options", "data.files"),
-    "sft": ("seed", "tokenizer", "model", "data", "sft", "eval", "sampling.max_new_tokens", "mesh", "logprob_chunk"),
-    "assistant": ("seed", "tokenizer", "data", "sampling", "mesh", "logprob_chunk"),  # + assistants[i]
+    "tokenizer": wd.STAGE_FIELDS["tokenizer"],
+    "tfds": wd.STAGE_FIELDS["tfds"],
+    "sft": wd.STAGE_FIELDS["sft"] + wd.EVAL_FIELDS + wd.NUMERICS_FIELDS,
+    "assistant": wd.STAGE_FIELDS["assistant"] + wd.NUMERICS_FIELDS,  # + assistants[i]
 }
 
 
@@ -146,12 +148,13 @@ def seed_from_donors(workdir: str, config: dict[str, Any], donors: list[tuple[st
             _copy(os.path.join(donor, "tfds"), os.path.join(workdir, "tfds"))
             copied.append("tfds")
         if (
-            have("sft/policies/0/commit_success.txt")
-            and os.path.exists(os.path.join(donor, "sft/eval_0.json"))
+            wd.policy_committed(donor, "sft", 0)
+            and not os.path.exists(wd.policy_dir(workdir, "sft", 0))
+            and os.path.exists(wd.eval_path(donor, "sft", 0))
             and _same(config, dcfg, STAGE_KEYS["sft"])
         ):
-            _copy(os.path.join(donor, "sft/policies/0"), os.path.join(workdir, "sft/policies/0"))
-            _copy(os.path.join(donor, "sft/eval_0.json"), os.path.join(workdir, "sft/eval_0.json"))
+            _copy(wd.policy_dir(donor, "sft", 0), wd.policy_dir(workdir, "sft", 0))
+            _copy(wd.eval_path(donor, "sft", 0), wd.eval_path(workdir, "sft", 0))
             sft_record = _sft_eval_record(donor)
             copied.append("sft")
         for i, assistant in enumerate(config.get("assistants") or []):

@@ -21,7 +21,6 @@ or jax.Arrays whose sharding is reused.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -36,10 +35,9 @@ from jax.experimental import multihost_utils
 
 from pl_dpo.preemption import Preemption
 from pl_dpo.sharding import path_to_str
+from pl_dpo.workdir import step_committed
 
 log = logging.getLogger(__name__)
-
-_STEP_METADATA = "_CHECKPOINT_METADATA"
 
 
 # ----------------------------------------------------------------------------- state <-> files
@@ -73,24 +71,13 @@ def _from_restored(target: Any, restored: Any) -> Any:
     return restored
 
 
-def _is_committed(step_dir: epath.Path, items: Sequence[str]) -> bool:
-    meta = step_dir / _STEP_METADATA
-    if not meta.exists():
-        return False
-    try:
-        committed = json.loads(meta.read_text()).get("commit_timestamp_nsecs") is not None
-    except (ValueError, OSError):
-        return False
-    return committed and all((step_dir / item).is_dir() for item in items)
-
-
 def _set_aside_incomplete(directory: epath.Path, items: Sequence[str]) -> None:
     """Rename step dirs Orbax would list but that are not fully committed (primary only)."""
     if jax.process_index() == 0 and directory.exists():
         for step_dir in directory.iterdir():
             # Plain `<step>` names only: Orbax's own `*.orbax-checkpoint-tmp*` dirs are
             # never listed as steps and are removed by cleanup_tmp_directories.
-            if step_dir.name.isdigit() and step_dir.is_dir() and not _is_committed(step_dir, items):
+            if step_dir.name.isdigit() and step_dir.is_dir() and not step_committed(step_dir, items):
                 aside = directory / f"{step_dir.name}.incomplete-{time.time_ns()}"
                 log.warning("checkpoint %s is not committed; moved aside to %s", step_dir, aside)
                 step_dir.rename(aside)

@@ -23,29 +23,10 @@ from pl_dpo import losses, modes, sampler, train
 from pl_dpo import workdir as workdir_lib
 from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
 
-# Keys that must not change between runs on one workdir (the saved work depends on them).
-# Not here: rounds.num (more rounds continue a run), eval.* (a change re-evaluates), mesh,
+# Keys that must not change between runs on one workdir: every stage's (workdir.STAGE_FIELDS).
+# Not there: rounds.num (more rounds continue a run), eval.* (a change re-evaluates), mesh,
 # checkpoint, export_hf.
-WORKDIR_KEYS = (
-    "seed",
-    "modes",
-    "model",
-    "tokenizer",
-    "data",
-    "assistants",
-    "loss",
-    "sft",
-    "rounds.epochs",
-    "rounds.batch_size",
-    "rounds.optim",
-    "rounds.max_steps",
-    "rounds.lr_per_round",
-    "logprob_chunk",
-    "rounds.mix_previous",
-    "rounds.mix_rescore",
-    "rounds.answer_on_top",
-    "sampling",
-)
+WORKDIR_KEYS = workdir_lib.identity_fields()
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,6 @@ Policies are created and restored directly onto the mesh: never whole on one dev
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import ml_collections
 from flax import nnx
 
 from pl_dpo import checkpoint, config_lib, sharding
+from pl_dpo import workdir as wd
 from pl_dpo.models import Decoder, create_model, from_pretrained
 
 
@@ -26,7 +26,7 @@ class PolicyStore:
 
     @contextlib.contextmanager
     def _checkpoints(self, lineage: str) -> Iterator[checkpoint.RoundCheckpoints]:
-        ckpts = checkpoint.RoundCheckpoints(os.path.join(self.workdir, lineage))
+        ckpts = checkpoint.RoundCheckpoints(wd.lineage_dir(self.workdir, lineage))
         try:
             yield ckpts
         finally:

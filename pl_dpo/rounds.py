@@ -39,6 +39,7 @@ import numpy as np
 from etils import epath
 
 from pl_dpo import config_lib, evaluate, generation, modes, phase, scoring, sharding, stages, train
+from pl_dpo import workdir as wd
 from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
@@ -68,9 +69,6 @@ class SelfPlay:
         self.metric_log = MetricLog(self.workdir)
         self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)
         self.table: list[dict[str, Any]] = []
-
-    def _path(self, *parts: str) -> str:
-        return os.path.join(self.workdir, *parts)
 
     # --------------------------------------------------------------------------- models
 
@@ -112,7 +110,7 @@ class SelfPlay:
             n = self.data.sft_arrays["tokens_NxKxL"].shape[0]
             spec = self._phase_spec(
                 lineage,
-                self._path(lineage),
+                wd.lineage_dir(self.workdir, lineage),
                 num_epochs=phase.epochs_for_steps(steps, n, batch_size),
                 batch_size=batch_size,
                 seed=seed,
@@ -140,7 +138,7 @@ class SelfPlay:
             sft,
             lambda model: self.policies.save(lineage, 0, model, {"lineage": lineage, "sft_steps": steps}),
         )
-        self._drop_train_state(self._path(lineage))
+        self._drop_train_state(wd.lineage_dir(self.workdir, lineage))
         return model
 
     # --------------------------------------------------------------------------- evaluation
@@ -148,7 +146,7 @@ class SelfPlay:
     def evaluate(self, lineage: str, index: int, model: Decoder, baseline) -> dict[str, Any]:
         """Held-out metrics of a policy, cached with the settings they were made with: a run
         with other evaluation settings (config.eval) evaluates again instead of mixing."""
-        path = self._path(lineage, f"eval_{index}.json")
+        path = wd.eval_path(self.workdir, lineage, index)
         settings = {"eval": config_lib.plain(self.config.eval), "max_new_tokens": self.config.sampling.max_new_tokens}
 
         def run_eval() -> dict[str, Any]:
@@ -213,7 +211,7 @@ class SelfPlay:
     def assistant_samples(self, index: int) -> list[TokenIds]:
         """Samples of assistant `index` on the training prompts, generated once and cached."""
         lineage = f"assistant_{index}"
-        path = self._path(lineage, "samples.npz")
+        path = wd.samples_path(self.workdir, lineage)
 
         def generate() -> list[TokenIds]:
             a = self.config.assistants[index]
@@ -231,7 +229,7 @@ class SelfPlay:
 
     def sft_samples(self) -> list[TokenIds]:
         """Samples of πθ(0) on the training prompts, generated once and cached (like an assistant's)."""
-        path = self._path("sft", "samples.npz")
+        path = wd.samples_path(self.workdir, "sft")
 
         def generate() -> list[TokenIds]:
             sft = self.restore_policy("sft", self.config.model, 0)
@@ -265,9 +263,7 @@ class SelfPlay:
 
     def ranked_set(self, mode: modes.Mode, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked lists of `mode` (modes.MODES) with the reference log-probs of its mode."""
-        path = (
-            self._path(mode.name, "ranked.npz") if mode.one_set else self._path(mode.name, f"round_{t}", "ranked.npz")
-        )
+        path = wd.ranked_set_path(self.workdir, mode.name, t, mode.one_set)
 
         def policy_samples(i: int) -> list[TokenIds]:
             # Sample 0 keeps the label self-play has always used; further draws get their own.
@@ -305,10 +301,10 @@ class SelfPlay:
         previous = range(max(0, t - int(self.config.rounds.get("mix_previous", 0) or 0)), t)
         if mode.one_set or not previous:
             return own
-        path = self._path(mode.name, f"round_{t}", "mixed.npz")
+        path = os.path.join(wd.round_dir(self.workdir, mode.name, t), "mixed.npz")
 
         def build() -> dict[str, np.ndarray]:
-            sets = [load_ranked_set(self._path(mode.name, f"round_{s}", "ranked.npz")) for s in previous]
+            sets = [load_ranked_set(wd.ranked_set_path(self.workdir, mode.name, s)) for s in previous]
             if self.config.rounds.get("mix_rescore", True):
                 bs = self.config.eval.batch_size
                 sets = [dict(a, ref_logps_NxK=scoring.score_ranked(start, a, bs)) for a in sets]
@@ -354,7 +350,7 @@ class SelfPlay:
             optim = dataclasses.replace(optim, lr=float(c.rounds.lr_per_round[t]))
         spec = self._phase_spec(
             f"{mode.name}/round_{t}",
-            self._path(mode.name, f"round_{t}"),
+            wd.round_dir(self.workdir, mode.name, t),
             num_epochs=c.rounds.epochs,
             batch_size=c.rounds.batch_size,
             seed=c.seed + 7919 * (t + 1),
@@ -371,7 +367,7 @@ class SelfPlay:
             lambda: self._train_round(mode, t, K),
             lambda policy: self.policies.save(mode.name, t + 1, policy, {"mode": mode.name, "round": t + 1, "K": K}),
         )
-        self._drop_train_state(self._path(mode.name, f"round_{t}"))
+        self._drop_train_state(wd.round_dir(self.workdir, mode.name, t))
         return policy
 
     def _drop_train_state(self, phase_dir: str) -> None:
@@ -388,7 +384,7 @@ class SelfPlay:
 
     def _export(self, mode: modes.Mode, index: int, policy: Decoder) -> None:
         """πθ(index) as a Hugging Face folder `<mode>/hf_export/round_<index>` (lm-eval, vLLM)."""
-        out = self._path(mode.name, "hf_export", f"round_{index}")
+        out = wd.export_dir(self.workdir, mode.name, index)
         if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
             save_pretrained(policy, out)
             self.tokenizer.save_pretrained(out)

@@ -7,6 +7,10 @@ later. A lock left by a killed run (its process is gone) is taken over with a wa
 
 `input_fingerprints` names every file a run reads besides its config (data files, model and
 tokenizer folders), so that a resumed run can refuse data edited in place.
+
+The layout (paths of every stage's output), the "is this committed" check, and one table of
+the config fields each stage depends on live here: the workdir check of a resumed run
+(config_lib.WORKDIR_KEYS) and the sweep's stage sharing (experiments/sweep.py) derive from it.
 """
 
 from __future__ import annotations
@@ -18,10 +22,107 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
+
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+
+# ----------------------------------------------------------------------------- stages
+
+# The config fields each stage's output depends on. The assistants' stages also depend on their
+# own `assistants[i]` section; rounds.num is absent on purpose (more rounds continue a run).
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("tokenizer",),
+    "tfds": ("data.source", "data.options", "data.files"),
+    "sft": ("seed", "tokenizer", "model", "data", "sft", "logprob_chunk"),
+    "assistant": ("seed", "tokenizer", "data", "sampling", "logprob_chunk"),
+    "rounds": (
+        "modes",
+        "assistants",
+        "loss",
+        "sampling",
+        "rounds.epochs",
+        "rounds.batch_size",
+        "rounds.optim",
+        "rounds.max_steps",
+        "rounds.lr_per_round",
+        "rounds.mix_previous",
+        "rounds.mix_rescore",
+        "rounds.answer_on_top",
+    ),
+}
+# Fields that change only the evaluation: a resumed run evaluates again (eval_<t>.json).
+EVAL_FIELDS = ("eval", "sampling.max_new_tokens")
+# Fields that change results in their last bits only (the reduction order): a resumed run may
+# change them, two jobs that differ in them do not share work.
+NUMERICS_FIELDS = ("mesh",)
+
+
+def identity_fields() -> tuple[str, ...]:
+    """Every field the saved work depends on: what a resumed run must not change."""
+    out: list[str] = []
+    for fields in STAGE_FIELDS.values():
+        out += [f for f in fields if f not in out]
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def lineage_dir(workdir: str, lineage: str) -> str:
+    """`sft`, `assistant_<i>` or a mode: its policies, evaluations and phases."""
+    return os.path.join(workdir, lineage)
+
+
+def policy_dir(workdir: str, lineage: str, index: int) -> str:
+    return os.path.join(workdir, lineage, "policies", str(index))
+
+
+def eval_path(workdir: str, lineage: str, index: int) -> str:
+    return os.path.join(workdir, lineage, f"eval_{index}.json")
+
+
+def samples_path(workdir: str, lineage: str) -> str:
+    """Cached samples of an assistant or of πθ(0) (lineage `sft`)."""
+    return os.path.join(workdir, lineage, "samples.npz")
+
+
+def round_dir(workdir: str, mode: str, t: int) -> str:
+    """Round t of a mode: its ranked set, mixed set and mid-round train state."""
+    return os.path.join(workdir, mode, f"round_{t}")
+
+
+def ranked_set_path(workdir: str, mode: str, t: int, one_set: bool = False) -> str:
+    return (
+        os.path.join(workdir, mode, "ranked.npz")
+        if one_set
+        else os.path.join(round_dir(workdir, mode, t), "ranked.npz")
+    )
+
+
+def export_dir(workdir: str, mode: str, index: int) -> str:
+    return os.path.join(workdir, mode, "hf_export", f"round_{index}")
+
+
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+
+
+def step_committed(step_dir: str | os.PathLike, items: Sequence[str]) -> bool:
+    """An Orbax step is committed when its metadata carries a commit timestamp and every item
+    folder exists (a killed save leaves neither)."""
+    step_dir = epath.Path(step_dir)
+    try:
+        committed = json.loads((step_dir / CHECKPOINT_METADATA).read_text()).get("commit_timestamp_nsecs") is not None
+    except (OSError, ValueError):
+        return False
+    return committed and all((step_dir / item).is_dir() for item in items)
+
+
+def policy_committed(workdir: str, lineage: str, index: int) -> bool:
+    return step_committed(policy_dir(workdir, lineage, index), ("params", "metadata"))
 
 
 # Files up to this size are hashed whole; larger ones by size, head and tail (a 1 GB parquet

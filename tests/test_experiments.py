@@ -85,7 +85,8 @@ def test_seed_from_donors_copies_only_stages_with_equal_settings(tmp_path):
     for rel in (
         "tokenizer/tokenizer.json",
         "tfds/ds/data",
-        "sft/policies/0/commit_success.txt",
+        "sft/policies/0/params/x",
+        "sft/policies/0/metadata/x",
         "sft/eval_0.json",
         "sft/policies/1/commit_success.txt",
         "assistant_0/samples.npz",
@@ -94,13 +95,14 @@ def test_seed_from_donors_copies_only_stages_with_equal_settings(tmp_path):
         "spin/eval_1.json",
     ):
         _touch(os.path.join(donor, rel))
+    _touch(os.path.join(donor, "sft/policies/0/_CHECKPOINT_METADATA"), json.dumps({"commit_timestamp_nsecs": 1}))
     _touch(os.path.join(donor, "metrics.jsonl"), json.dumps({"phase": "eval/sft", "step": 0, "exact_match": 0.5}))
     donors = [(donor, resolve({"seed": 0}))]
 
     same = str(tmp_path / "same")  # other T and modes: every deterministic stage is shared
     copied = sweep.seed_from_donors(same, resolve({"seed": 0, "loss.T": 0.1, "modes": "spin,asft"}), donors)
     assert copied == ["tokenizer", "tfds", "sft", "assistant_0", "assistant_1"]
-    assert os.path.exists(os.path.join(same, "sft/policies/0/commit_success.txt"))
+    assert os.path.exists(os.path.join(same, "sft/policies/0/_CHECKPOINT_METADATA"))
     assert not os.path.exists(os.path.join(same, "sft/policies/1"))  # the control arm's rounds are not copied
     assert not os.path.exists(os.path.join(same, "spin"))
     assert json.loads(open(os.path.join(same, "metrics.jsonl")).read())["exact_match"] == 0.5
