@@ -66,6 +66,10 @@ def main(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    workdir_problem = workdir_error(FLAGS.workdir)
+    if workdir_problem:
+        print(f"error: --workdir={FLAGS.workdir}: {workdir_problem}", file=sys.stderr)
+        sys.exit(2)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     # Every round builds the same step and sampler programs again: a compilation cache in the
     # workdir turns those recompiles (and a resumed run's) into cache reads.
@@ -90,6 +94,19 @@ def main(argv: list[str]) -> None:
         print("\nHeld-out evaluation (" + FLAGS.workdir + "/results.md):\n" + text)
         if plots.plot_rounds(table, os.path.join(FLAGS.workdir, "results.png")):
             print(f"Plot: {FLAGS.workdir}/results.png")
+
+
+def workdir_error(path: str) -> str | None:
+    """Why `path` cannot be a workdir, or None. Every file of a run is read and written with POSIX
+    file I/O (Orbax alone speaks gs://), so a URL would become a local folder named `gs:`."""
+    if "://" in path:
+        return (
+            "URL workdirs are not supported; use a POSIX path that every host sees "
+            "(on a TPU pod, a bucket mounted with gcsfuse)"
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    return None
 
 
 def _one_line(e: BaseException) -> str:

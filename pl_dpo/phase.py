@@ -101,6 +101,16 @@ def train_phase(
     )
     num_steps = batches.steps_per_epoch * spec.num_epochs
     if spec.max_steps is not None:
+        if spec.max_steps > num_steps:
+            log.warning(
+                "%s: max_steps=%d, but %d epochs of %d full batches give %d steps: %d will run",
+                spec.name,
+                spec.max_steps,
+                spec.num_epochs,
+                batches.steps_per_epoch,
+                num_steps,
+                num_steps,
+            )
         num_steps = min(num_steps, spec.max_steps)
     tx = spec.optim.build(num_steps // max(spec.optim.grad_accum_steps, 1))
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, rules)

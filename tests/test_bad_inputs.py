@@ -186,3 +186,60 @@ def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, main_command, flags, me
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "workdir, message",
+    [
+        ("gs://bucket/run", "URL workdirs are not supported; use a POSIX path that every host sees"),
+        ("FILE", "is a file, not a folder"),
+    ],
+)
+def test_unusable_workdirs_are_refused(tmp_path, main_command, workdir, message):
+    import subprocess
+
+    if workdir == "FILE":
+        workdir = tmp_path / "notes.txt"
+        workdir.write_text("not a workdir")
+    proc = subprocess.run(
+        main_command.argv(workdir, config=f"{main_command.cwd}/configs/demo.py:quick"),
+        cwd=tmp_path,  # a relative gs:// path would land here
+        env=dict(main_command.env(), PYTHONPATH=main_command.cwd),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_more_steps_than_the_data_gives_says_how_many_run(tmp_path, caplog):
+    import jax
+    from test_train import LOSS, OPTIM, ranked_arrays, tiny_model
+
+    from pl_dpo import phase, sharding, train
+
+    spec = phase.PhaseSpec(
+        name="short",
+        directory=str(tmp_path),
+        num_epochs=1,
+        batch_size=8,
+        seed=0,
+        optim=OPTIM,
+        save_every_steps=100,
+        max_steps=50,
+        length_buckets=(16,),
+    )
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with caplog.at_level("WARNING"):
+        phase.train_phase(
+            tiny_model(),
+            ranked_arrays(n=16),
+            train.pl_dpo_objective(LOSS, chunk_size=8),
+            spec,
+            mesh=mesh,
+            rules=sharding.DEFAULT_DECODER_RULES,
+            metric_log=MetricLog(str(tmp_path)),
+        )
+    assert "short: max_steps=50, but 1 epochs of 2 full batches give 2 steps: 2 will run" in caplog.text
