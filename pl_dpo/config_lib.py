@@ -120,9 +120,7 @@ def check_workdir_config(
     if not path.exists():
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f"config.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
-            tmp.rename(path)  # atomic: a reader sees the whole file or none
+            workdir_lib.atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True))
         return
     old = json.loads(path.read_text())
     for key in keys_that_must_match:

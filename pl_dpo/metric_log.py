@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from pl_dpo.workdir import atomic_write_text
+
 
 class MetricLog:
     def __init__(self, workdir: str):
@@ -42,10 +44,10 @@ class MetricLog:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{phase}/{key}", value, gstep)
 
-    def drop(self, phase: str, from_step: int) -> None:
-        """Removes `phase`'s JSONL records with step >= `from_step`: a resumed phase logs those
-        steps again, so the file keeps one record per step. (TensorBoard keeps both: it can only
-        purge by step across every tag of a run.)"""
+    def drop(self, from_steps: dict[str, int]) -> None:
+        """Removes the JSONL records of each phase with step >= its `from_steps[phase]`, in one
+        rewrite of the file: a resumed phase logs those steps again, so the file keeps one record
+        per step. (TensorBoard keeps both: it can only purge by step across every tag of a run.)"""
         if not self._active:
             return
         path = self._jsonl.name
@@ -58,12 +60,10 @@ class MetricLog:
                 record = json.loads(line)
             except ValueError:
                 return True  # not ours to judge
-            return record.get("phase") != phase or record.get("step", -1) < from_step
+            phase = record.get("phase")
+            return phase not in from_steps or record.get("step", -1) < from_steps[phase]
 
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line for line in lines if keep(line))
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        atomic_write_text(path, "".join(line for line in lines if keep(line)))
         self._jsonl = open(path, "a", encoding="utf-8")
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from pl_dpo import checkpoint, sharding, train
+from pl_dpo import workdir as wd
 from pl_dpo.data import BatchIterator
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder
@@ -115,7 +115,7 @@ def train_phase(
     tx = spec.optim.build(num_steps // max(spec.optim.grad_accum_steps, 1))
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, rules)
     train_step = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))
-    ckpts = checkpoint.TrainCheckpoints(os.path.join(spec.directory, "train"), spec.save_every_steps)
+    ckpts = checkpoint.TrainCheckpoints(wd.train_state_dir(spec.directory), spec.save_every_steps)
     ckpts.install_sigterm_handler()
 
     # ------------------------------------------------------------------ restore
@@ -131,9 +131,9 @@ def train_phase(
         state = train.TrainState(params, opt_state)
         batches.restore(extra["data"])
         early.update(extra.get("early_stop", {}))
-        # Steps after the checkpoint are trained (and logged) again: one record per step.
-        metric_log.drop(spec.name, from_step=start_step)
-        metric_log.drop(f"{spec.name}/early_stopping", from_step=start_step + 1)
+        # Steps after the checkpoint are trained (and logged) again: one record per step. The
+        # early-stopping reading at the checkpoint's own step is part of the restored state.
+        metric_log.drop({spec.name: start_step, f"{spec.name}/early_stopping": start_step + 1})
         log.info("%s: resumed at step %d of %d", spec.name, start_step, num_steps)
 
     # ------------------------------------------------------------------ metrics

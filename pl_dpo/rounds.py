@@ -4,7 +4,7 @@ What each mode ranks and against which reference is data (`pl_dpo.modes`); this 
 runs every stage once. Every stage is skipped when its output is already committed
 (`stages.load_or_make`), so a killed run resumes where it stopped and ends with the same parameters.
 
-Workdir layout:
+Workdir layout (the paths are functions of pl_dpo.workdir):
 
     config.json                  the first run's config (later runs must agree, config_lib.WORKDIR_KEYS)
     tokenizer/                   built once when no tokenizer path is configured
@@ -14,8 +14,8 @@ Workdir layout:
     sft/samples.npz              πθ(0)'s cached samples (mode triplet)
     assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
     <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
-    <mode>/round_<t>/mixed.npz   with rounds.mix_previous: that set and the previous rounds' sets
                                  (a mode with one fixed set, offline: <mode>/ranked.npz)
+    <mode>/round_<t>/mixed.npz   with rounds.mix_previous: that set and the previous rounds' sets
     <mode>/round_<t>/train       mid-round train state
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
     <mode>/hf_export/round_<t+1> πθ(t+1) as a Hugging Face folder (with export_hf)
@@ -148,6 +148,7 @@ class SelfPlay:
         with other evaluation settings (config.eval) evaluates again instead of mixing."""
         path = wd.eval_path(self.workdir, lineage, index)
         settings = {"eval": config_lib.plain(self.config.eval), "max_new_tokens": self.config.sampling.max_new_tokens}
+        cached = stages.read_json(path) if os.path.exists(path) else None
 
         def run_eval() -> dict[str, Any]:
             metrics, responses, correct = evaluate.evaluate_policy(
@@ -165,15 +166,14 @@ class SelfPlay:
                 "settings": settings,
             }
 
-        saved = os.path.exists(path) and stages.read_json(path).get("settings") == settings
-
         def save(result: dict[str, Any]) -> None:
-            if os.path.exists(path):  # evaluated again under new settings: the new record replaces the old
-                self.metric_log.drop(f"eval/{lineage}", from_step=index)
+            if cached is not None:  # evaluated again under new settings: the new record replaces the old
+                self.metric_log.drop({f"eval/{lineage}": index})
             self.metric_log.write(f"eval/{lineage}", index, result["metrics"])
             stages.write_json(path, result)
 
-        result = stages.load_or_make(saved, lambda: stages.read_json(path), run_eval, save)
+        fresh = cached is not None and cached.get("settings") == settings
+        result = stages.load_or_make(fresh, lambda: cached, run_eval, save)
         # Index 0 of the SFT lineage is the start of every arm; the control arm continues that lineage.
         name = "sft" if (lineage, index) == ("sft", 0) else f"{lineage} round {index}"
         row = {"policy": name, "arm": lineage, "round": index, **result["metrics"]}
@@ -301,7 +301,7 @@ class SelfPlay:
         previous = range(max(0, t - int(self.config.rounds.get("mix_previous", 0) or 0)), t)
         if mode.one_set or not previous:
             return own
-        path = os.path.join(wd.round_dir(self.workdir, mode.name, t), "mixed.npz")
+        path = wd.mixed_set_path(self.workdir, mode.name, t)
 
         def build() -> dict[str, np.ndarray]:
             sets = [load_ranked_set(wd.ranked_set_path(self.workdir, mode.name, s)) for s in previous]
@@ -374,7 +374,7 @@ class SelfPlay:
         """Deletes a phase's mid-phase train states once its policy is committed (a 7B float32 RMSprop
         state is ~112 GB); `checkpoint.keep_train_state` keeps them. Also after a run killed between
         the commit and the deletion: the next run deletes them when it restores the policy."""
-        train_dir = epath.Path(phase_dir) / "train"
+        train_dir = epath.Path(wd.train_state_dir(phase_dir))
         if (
             not self.config.checkpoint.get("keep_train_state", False)
             and jax.process_index() == 0

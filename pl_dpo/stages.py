@@ -7,7 +7,6 @@ killed run never leaves a half-written output that a resumed run would take as c
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 
 from pl_dpo.data import save_ranked_set
+from pl_dpo.workdir import atomic_write_text
 
 T = TypeVar("T")
 TokenIds = list[int]
@@ -30,12 +30,8 @@ def load_or_make(saved: bool, load: Callable[[], T], make: Callable[[], T], save
 
 
 def write_json(path: str, obj: Any) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)  # atomic: a reader sees all of it or nothing
+    if jax.process_index() == 0:
+        atomic_write_text(path, json.dumps(obj))
 
 
 def read_json(path: str) -> Any:

@@ -95,6 +95,16 @@ def round_dir(workdir: str, mode: str, t: int) -> str:
     return os.path.join(workdir, mode, f"round_{t}")
 
 
+def train_state_dir(phase_dir: str) -> str:
+    """A phase's mid-phase train states (TrainCheckpoints); phase_dir is a lineage or a round dir."""
+    return os.path.join(phase_dir, "train")
+
+
+def mixed_set_path(workdir: str, mode: str, t: int) -> str:
+    """Round t's ranked set joined by the previous rounds' (rounds.mix_previous)."""
+    return os.path.join(round_dir(workdir, mode, t), "mixed.npz")
+
+
 def ranked_set_path(workdir: str, mode: str, t: int, one_set: bool = False) -> str:
     return (
         os.path.join(workdir, mode, "ranked.npz")
@@ -105,6 +115,15 @@ def ranked_set_path(workdir: str, mode: str, t: int, one_set: bool = False) -> s
 
 def export_dir(workdir: str, mode: str, index: int) -> str:
     return os.path.join(workdir, mode, "hf_export", f"round_{index}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `path` under a temporary name, then renames it: a reader sees the old file or the
+    new one, never a half-written one (a killed run leaves nothing a resumed run would trust)."""
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)  # overwrites, as os.replace does
 
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"

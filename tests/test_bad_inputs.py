@@ -71,7 +71,7 @@ def test_metric_log_drops_the_steps_a_resumed_phase_logs_again(tmp_path):
     for step in range(6):
         log.write("spin/round_0", step, {"loss": float(step)})
         log.write("sft", step, {"loss": 0.0})
-    log.drop("spin/round_0", from_step=3)
+    log.drop({"spin/round_0": 3})
     log.write("spin/round_0", 3, {"loss": 30.0})
     log.close()
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
