@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -61,15 +62,10 @@ def main(argv: list[str]) -> None:
         config = FLAGS.config
         config.get("modes")  # the config file is read lazily, at its first use
     except (flags.Error, ValueError, TypeError, OSError) as e:
-        print(
-            f"error: --config={FLAGS['config'].serialize().split('=', 1)[-1]}: {_one_line(e.__cause__ or e)}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        user_error(f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {_one_line(e.__cause__ or e)}")
     workdir_problem = workdir_error(FLAGS.workdir)
     if workdir_problem:
-        print(f"error: --workdir={FLAGS.workdir}: {workdir_problem}", file=sys.stderr)
-        sys.exit(2)
+        user_error(f"--workdir={FLAGS.workdir}: {workdir_problem}")
     os.makedirs(FLAGS.workdir, exist_ok=True)
     # Every round builds the same step and sampler programs again: a compilation cache in the
     # workdir turns those recompiles (and a resumed run's) into cache reads.
@@ -84,8 +80,7 @@ def main(argv: list[str]) -> None:
         print(e.message, file=sys.stderr)
         raise
     except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        user_error(str(e))
     if jax.process_index() == 0:
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in table)]
         text = evaluate.format_table(table, columns)
@@ -109,6 +104,12 @@ def workdir_error(path: str) -> str | None:
     return None
 
 
+def user_error(message: str) -> NoReturn:
+    """A mistake in what the user gave: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if any(line.startswith("Traceback") for line in lines):  # a config file's own error: its last line
@@ -124,10 +125,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         name = str(e.args[0] if e.args else e).strip("'\"")
         flag = next((a for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")), None)
         where = f" in {flag}" if flag else ""
-        print(f"error: the config has no field {name!r}{where} (its fields: configs/common.py:base())", file=sys.stderr)
+        user_error(f"the config has no field {name!r}{where} (its fields: configs/common.py:base())")
     except (flags.Error, ValueError, TypeError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+        user_error(_one_line(e))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"pl_dpo_jax_cache_{_run_id}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -43,6 +44,15 @@ class MainCommand:
         """The test environment with `devices` CPU devices (1: as on a user's machine)."""
         flags = "" if devices == 1 else f"--xla_force_host_platform_device_count={devices}"
         return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+    def run(
+        self, workdir, *flags: str, config: str = "configs/demo.py:quick", devices: int = 1, timeout: float = 600, **kw
+    ) -> subprocess.CompletedProcess:
+        """Runs the job to its end, stdout and stderr captured as text (`cwd` / `env` may be given)."""
+        kw.setdefault("cwd", self.cwd)
+        kw.setdefault("env", self.env(devices))
+        argv = self.argv(workdir, *flags, config=config)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")

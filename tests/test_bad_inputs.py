@@ -82,16 +82,7 @@ def test_metric_log_drops_the_steps_a_resumed_phase_logs_again(tmp_path):
 
 @pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_2(tmp_path, main_command):
-    import subprocess
-
-    proc = subprocess.run(
-        main_command.argv(tmp_path / "run", "--config.sampling.temperature=0.0"),
-        cwd=main_command.cwd,
-        env=main_command.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = main_command.run(tmp_path / "run", "--config.sampling.temperature=0.0", timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "error: config.sampling.temperature=0.0 must be > 0 (or set greedy=True)"
@@ -101,14 +92,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, main_command):
 
     (tmp_path / "busy").mkdir()
     with WorkdirLock(tmp_path / "busy"):
-        proc = subprocess.run(
-            main_command.argv(tmp_path / "busy"),
-            cwd=main_command.cwd,
-            env=main_command.env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = main_command.run(tmp_path / "busy", timeout=300)
     assert proc.returncode == 2 and "is in use by pid" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "busy" / "sft").exists()
 
@@ -173,16 +157,7 @@ def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
     ],
 )
 def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, main_command, flags, message):
-    import subprocess
-
-    proc = subprocess.run(
-        main_command.argv(tmp_path / "run", *flags),
-        cwd=main_command.cwd,
-        env=main_command.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = main_command.run(tmp_path / "run", *flags, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in proc.stderr
@@ -197,17 +172,14 @@ def test_flag_mistakes_are_one_line_and_exit_2(tmp_path, main_command, flags, me
     ],
 )
 def test_unusable_workdirs_are_refused(tmp_path, main_command, workdir, message):
-    import subprocess
-
     if workdir == "FILE":
         workdir = tmp_path / "notes.txt"
         workdir.write_text("not a workdir")
-    proc = subprocess.run(
-        main_command.argv(workdir, config=f"{main_command.cwd}/configs/demo.py:quick"),
+    proc = main_command.run(
+        workdir,
+        config=f"{main_command.cwd}/configs/demo.py:quick",
         cwd=tmp_path,  # a relative gs:// path would land here
         env=dict(main_command.env(), PYTHONPATH=main_command.cwd),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
@@ -215,31 +187,13 @@ def test_unusable_workdirs_are_refused(tmp_path, main_command, workdir, message)
 
 
 def test_more_steps_than_the_data_gives_says_how_many_run(tmp_path, caplog):
-    import jax
-    from test_train import LOSS, OPTIM, ranked_arrays, tiny_model
+    from test_train import LOSS, ranked_arrays, train_tiny_phase
 
-    from pl_dpo import phase, sharding, train
+    from pl_dpo import train
 
-    spec = phase.PhaseSpec(
-        name="short",
-        directory=str(tmp_path),
-        num_epochs=1,
-        batch_size=8,
-        seed=0,
-        optim=OPTIM,
-        save_every_steps=100,
-        max_steps=50,
-        length_buckets=(16,),
-    )
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    objective = train.pl_dpo_objective(LOSS, chunk_size=8)
     with caplog.at_level("WARNING"):
-        phase.train_phase(
-            tiny_model(),
-            ranked_arrays(n=16),
-            train.pl_dpo_objective(LOSS, chunk_size=8),
-            spec,
-            mesh=mesh,
-            rules=sharding.DEFAULT_DECODER_RULES,
-            metric_log=MetricLog(str(tmp_path)),
+        train_tiny_phase(
+            tmp_path, ranked_arrays(n=16), objective, name="short", num_epochs=1, save_every_steps=100, max_steps=50
         )
     assert "short: max_steps=50, but 1 epochs of 2 full batches give 2 steps: 2 will run" in caplog.text

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -58,7 +57,7 @@ def offline_run(tmp_path_factory, main_command):
     for split, examples in splits.items():
         write_ranked_jsonl(root / f"{split}.jsonl", examples, rng)
     workdir = root / "run"
-    cmd = main_command.argv(
+    proc = main_command.run(
         workdir,
         f"--config.data.files.train={root / 'train.jsonl'}",
         f"--config.data.files.test={root / 'test.jsonl'}",
@@ -71,7 +70,6 @@ def offline_run(tmp_path_factory, main_command):
         "--config.rounds.max_steps=6",
         config="configs/offline.py:tiny",
     )
-    proc = subprocess.run(cmd, cwd=REPO, env=main_command.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
 
@@ -163,14 +161,7 @@ def test_verifier_ranked_samples_end_to_end(tmp_path, main_command):
         "--config.rounds.answer_on_top=True",
         "--config.rounds.max_steps=4",
     ]
-    proc = subprocess.run(
-        main_command.argv(workdir, *flags),
-        cwd=REPO,
-        env=main_command.env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = main_command.run(workdir, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ranked_samples round 1 |" in proc.stdout
     ranked = load_ranked_set(workdir / "ranked_samples" / "round_0" / "ranked.npz")

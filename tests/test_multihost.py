@@ -48,14 +48,7 @@ def runs(tmp_path_factory, main_command):
         )
         for i in range(2)
     ]
-    one = subprocess.run(
-        main_command.argv(root / "one", *OVERRIDES),
-        cwd=REPO,
-        env=main_command.env(4),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    one = main_command.run(root / "one", *OVERRIDES, devices=4)
     outs = [p.communicate(timeout=600) for p in two]
     for p, (_, err) in zip(two, outs):
         assert p.returncode == 0, err[-3000:]

@@ -36,14 +36,7 @@ def load_config(*overrides):
 def reference_run(tmp_path_factory, main_command):
     root = tmp_path_factory.mktemp("rounds")
     workdir = str(root / "reference")
-    proc = subprocess.run(
-        main_command.argv(workdir, *OVERRIDES),
-        cwd=REPO,
-        env=main_command.env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = main_command.run(workdir, *OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, workdir, proc.stdout
 
@@ -200,14 +193,7 @@ def test_other_evaluation_settings_evaluate_again(reference_run, main_command):
     root, ref_workdir, _ = reference_run
     workdir = str(root / "re_evaluated")
     shutil.copytree(ref_workdir, workdir)
-    proc = subprocess.run(
-        main_command.argv(workdir, *OVERRIDES, "--config.eval.num_prompts=32"),
-        cwd=REPO,
-        env=main_command.env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = main_command.run(workdir, *OVERRIDES, "--config.eval.num_prompts=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for lineage, index in (("sft", 0), ("spin", 1), ("asft", 2)):
         result = json.load(open(os.path.join(workdir, lineage, f"eval_{index}.json")))

@@ -47,6 +47,24 @@ def tiny_model(seed=0):
     )
 
 
+def train_tiny_phase(directory, arrays, objective, evaluate=None, **spec_fields):
+    """`phase.train_phase` of a fresh tiny model on one device: batches of 8 at length 16, OPTIM,
+    metrics to `<directory>/logs`; `spec_fields` give the rest of the PhaseSpec."""
+    spec = phase.PhaseSpec(
+        directory=str(directory), batch_size=8, seed=0, optim=OPTIM, length_buckets=(16,), **spec_fields
+    )
+    return phase.train_phase(
+        tiny_model(),
+        arrays,
+        objective,
+        spec,
+        mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+        rules=sharding.DEFAULT_DECODER_RULES,
+        metric_log=MetricLog(os.path.join(directory, "logs")),
+        evaluate=evaluate,
+    )
+
+
 def run_steps(mesh, arrays, steps=3):
     model = tiny_model()
     tx = OPTIM.build(steps)
@@ -141,27 +159,9 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
         poison = jnp.where(jnp.any(batch.example_ids_B == bad_example), jnp.nan, 1.0)
         return loss * poison, metrics
 
-    spec = phase.PhaseSpec(
-        name="nan-test",
-        directory=str(tmp_path),
-        num_epochs=3,
-        batch_size=8,
-        seed=0,
-        optim=OPTIM,
-        save_every_steps=2,
-        length_buckets=(16,),
-    )
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with pytest.raises(phase.NonFiniteLossError) as err:
-        phase.train_phase(
-            tiny_model(),
-            arrays,
-            poisoned,
-            spec,
-            mesh=mesh,
-            rules=sharding.DEFAULT_DECODER_RULES,
-            metric_log=MetricLog(str(tmp_path / "logs")),
-        )
+        train_tiny_phase(tmp_path, arrays, poisoned, name="nan-test", num_epochs=3, save_every_steps=2)
     message = str(err.value)
     assert "non-finite loss" in message and f"{bad_example}" in message
     step = int(message.split("at step ")[1].split()[0])
@@ -221,29 +221,9 @@ def test_early_stopping_stops_after_patience_readings_and_stays_stopped(tmp_path
         seen.append(model)
         return next(readings)
 
-    spec = phase.PhaseSpec(
-        name="es",
-        directory=str(tmp_path),
-        num_epochs=10,
-        batch_size=8,
-        seed=0,
-        optim=OPTIM,
-        save_every_steps=3,
-        length_buckets=(16,),
-        eval_every=2,
-        patience=2,
-    )
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    run = lambda: phase.train_phase(
-        tiny_model(),
-        arrays,
-        train.pl_dpo_objective(LOSS, chunk_size=8),
-        spec,
-        mesh=mesh,
-        rules=sharding.DEFAULT_DECODER_RULES,
-        metric_log=MetricLog(str(tmp_path / "logs")),
-        evaluate=evaluate,
-    )
+    objective = train.pl_dpo_objective(LOSS, chunk_size=8)
+    spec_fields = dict(name="es", num_epochs=10, save_every_steps=3, eval_every=2, patience=2)
+    run = lambda: train_tiny_phase(tmp_path, arrays, objective, evaluate, **spec_fields)
     first = jax.tree.map(np.asarray, nnx.state(run()))
     assert len(seen) == 4  # readings at steps 2, 4, 6, 8 (of 40)
     records = [json.loads(line) for line in open(tmp_path / "logs" / "metrics.jsonl")]
