@@ -104,6 +104,23 @@ def parse_flag_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]
     return out
 
 
+def _without_numerics(value: Any, key: str) -> Any:
+    """`value` (found at dotted `key`) without the NUMERICS_FIELDS below it: a resumed run may change those."""
+    if not isinstance(value, dict):
+        return value
+    value = copy.deepcopy(value)
+    for field in workdir_lib.NUMERICS_FIELDS:
+        if not field.startswith(key + "."):
+            continue
+        *parents, leaf = field[len(key) + 1 :].split(".")
+        node = value
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return value
+
+
 def check_workdir_config(
     workdir: str | os.PathLike, config: Mapping[str, Any], keys_that_must_match: Sequence[str]
 ) -> None:
@@ -124,7 +141,7 @@ def check_workdir_config(
         return
     old = json.loads(path.read_text())
     for key in keys_that_must_match:
-        a, b = lookup(old, key), lookup(new, key)
+        a, b = _without_numerics(lookup(old, key), key), _without_numerics(lookup(new, key), key)
         if a != b:
             raise WorkdirConfigMismatch(
                 f"workdir {workdir} was written by an incompatible config: {key!r} was {a!r}, now {b!r} "

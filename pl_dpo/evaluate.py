@@ -49,11 +49,19 @@ class SftBaseline:
 
 
 def evaluate_policy(
-    model: Decoder, heldout: HeldOut, tokenizer, *, batch_size: int, max_new_tokens: int, baseline: SftBaseline | None
+    model: Decoder,
+    heldout: HeldOut,
+    tokenizer,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    baseline: SftBaseline | None,
+    pack_prompt: bool = False,
 ) -> tuple[dict[str, Any], list[list[int]], np.ndarray | None]:
-    """Metrics of one policy; also returns its greedy responses and their correctness."""
+    """Metrics of one policy; also returns its greedy responses and their correctness.
+    `pack_prompt`: log-probs scored in the shared-prompt layout (`pl_dpo.data.packing`)."""
     metrics: dict[str, Any] = {}
-    logps_N = score_ranked(model, heldout.arrays, batch_size)[:, 0]
+    logps_N = score_ranked(model, heldout.arrays, batch_size, pack_prompt=pack_prompt)[:, 0]
     metrics["answer_logp"] = float(logps_N.mean())
     metrics["answer_logp_per_token"] = _per_token(logps_N, heldout)
 
@@ -76,7 +84,7 @@ def evaluate_policy(
             wins = correct.astype(float) - baseline.correct.astype(float)
             metrics["win_rate_vs_sft"] = float(np.mean(np.where(wins == 0, 0.5, wins > 0)))
     if baseline is not None and baseline.lists is not None:
-        logps = score_ranked(model, baseline.lists, batch_size)
+        logps = score_ranked(model, baseline.lists, batch_size, pack_prompt=pack_prompt)
         reward = logps - baseline.lists["ref_logps_NxK"]
         metrics["reward_accuracy"] = float(np.mean(reward[:, 0] > reward[:, 1]))
     return metrics, responses, correct
@@ -86,9 +94,9 @@ def _per_token(logps_N: np.ndarray, heldout: HeldOut) -> float:
     return float(logps_N.sum() / max(heldout.arrays["loss_mask_NxKxL"][:, 0].sum(), 1))
 
 
-def answer_logp_per_token(model: Decoder, heldout: HeldOut, batch_size: int) -> float:
+def answer_logp_per_token(model: Decoder, heldout: HeldOut, batch_size: int, *, pack_prompt: bool = False) -> float:
     """The held-out answers' log-likelihood per token (what SFT's early stopping reads)."""
-    return _per_token(score_ranked(model, heldout.arrays, batch_size)[:, 0], heldout)
+    return _per_token(score_ranked(model, heldout.arrays, batch_size, pack_prompt=pack_prompt)[:, 0], heldout)
 
 
 def sft_baseline(
@@ -99,6 +107,7 @@ def sft_baseline(
     *,
     pad_id: int,
     batch_size: int,
+    pack_prompt: bool = False,
 ) -> SftBaseline:
     """Reference lists [dataset answer, πθ(0)'s greedy answer] for the reward accuracy."""
     keep = [i for i, r in enumerate(responses) if r and r != heldout.answer_ids[i]]
@@ -110,7 +119,7 @@ def sft_baseline(
             pad_id=pad_id,
             k=2,
         )
-        lists["ref_logps_NxK"] = score_ranked(model, lists, batch_size)
+        lists["ref_logps_NxK"] = score_ranked(model, lists, batch_size, pack_prompt=pack_prompt)
     return SftBaseline(correct=correct, lists=lists)
 
 

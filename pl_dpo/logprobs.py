@@ -119,6 +119,41 @@ def sequence_logprobs(
     return total_N
 
 
+@functools.partial(jax.jit, static_argnames=("num_segments", "chunk_size"))
+def segment_logprobs(
+    hidden_NxMxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_NxM: jax.Array,
+    segment_NxM: jax.Array,
+    num_segments: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """Per-segment sums of log p(target | hidden), float32 [N, num_segments]; segment -1 counts nowhere.
+
+    `sequence_logprobs` with one sum per segment (the K responses of a packed list), with the
+    same chunking and memory bound."""
+    _check_shapes(hidden_NxMxD, unembed_DxV, targets_NxM)
+    if segment_NxM.shape != targets_NxM.shape:
+        raise ValueError(f"segments {segment_NxM.shape} must match targets {targets_NxM.shape}")
+    chunk_size = min(chunk_size, targets_NxM.shape[1])
+    hidden_ch = _to_chunks(hidden_NxMxD, chunk_size)
+    targets_ch = _to_chunks(targets_NxM, chunk_size)
+    segment_ch = _to_chunks(segment_NxM + 1, chunk_size) - 1  # chunk padding becomes segment -1
+
+    @jax.checkpoint
+    def chunk_sums(hidden_NxCxD, targets_NxC, segment_NxC):
+        logps_NxC = _chunk_token_logprobs(hidden_NxCxD, unembed_DxV, targets_NxC)
+        in_segment_NxCxS = segment_NxC[..., None] == jnp.arange(num_segments)
+        return jnp.sum(jnp.where(in_segment_NxCxS, logps_NxC[..., None], 0.0), axis=1)
+
+    def step(total_NxS, xs):
+        return total_NxS + chunk_sums(*xs), None
+
+    init = jnp.zeros((targets_NxM.shape[0], num_segments), jnp.float32)
+    total_NxS, _ = jax.lax.scan(step, init, (hidden_ch, targets_ch, segment_ch))
+    return total_NxS
+
+
 def naive_sequence_logprobs(
     hidden_NxLxD: jax.Array, unembed_DxV: jax.Array, targets_NxL: jax.Array, mask_NxL: jax.Array
 ) -> jax.Array:

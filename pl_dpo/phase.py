@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pl_dpo import checkpoint, sharding, train
 from pl_dpo import workdir as wd
-from pl_dpo.data import BatchIterator
+from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch
 from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder
 from pl_dpo.preemption import Preempted
@@ -47,6 +47,8 @@ class PhaseSpec:
     max_steps: int | None = None
     # Sequence-length buckets of the batches (one compile each); None: powers of two up to L.
     length_buckets: tuple[int, ...] | None = None
+    # Shared-prompt packing of the K responses (`pl_dpo.data.packing`); its own length ladders.
+    pack_prompt: bool = False
     # Early stopping: every `eval_every` steps (0: never) train_phase's `evaluate(model)` is read
     # (higher is better); after `patience` readings in a row without a new best the phase stops.
     eval_every: int = 0
@@ -59,6 +61,13 @@ def epochs_for_steps(steps: int, num_examples: int, batch_size: int) -> int:
     if per_epoch < 1:
         raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} examples: no full batch")
     return -(-steps // per_epoch)
+
+
+def model_tokens(batch: RankedBatch | PackedBatch) -> int:
+    """Real tokens the model runs on in a batch (a packed list counts its prompt once)."""
+    if isinstance(batch, PackedBatch):
+        return int(np.sum(np.asarray(batch.segment_ids_BxT) >= 0))
+    return int(np.asarray(batch.attn_valid_BxKxL).sum())
 
 
 def to_host_metrics(metrics: train.Metrics) -> dict[str, Any]:
@@ -96,6 +105,7 @@ def train_phase(
         drop_remainder=True,
         num_epochs=spec.num_epochs,
         length_buckets=spec.length_buckets,
+        pack_prompt=spec.pack_prompt,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -194,7 +204,7 @@ def train_phase(
                 state = train.TrainState(params, opt_state)
                 # The previous step's metrics are read only now, with this step already queued.
                 read_metrics()
-                num_tokens = int(np.asarray(host_batch.attn_valid_BxKxL).sum()) * jax.process_count()
+                num_tokens = model_tokens(host_batch) * jax.process_count()
                 pending.append((step, metrics, np.asarray(host_batch.example_ids_B), num_tokens))
                 bar.update(1)
                 done = step + 1

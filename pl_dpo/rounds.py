@@ -26,11 +26,14 @@ Workdir layout (the paths are functions of pl_dpo.workdir):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -69,6 +72,8 @@ class SelfPlay:
         self.metric_log = MetricLog(self.workdir)
         self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)
         self.table: list[dict[str, Any]] = []
+        # The K responses of a list behind one copy of its prompt, in training, scoring and evaluation.
+        self.pack_prompt = bool(config.data.get("pack_prompt", False))
 
     # --------------------------------------------------------------------------- models
 
@@ -81,6 +86,7 @@ class SelfPlay:
             directory=directory,
             save_every_steps=self.config.checkpoint.save_every_steps,
             length_buckets=tuple(self.config.data.get("length_buckets", ()) or ()) or None,
+            pack_prompt=self.pack_prompt,
             **fields,
         )
 
@@ -129,7 +135,7 @@ class SelfPlay:
                 mesh=self.mesh,
                 rules=self.rules,
                 metric_log=self.metric_log,
-                evaluate=lambda m: evaluate.answer_logp_per_token(m, heldout, eval_batch),
+                evaluate=lambda m: evaluate.answer_logp_per_token(m, heldout, eval_batch, pack_prompt=self.pack_prompt),
             )
 
         model = stages.load_or_make(
@@ -158,6 +164,7 @@ class SelfPlay:
                 batch_size=self.config.eval.batch_size,
                 max_new_tokens=self.config.sampling.max_new_tokens,
                 baseline=baseline,
+                pack_prompt=self.pack_prompt,
             )
             return {
                 "metrics": metrics,
@@ -183,12 +190,27 @@ class SelfPlay:
 
     # --------------------------------------------------------------------------- generation
 
+    @contextlib.contextmanager
+    def timed(self, stage: str, work: str) -> Iterator[None]:
+        """Logs the wall time of `work` (generation, reference_scoring, training) of a stage to the metric
+        log (phase `timing/<work>`), so a run says where its time went (`benchmarks/self_play_round.py`)."""
+        start = time.perf_counter()
+        yield
+        self.metric_log.write(f"timing/{work}", 0, {"stage": stage, "seconds": time.perf_counter() - start})
+
     def samples(self, model: Decoder, label: str, desc: str) -> list[TokenIds]:
         """One sampled response per training prompt, the key drawn from `label`."""
         key = generation.stage_key(self.config.seed, label)
-        return generation.sample_responses(
-            model, self.data.sft_arrays, self.config.sampling, key, eos_id=self.eos_id, pad_id=self.pad_id, desc=desc
-        )
+        with self.timed(label, "generation"):
+            return generation.sample_responses(
+                model,
+                self.data.sft_arrays,
+                self.config.sampling,
+                key,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                desc=desc,
+            )
 
     def _foreign_samples(self, index: int, model: Decoder, tokenizer_path: str) -> list[TokenIds]:
         """Samples of an assistant with its own tokenizer: prompts in its chat template,
@@ -283,7 +305,10 @@ class SelfPlay:
                 reference = policy
             else:
                 raise ValueError(f"mode {mode.name!r} ranks lists but names no reference")
-            arrays["ref_logps_NxK"] = scoring.score_ranked(reference, arrays, self.config.eval.batch_size)
+            with self.timed(f"{mode.name}/round_{t}", "reference_scoring"):
+                arrays["ref_logps_NxK"] = scoring.score_ranked(
+                    reference, arrays, self.config.eval.batch_size, pack_prompt=self.pack_prompt
+                )
             return arrays
 
         return stages.load_or_make(
@@ -307,7 +332,10 @@ class SelfPlay:
             sets = [load_ranked_set(wd.ranked_set_path(self.workdir, mode.name, s)) for s in previous]
             if self.config.rounds.get("mix_rescore", True):
                 bs = self.config.eval.batch_size
-                sets = [dict(a, ref_logps_NxK=scoring.score_ranked(start, a, bs)) for a in sets]
+                sets = [
+                    dict(a, ref_logps_NxK=scoring.score_ranked(start, a, bs, pack_prompt=self.pack_prompt))
+                    for a in sets
+                ]
             return concat_ranked_sets([*sets, own])
 
         return stages.load_or_make(
@@ -332,7 +360,13 @@ class SelfPlay:
         sft_eval = self.evaluate("sft", 0, sft, baseline=None)
         correct = None if sft_eval["correct"] is None else np.array(sft_eval["correct"])
         return evaluate.sft_baseline(
-            sft, self.data.heldout, sft_eval["responses"], correct, pad_id=self.pad_id, batch_size=c.eval.batch_size
+            sft,
+            self.data.heldout,
+            sft_eval["responses"],
+            correct,
+            pad_id=self.pad_id,
+            batch_size=c.eval.batch_size,
+            pack_prompt=self.pack_prompt,
         )
 
     def _train_round(self, mode: modes.Mode, t: int, K: int) -> Decoder:
@@ -357,7 +391,10 @@ class SelfPlay:
             optim=optim,
             max_steps=c.rounds.get("max_steps") or None,
         )
-        return train_phase(start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log)
+        with self.timed(spec.name, "training"):
+            return train_phase(
+                start, arrays, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
+            )
 
     def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:
         """πθ(t+1) of an arm: restored if round t is done, else round t is run."""

@@ -1,18 +1,22 @@
 """Log-probs of responses under a model: the training objective's and the reference's, one code path.
 
-`response_logps` / `list_logps` are pure (called inside the jitted train step);
-`score_ranked` runs them batch by batch over a whole ranked set on the host side
-(a round's reference log-probs, the held-out evaluation).
+`response_logps` / `list_logps` / `packed_list_logps` are pure (called inside the jitted
+train step); `batch_logps` picks the one that fits a batch's layout (plain `RankedBatch`
+or shared-prompt `PackedBatch`). `score_ranked` runs it batch by batch over a whole ranked
+set on the host side (a round's reference log-probs, the held-out evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pl_dpo import logprobs, sharding
-from pl_dpo.data import BatchIterator
+from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch
 from pl_dpo.models import Decoder
 
 
@@ -47,18 +51,58 @@ def list_logps(
     return response_logps(model, *map(flat, fields), chunk_size=chunk_size).reshape(B, K)
 
 
+def packed_list_logps(model: Decoder, batch: PackedBatch, chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Summed response log-probs [B, K] of packed lists: one forward pass over [B, P + K*R], logits for the
+    K*R response tokens only (each read from the hidden state of the slot that predicts it)."""
+    segments_BxT = batch.segment_ids_BxT
+    hidden_BxTxD = model(batch.tokens_BxT, batch.positions_BxT, segments_BxT >= 0, segment_ids_BxL=segments_BxT)
+    hidden_BxMxD = jnp.take_along_axis(hidden_BxTxD, batch.source_BxM[..., None], axis=1)
+    return logprobs.segment_logprobs(
+        hidden_BxMxD,
+        model.unembedding_DxV(),
+        batch.targets_BxM,
+        batch.response_BxM,
+        batch.num_responses,
+        chunk_size=chunk_size,
+    )
+
+
+def batch_logps(
+    model: Decoder, batch: RankedBatch | PackedBatch, chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
+) -> jax.Array:
+    """Summed response log-probs [B, K] of a batch in either layout."""
+    if isinstance(batch, PackedBatch):
+        return packed_list_logps(model, batch, chunk_size)
+    fields = (batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL)
+    return list_logps(model, *fields, chunk_size=chunk_size)
+
+
+def response_token_counts(batch: RankedBatch | PackedBatch) -> jax.Array:
+    """Scored tokens [B, K] of each response (0 for a missing one or a padding row)."""
+    if isinstance(batch, PackedBatch):
+        k = jnp.arange(batch.num_responses)
+        return jnp.sum(batch.response_BxM[..., None] == k, axis=1)
+    return jnp.sum(batch.loss_mask_BxKxL, axis=-1)
+
+
 @jax.jit
-def _score_batch(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL):
-    return list_logps(nnx.merge(graphdef, params), tokens_BxKxL, loss_mask_BxKxL, attn_valid_BxKxL, positions_BxKxL)
+def _score_batch(graphdef, params, batch):
+    return batch_logps(nnx.merge(graphdef, params), batch)
 
 
 def score_ranked(
-    model: Decoder, arrays: dict[str, np.ndarray], batch_size: int, length_buckets: tuple[int, ...] | None = None
+    model: Decoder,
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    length_buckets: tuple[int, ...] | None = None,
+    *,
+    pack_prompt: bool = False,
 ) -> np.ndarray:
     """Summed response log-probs [N, K] of a ranked set under `model` (0 where invalid).
 
     These are the reference log-probs of a round when `model` is πθ(t). One length
-    bucket (the arrays' L) by default: scoring is not a hot path, a compile is."""
+    bucket (the arrays' L) by default: scoring is not a hot path, a compile is.
+    `pack_prompt`: score the K responses of a list behind one copy of its prompt."""
     graphdef, params = nnx.split(model)
     n, k, _ = arrays["tokens_NxKxL"].shape
     out = np.zeros((n, k), np.float32)
@@ -69,11 +113,13 @@ def score_ranked(
         drop_remainder=False,
         num_epochs=1,
         length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],),
+        pack_prompt=pack_prompt,
     )
     replicated = sharding.replicated_like(params)
     for batch in it:
-        fields = (batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL)
-        logps = _score_batch(graphdef, params, *(sharding.put_replicated(x, replicated) for x in fields))
-        real = batch.example_ids_B >= 0
-        out[batch.example_ids_B[real]] = sharding.to_host(logps)[real]
+        example_ids_B = batch.example_ids_B
+        batch = dataclasses.replace(batch, example_ids_B=None, ref_logps_BxK=None, labels_BxK=None)
+        logps = _score_batch(graphdef, params, jax.tree.map(lambda x: sharding.put_replicated(x, replicated), batch))
+        real = example_ids_B >= 0
+        out[example_ids_B[real]] = sharding.to_host(logps)[real]
     return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)

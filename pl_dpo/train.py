@@ -1,8 +1,8 @@
 """What a training phase computes, all pure: objectives, optimizer, the jitted step.
 
-The K responses of B prompts go through the policy in one forward pass as
-`[B*K, L]` (`pl_dpo.scoring.list_logps`: chunked log-probs, never the full
-logits); the loss comes from `pl_dpo.losses`. Reference log-probs arrive
+The K responses of B prompts go through the policy in one forward pass, as
+`[B*K, L]` or packed behind one copy of each prompt as `[B, P + K*R]`
+(`pl_dpo.scoring.batch_logps`: chunked log-probs, never the full logits); the loss comes from `pl_dpo.losses`. Reference log-probs arrive
 precomputed with the batch, so no second copy of the weights is held while training.
 
 The step is `(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted
@@ -22,7 +22,8 @@ from flax import nnx
 
 from pl_dpo import losses, sharding
 from pl_dpo.models import Decoder
-from pl_dpo.scoring import list_logps, response_logps
+from pl_dpo.data import PackedBatch
+from pl_dpo.scoring import batch_logps, response_logps, response_token_counts
 
 Metrics = dict[str, jax.Array]
 Objective = Callable[[Decoder, Any], tuple[jax.Array, Metrics]]
@@ -37,21 +38,14 @@ def pl_dpo_objective(loss: losses.LossConfig, chunk_size: int) -> Objective:
     T, variant, top_m, sft_weight = float(loss.T), loss.variant, loss.top_m, float(loss.sft_weight)
 
     def objective(model: Decoder, batch) -> tuple[jax.Array, Metrics]:
-        policy_BxK = list_logps(
-            model,
-            batch.tokens_BxKxL,
-            batch.loss_mask_BxKxL,
-            batch.attn_valid_BxKxL,
-            batch.positions_BxKxL,
-            chunk_size=chunk_size,
-        )
+        policy_BxK = batch_logps(model, batch, chunk_size)
         pref_loss, metrics = losses.pl_dpo_loss(
             policy_BxK, batch.ref_logps_BxK, T, batch.valid_BxK, variant, top_m, batch.labels_BxK
         )
         if not sft_weight:
             return pref_loss, metrics
         # The anchor: token-mean NLL of the rank-1 responses (as the SFT objective computes it).
-        num_tokens = jnp.maximum(batch.loss_mask_BxKxL[:, 0].sum(), 1)
+        num_tokens = jnp.maximum(response_token_counts(batch)[:, 0].sum(), 1)
         sft_nll = -jnp.sum(jnp.where(batch.valid_BxK[:, 0], policy_BxK[:, 0], 0.0)) / num_tokens
         total = pref_loss + sft_weight * sft_nll
         return total, dict(metrics, loss=total, preference_loss=pref_loss, sft_nll=sft_nll)
@@ -63,12 +57,14 @@ def sft_objective(chunk_size: int) -> Objective:
     """Token-mean NLL of the first (dataset) response of each list."""
 
     def objective(model: Decoder, batch) -> tuple[jax.Array, Metrics]:
-        first = lambda x: x[:, 0]
-        tokens, loss_mask = first(batch.tokens_BxKxL), first(batch.loss_mask_BxKxL)
-        logps_B = response_logps(
-            model, tokens, loss_mask, first(batch.attn_valid_BxKxL), first(batch.positions_BxKxL), chunk_size=chunk_size
-        )
-        num_tokens = jnp.maximum(loss_mask.sum(), 1)
+        if isinstance(batch, PackedBatch):  # SFT sets hold one response per list (K=1)
+            logps_B, tokens_B = batch_logps(model, batch, chunk_size)[:, 0], response_token_counts(batch)[:, 0]
+        else:
+            first = lambda x: x[:, 0]
+            fields = (batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL)
+            logps_B = response_logps(model, *map(first, fields), chunk_size=chunk_size)
+            tokens_B = first(batch.loss_mask_BxKxL).sum(-1)
+        num_tokens = jnp.maximum(tokens_B.sum(), 1)
         loss = -logps_B.sum() / num_tokens
         return loss, {"loss": loss, "answer_logp": logps_B.mean()}
 

@@ -58,7 +58,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 EVAL_FIELDS = ("eval", "sampling.max_new_tokens")
 # Fields that change results in their last bits only (the reduction order): a resumed run may
 # change them, two jobs that differ in them do not share work.
-NUMERICS_FIELDS = ("mesh",)
+NUMERICS_FIELDS = ("mesh", "data.pack_prompt")
 
 
 def identity_fields() -> tuple[str, ...]:

@@ -130,6 +130,13 @@ def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
     workdir = tmp_path / "run"
     config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
     config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)  # same again: fine
+    # Packing changes the last bits only: a resumed run may switch it (data's other fields may not).
+    unpacked = config_lib.apply_overrides(config, {"data.pack_prompt": False})
+    config_lib.check_workdir_config(workdir, unpacked, config_lib.WORKDIR_KEYS)
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'data' was"):
+        config_lib.check_workdir_config(
+            workdir, config_lib.apply_overrides(unpacked, {"data.max_response_len": 9}), config_lib.WORKDIR_KEYS
+        )
     # Training settings the saved work depends on, rounds.optim among them.
     changed = config_lib.apply_overrides(config, {"rounds.optim.lr": 0.1})
     with pytest.raises(config_lib.WorkdirConfigMismatch, match="'rounds.optim' was .* now .*use a new --workdir"):

@@ -25,7 +25,11 @@ def test_one_stage_table_serves_the_resume_check_and_the_sweep():
     sys.path.insert(0, "experiments")
     import sweep
 
-    assert set(sweep.STAGE_KEYS["sft"]) == set(wd.STAGE_FIELDS["sft"]) | {"eval", "sampling.max_new_tokens", "mesh"}
+    assert set(sweep.STAGE_KEYS["sft"]) == set(wd.STAGE_FIELDS["sft"]) | {
+        "eval",
+        "sampling.max_new_tokens",
+        *wd.NUMERICS_FIELDS,
+    }
 
 
 def test_step_committed(tmp_path):

@@ -31,7 +31,9 @@ Arrays -> batches:
 
   BatchIterator(arrays, *, batch_size, seed=0, shuffle=True, drop_remainder=True,
                 num_epochs=None, length_buckets=None, process_index=0,
-                process_count=1)  -> iterator of RankedBatch; .state() / .restore()
+                process_count=1, pack_prompt=False)
+      -> iterator of RankedBatch (PackedBatch with pack_prompt: the K responses of a
+         list in one row behind one copy of the prompt); .state() / .restore()
   prompt_batches(arrays, *, batch_size, length_buckets=None, process_index=0,
                  process_count=1) -> iterator of PromptBatch (left-padded)
 
@@ -46,6 +48,7 @@ Statistics: `python -m pl_dpo.data.stats --source=... [--files=split=path]`.
 from pl_dpo.data.batching import BatchIterator, PromptBatch, RankedBatch, default_buckets, prompt_batches
 from pl_dpo.data.builders import SOURCES, load_split, make_builder, read_split, skipped_rows
 from pl_dpo.data.files import BadRowPolicy, DataError
+from pl_dpo.data.packing import PackedBatch
 from pl_dpo.data.ranked_set import concat_ranked_sets, load_ranked_set, save_ranked_set
 from pl_dpo.data.schemas import Example
 from pl_dpo.data.synthetic import TASKS, SyntheticConfig, check_answer, generate_examples, grade_answer
@@ -58,6 +61,7 @@ __all__ = [
     "BatchIterator",
     "DataError",
     "Example",
+    "PackedBatch",
     "PromptBatch",
     "RankedBatch",
     "SyntheticConfig",

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
+from pl_dpo.data import packing
+
 REQUIRED = ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL", "valid_NxK")
 
 
@@ -132,7 +134,8 @@ def gather_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, p
 
 
 class BatchIterator:
-    """Epochs of shuffled global batches; yields this process's slice as RankedBatch.
+    """Epochs of shuffled global batches; yields this process's slice as RankedBatch
+    (or PackedBatch with `pack_prompt`: the K responses behind one prompt, `pl_dpo.data.packing`).
 
     The order is a function of (seed, epoch) only, so `state()` (epoch, step) is
     all that is needed to resume exactly: `restore(state)` then continues with the
@@ -151,6 +154,7 @@ class BatchIterator:
         length_buckets: Sequence[int] | None = None,
         process_index: int = 0,
         process_count: int = 1,
+        pack_prompt: bool = False,
     ):
         self._n = validate_arrays(arrays)
         if batch_size < 1 or batch_size % process_count:
@@ -168,6 +172,12 @@ class BatchIterator:
             self.buckets = tuple(sorted({min(b, max_len) for b in self.buckets}))
         self._lens_N = arrays["attn_valid_NxKxL"].sum(-1).max(-1)  # Longest response row per example.
         pick_bucket(int(self._lens_N.max()), self.buckets)  # Fail now, not mid-epoch.
+        self.pack_prompt = pack_prompt
+        if pack_prompt:  # The buckets scaled to packed rows: as many compiles as the plain layout.
+            prompt_N, self._scored_N = packing.packed_lengths(arrays)
+            self._packed_N = prompt_N + self._scored_N
+            self._min_prompt, self._max_scored = int(prompt_N.min()), int(self._scored_N.max())
+            self.packed_buckets = packing.packed_buckets(self.buckets, max_len, int(self._packed_N.max()))
         self.process_index, self.process_count = process_index, process_count
         self.epoch, self.step = 0, 0
 
@@ -211,16 +221,21 @@ class BatchIterator:
     def __iter__(self) -> Iterator[RankedBatch]:
         return self
 
-    def __next__(self) -> RankedBatch:
+    def __next__(self) -> RankedBatch | packing.PackedBatch:
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
         idx, pad = self.global_indices(self.epoch, self.step)
-        seq_len = pick_bucket(int(self._lens_N[idx].max()), self.buckets)
         per = self.batch_size // self.process_count
         lo = self.process_index * per
-        batch = gather_batch(self._arrays, idx[lo : lo + per], seq_len, pad[lo : lo + per])
+        if self.pack_prompt:
+            seq_len = pick_bucket(int(self._packed_N[idx].max()), self.packed_buckets)
+            num_scored = packing.scored_slots(seq_len, self._min_prompt, self._max_scored)
+            batch = packing.gather_packed(self._arrays, idx[lo : lo + per], pad[lo : lo + per], seq_len, num_scored)
+        else:
+            seq_len = pick_bucket(int(self._lens_N[idx].max()), self.buckets)
+            batch = gather_batch(self._arrays, idx[lo : lo + per], seq_len, pad[lo : lo + per])
         self.step += 1
         return batch
 

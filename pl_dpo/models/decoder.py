@@ -63,6 +63,19 @@ def _attention_mask(valid_keys_BxS: jax.Array, q_slot_T: jax.Array, window: int 
     return (valid_keys_BxS[:, None, :] & causal_TxS[None]) | (k_slot_S[None, :] == q_slot_T[:, None])[None]
 
 
+def _packed_attention_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None) -> jax.Array:
+    """Mask [B, T, T] of packed lists (`pl_dpo.data.packing`): causal by slot within a segment, and every response
+    (segment k > 0) also sees the prompt (segment 0), never another response. The sliding window counts positions
+    (they restart after the prompt), so a response sees the prompt tokens it would see in its own unpacked row."""
+    slot_T = jnp.arange(segment_ids_BxT.shape[1])
+    causal_TxT = slot_T[None, :] <= slot_T[:, None]
+    q_seg, k_seg = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+    mask = causal_TxT[None] & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+    if window is not None:
+        mask &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < window
+    return mask | (slot_T[None, :] == slot_T[:, None])[None]
+
+
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -79,12 +92,23 @@ class Decoder(nnx.Module):
         )
 
     # --------------------------------------------------------------------------------------------- training forward
-    def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
-        """Final hidden states [B, L, D]; causal + padding mask (left or right padding)."""
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        valid_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states [B, L, D]; causal + padding mask (left or right padding). With `segment_ids_BxL`
+        the rows are packed lists (0 prompt, k response k, -1 padding; `valid_BxL` is then unused): each response
+        attends to the prompt and to itself."""
         cfg = self.config
         x = self.embed(tokens_BxL, jnp.dtype(cfg.compute_dtype))
         cos, sin = rope_cos_sin(positions_BxL, rope_inv_freq(cfg))
-        mask = _attention_mask(valid_BxL.astype(bool), jnp.arange(tokens_BxL.shape[1]), cfg.sliding_window)
+        if segment_ids_BxL is None:
+            mask = _attention_mask(valid_BxL.astype(bool), jnp.arange(tokens_BxL.shape[1]), cfg.sliding_window)
+        else:
+            mask = _packed_attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)
         graphdef, state = nnx.split(self.layers)
 
         def body(x_BxLxD, layer_state):
