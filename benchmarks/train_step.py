@@ -18,6 +18,7 @@ prompt once). MFU (GPU) is 6 x parameters x model tokens per second over the car
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tempfile
 
 import jax
@@ -44,7 +45,9 @@ class Workload:
 
 def model_config(profile: Profile) -> DecoderConfig:
     if profile.gpu:  # Llama-3.2-1B shape (1.24B parameters, vocabulary 128256), random weights, bf16 compute
-        return preset_config("llama-3.2-1b", compute_dtype="bfloat16", param_dtype="float32", remat="full")
+        return preset_config(
+            "llama-3.2-1b", compute_dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="cudnn"
+        )
     if profile.name == "quick":
         return preset_config("tiny-llama", vocab_size=512, max_position_embeddings=256)
     # The 19.3M-parameter Llama shape of the CPU figures: hidden 256, 4 layers, vocabulary 32000.
@@ -186,7 +189,15 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
             free_torch_memory()  # the torch models are gone: hand their memory back before JAX runs
             model_tokens["Hugging Face (TRL-style)"] = model_tokens["plain"]
         for name, batch in (("plain", plain), ("packed", packed)):
-            results[f"pl_dpo {name}"] = jax_step(create_model(cfg, seed=0), batch, profile)
+            try:
+                figures = jax_step(create_model(cfg, seed=0), batch, profile)
+            except Exception as e:  # noqa: BLE001 -- cuDNN's fused attention refuses some masks / shapes
+                if cfg.attention_impl != "cudnn":
+                    raise
+                print(f"[train_step] cudnn attention failed ({str(e)[:300]}); using xla", file=sys.stderr)
+                cfg = dataclasses.replace(cfg, attention_impl="xla")
+                figures = jax_step(create_model(cfg, seed=0), batch, profile)
+            results[f"pl_dpo {name}"] = dict(figures, attention=cfg.attention_impl)
             model_tokens[f"pl_dpo {name}"] = model_tokens[name]
         baseline = "Hugging Face (TRL-style)" if with_torch else "pl_dpo plain"
         for variant, figures in results.items():

@@ -85,7 +85,8 @@ def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]
                 if "/round_" not in line:
                     continue
                 rec = json.loads(line)
-                if not str(rec.get("phase", "")).startswith("eval/"):
+                phase = str(rec.get("phase", ""))
+                if "/round_" in phase and not phase.startswith(("eval/", "timing/")):
                     per_phase.setdefault(rec["phase"], []).append(rec)
     out = {}
     for phase, recs in per_phase.items():

@@ -56,11 +56,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 class Report:
     def __init__(self, records: list[Record], plots_dir: str, plots_rel: str, ref_T: float | None = None):
         self.records, self.plots_dir, self.plots_rel = records, plots_dir, plots_rel
-        self.all_cells = sorted({r.cell for r in records},
-                                key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train, c.sft_steps))
+        self.all_cells = sorted(
+            {r.cell for r in records}, key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train, c.sft_steps)
+        )
         LABEL_ASSISTANTS.clear()
-        LABEL_ASSISTANTS.update(m for m in {c.mode for c in self.all_cells}
-                                if len({c.assistants for c in self.all_cells if c.mode == m}) > 1)
+        LABEL_ASSISTANTS.update(
+            m
+            for m in {c.mode for c in self.all_cells}
+            if len({c.assistants for c in self.all_cells if c.mode == m}) > 1
+        )
         # The reference SFT length is the most common one; other lengths get their own section.
         self.ref_sft = Counter(c.sft_steps for c in self.all_cells).most_common(1)[0][0]
         self.cells = [c for c in self.all_cells if c.sft_steps == self.ref_sft]
@@ -76,8 +80,12 @@ class Report:
 
     def paired(self, metric: str, cell: Cell, t: int, base: Cell, base_t: int):
         """Mean ± std over seeds of metric(cell, t) - metric(base, base_t), seed by seed."""
+
         def per_seed(c, r):
-            return {x.seed: x.metrics[metric] for x in self.records if x.cell == c and x.round == r and metric in x.metrics}
+            return {
+                x.seed: x.metrics[metric] for x in self.records if x.cell == c and x.round == r and metric in x.metrics
+            }
+
         a, b = per_seed(cell, t), per_seed(base, base_t)
         return stat(a[s] - b[s] for s in sorted(set(a) & set(b)))
 
@@ -96,21 +104,32 @@ class Report:
     def arms_section(self) -> str:
         arms = self.ref_arms()
         rounds = sorted({t for c in arms for t in self.rounds(c)})
-        out = [f"## Arms vs round (T={self.ref_T:g}, {self.ref_n} training prompts, {self.ref_sft} SFT steps)\n",
-               "Round 0 is πθ(0), the SFT start shared by every arm of a seed. The SFT control spends the "
-               "same number of gradient steps per round on more SFT epochs on the dataset answers.\n"]
+        out = [
+            f"## Arms vs round (T={self.ref_T:g}, {self.ref_n} training prompts, {self.ref_sft} SFT steps)\n",
+            "Round 0 is πθ(0), the SFT start shared by every arm of a seed. The SFT control spends the "
+            "same number of gradient steps per round on more SFT epochs on the dataset answers.\n",
+        ]
         for metric in METRICS:
             rows = [[arm_label(c)] + [self.fmt(metric, c, t) for t in rounds] for c in arms]
             out.append(f"**{metric}**\n\n" + _table(["arm"] + [f"round {t}" for t in rounds], rows) + "\n")
         control = next((c for c in arms if c.mode == "sft"), None)
         for metric in ("exact_match", "answer_logp_per_token"):
-            rows = [[f"{arm_label(c)} − SFT start"] + [self.paired(metric, c, t, c, 0).fmt() for t in rounds[1:]]
-                    for c in arms]
+            rows = [
+                [f"{arm_label(c)} − SFT start"] + [self.paired(metric, c, t, c, 0).fmt() for t in rounds[1:]]
+                for c in arms
+            ]
             if control is not None:
-                rows += [[f"{arm_label(c)} − SFT control"] + [self.paired(metric, c, t, control, t).fmt()
-                                                             for t in rounds[1:]] for c in arms if c != control]
-            out.append(f"**{metric}: paired differences (per seed, then mean ± std)**\n\n"
-                       + _table(["difference"] + [f"round {t}" for t in rounds[1:]], rows) + "\n")
+                rows += [
+                    [f"{arm_label(c)} − SFT control"]
+                    + [self.paired(metric, c, t, control, t).fmt() for t in rounds[1:]]
+                    for c in arms
+                    if c != control
+                ]
+            out.append(
+                f"**{metric}: paired differences (per seed, then mean ± std)**\n\n"
+                + _table(["difference"] + [f"round {t}" for t in rounds[1:]], rows)
+                + "\n"
+            )
         tasks = sorted({k for r in self.records for k in r.metrics if k.startswith("exact_match/")})
         if tasks:
             per_task = {k: aggregate(self.records, k) for k in tasks}
@@ -129,8 +148,7 @@ class Report:
             if c.T is not None and c.num_train == self.ref_n:
                 groups.setdefault((c.K, c.assistants), []).append(c)
         # One series per K (with its assistants) swept over at least two temperatures.
-        by_K = {K: sorted(v, key=lambda c: c.T) for (K, _), v in sorted(groups.items())
-                if len({c.T for c in v}) >= 2}
+        by_K = {K: sorted(v, key=lambda c: c.T) for (K, _), v in sorted(groups.items()) if len({c.T for c in v}) >= 2}
         if not by_K:
             return ""
         out = [f"## Temperature T ({self.ref_n} training prompts)\n"]
@@ -153,8 +171,10 @@ class Report:
         if len(sizes) < 2:
             return ""
         arms = [c for c in self.cells if c.T in (None, self.ref_T)]
-        modes = sorted({c.mode for c in arms if len({a.num_train for a in arms if a.mode == c.mode}) == len(sizes)},
-                       key=lambda m: ARM_ORDER.get(m, 9))
+        modes = sorted(
+            {c.mode for c in arms if len({a.num_train for a in arms if a.mode == c.mode}) == len(sizes)},
+            key=lambda m: ARM_ORDER.get(m, 9),
+        )
         out = [f"## Training-set size (T={self.ref_T:g})\n"]
         for metric in ("exact_match", "answer_logp_per_token"):
             header, rows = ["training prompts", "SFT start"], []
@@ -181,11 +201,15 @@ class Report:
                     for m in modes:
                         if m != "sft":
                             c = next(c for c in arms if c.num_train == n and c.mode == m)
-                            diff_rows.append([str(n), f"{m} − SFT control"] +
-                                             [self.paired(metric, c, t, control, t).fmt() for t in common])
-                out.append(f"**{metric}: paired differences**\n\n"
-                           + _table(["training prompts", "difference"] + [f"round {t}" for t in common], diff_rows)
-                           + "\n")
+                            diff_rows.append(
+                                [str(n), f"{m} − SFT control"]
+                                + [self.paired(metric, c, t, control, t).fmt() for t in common]
+                            )
+                out.append(
+                    f"**{metric}: paired differences**\n\n"
+                    + _table(["training prompts", "difference"] + [f"round {t}" for t in common], diff_rows)
+                    + "\n"
+                )
         out.append(self.plot_size(arms, modes, sizes))
         return "\n".join(out)
 
@@ -199,21 +223,34 @@ class Report:
         rounds = sorted({t for c in cells for t in self.rounds(c)})
         out = [f"## Length of the SFT start (T={self.ref_T:g}, {self.ref_n} training prompts)\n"]
         for metric in ("exact_match", "answer_logp_per_token"):
-            rows = [[f"{n}", arm_label(c)] + [self.fmt(metric, c, t) for t in rounds]
-                    for n in lengths for c in cells if c.sft_steps == n]
+            rows = [
+                [f"{n}", arm_label(c)] + [self.fmt(metric, c, t) for t in rounds]
+                for n in lengths
+                for c in cells
+                if c.sft_steps == n
+            ]
             out.append(f"**{metric}**\n\n" + _table(["SFT steps", "arm"] + [f"round {t}" for t in rounds], rows) + "\n")
             if "sft" in modes and len(modes) > 1:
                 diffs = []
                 for n in lengths:
                     control = next(c for c in cells if c.sft_steps == n and c.mode == "sft")
-                    diffs += [[f"{n}", f"{arm_label(c)} − SFT control"] +
-                              [self.paired(metric, c, t, control, t).fmt() for t in rounds[1:]]
-                              for c in cells if c.sft_steps == n and c.mode != "sft"]
-                out.append(f"**{metric}: paired differences**\n\n" +
-                           _table(["SFT steps", "difference"] + [f"round {t}" for t in rounds[1:]], diffs) + "\n")
+                    diffs += [
+                        [f"{n}", f"{arm_label(c)} − SFT control"]
+                        + [self.paired(metric, c, t, control, t).fmt() for t in rounds[1:]]
+                        for c in cells
+                        if c.sft_steps == n and c.mode != "sft"
+                    ]
+                out.append(
+                    f"**{metric}: paired differences**\n\n"
+                    + _table(["SFT steps", "difference"] + [f"round {t}" for t in rounds[1:]], diffs)
+                    + "\n"
+                )
         for n in lengths:
-            out.append(self.plot_vs_round([c for c in cells if c.sft_steps == n], f"sft{n}_vs_round.png",
-                                          f"SFT start of {n} steps"))
+            out.append(
+                self.plot_vs_round(
+                    [c for c in cells if c.sft_steps == n], f"sft{n}_vs_round.png", f"SFT start of {n} steps"
+                )
+            )
         return "\n".join(out)
 
     def diagnostics_section(self) -> str:
@@ -227,26 +264,59 @@ class Report:
                 if (c, t) not in self.agg["own_sample_correct"]:
                     continue
                 ranks = [self.fmt(f"rank{k}_correct", c, t) for k in (1, 2) if k < c.K - 1]
-                rows.append([arm_label(c), f"{c.T:g}", str(c.sft_steps), f"{t - 1}→{t}",
-                             self.fmt("own_sample_correct", c, t), ", ".join(ranks) or "-",
-                             self.fmt("train_pairwise_accuracy", c, t)])
-        return ("## Training diagnostics\n\nPer round, on the training prompts: the fraction whose own sample "
-                "(the lowest-ranked response) already equals the answer; the same for the assistants' samples "
-                "(strongest first); the implicit reward's pairwise ranking accuracy over the round's last quarter "
-                "of steps.\n\n"
-                + _table(["arm", "T", "SFT steps", "round", "own sample = answer", "assistant samples = answer",
-                          "train pairwise acc."], rows) + "\n")
+                rows.append(
+                    [
+                        arm_label(c),
+                        f"{c.T:g}",
+                        str(c.sft_steps),
+                        f"{t - 1}→{t}",
+                        self.fmt("own_sample_correct", c, t),
+                        ", ".join(ranks) or "-",
+                        self.fmt("train_pairwise_accuracy", c, t),
+                    ]
+                )
+        return (
+            "## Training diagnostics\n\nPer round, on the training prompts: the fraction whose own sample "
+            "(the lowest-ranked response) already equals the answer; the same for the assistants' samples "
+            "(strongest first); the implicit reward's pairwise ranking accuracy over the round's last quarter "
+            "of steps.\n\n"
+            + _table(
+                [
+                    "arm",
+                    "T",
+                    "SFT steps",
+                    "round",
+                    "own sample = answer",
+                    "assistant samples = answer",
+                    "train pairwise acc.",
+                ],
+                rows,
+            )
+            + "\n"
+        )
 
     def appendix(self) -> str:
         rows = []
         for c in self.all_cells:
             for t in self.rounds(c):
                 s = self.cell_stat("exact_match", c, t)
-                rows.append([c.mode + (f" ({c.assistants})" if c.assistants else ""), str(c.K), "-" if c.T is None else f"{c.T:g}", str(c.num_train),
-                             str(c.sft_steps), str(t),
-                             str(s.n if s else 0)] + [self.fmt(m, c, t) for m in METRICS])
-        return ("## Appendix: every cell\n\n" +
-                _table(["mode", "K", "T", "train", "SFT steps", "round", "seeds", *METRICS], rows) + "\n")
+                rows.append(
+                    [
+                        c.mode + (f" ({c.assistants})" if c.assistants else ""),
+                        str(c.K),
+                        "-" if c.T is None else f"{c.T:g}",
+                        str(c.num_train),
+                        str(c.sft_steps),
+                        str(t),
+                        str(s.n if s else 0),
+                    ]
+                    + [self.fmt(m, c, t) for m in METRICS]
+                )
+        return (
+            "## Appendix: every cell\n\n"
+            + _table(["mode", "K", "T", "train", "SFT steps", "round", "seeds", *METRICS], rows)
+            + "\n"
+        )
 
     # ------------------------------------------------------------------ plots
 
@@ -283,8 +353,14 @@ class Report:
             for K, cells in sorted(by_K.items()):
                 last = max(set.intersection(*(set(self.rounds(c)) for c in cells)))
                 stats = [self.cell_stat(metric, c, last) for c in cells]
-                ax.errorbar([c.T for c in cells], [s.mean for s in stats], yerr=[s.std for s in stats],
-                            marker="o", capsize=3, label=f"K={K}, round {last}")
+                ax.errorbar(
+                    [c.T for c in cells],
+                    [s.mean for s in stats],
+                    yerr=[s.std for s in stats],
+                    marker="o",
+                    capsize=3,
+                    label=f"K={K}, round {last}",
+                )
             start = self.cell_stat(metric, next(iter(by_K.values()))[0], 0)
             if start:
                 ax.axhline(start.mean, color="gray", ls="--", label="SFT start")
@@ -301,14 +377,28 @@ class Report:
         for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
             first = [next(c for c in arms if c.num_train == n and c.mode == modes[0]) for n in sizes]
             s0 = [self.cell_stat(metric, c, 0) for c in first]
-            ax.errorbar(sizes, [s.mean for s in s0], yerr=[s.std for s in s0], marker="o", capsize=3,
-                        color="gray", ls="--", label="SFT start")
+            ax.errorbar(
+                sizes,
+                [s.mean for s in s0],
+                yerr=[s.std for s in s0],
+                marker="o",
+                capsize=3,
+                color="gray",
+                ls="--",
+                label="SFT start",
+            )
             for m in modes:
                 cells = [next(c for c in arms if c.num_train == n and c.mode == m) for n in sizes]
                 last = max(set.intersection(*(set(self.rounds(c)) for c in cells)))
                 st = [self.cell_stat(metric, c, last) for c in cells]
-                ax.errorbar(sizes, [s.mean for s in st], yerr=[s.std for s in st], marker="o", capsize=3,
-                            label=f"{arm_label(cells[0])} round {last}")
+                ax.errorbar(
+                    sizes,
+                    [s.mean for s in st],
+                    yerr=[s.std for s in st],
+                    marker="o",
+                    capsize=3,
+                    label=f"{arm_label(cells[0])} round {last}",
+                )
             ax.set_xscale("log")
             ax.set_xlabel("training prompts")
             ax.set_ylabel(metric)
@@ -326,13 +416,16 @@ def _wall_time(sweep_dir: str) -> str:
         recs = [json.loads(line) for line in f if line.strip()]
     ok = [r for r in recs if r["rc"] == 0]
     span = max(r["end"] for r in recs) - min(r["end"] - r["seconds"] for r in recs) if recs else 0
-    return (f"{len(ok)} job runs finished, {sum(r['seconds'] for r in ok) / 60:.1f} min of job time "
-            f"({sum(r['seconds'] for r in recs) / 60:.1f} min including failed/interrupted runs), "
-            f"{span / 60:.1f} min from first start to last end")
+    return (
+        f"{len(ok)} job runs finished, {sum(r['seconds'] for r in ok) / 60:.1f} min of job time "
+        f"({sum(r['seconds'] for r in recs) / 60:.1f} min including failed/interrupted runs), "
+        f"{span / 60:.1f} min from first start to last end"
+    )
 
 
-def build(sweep_dir: str, out: str, plots_dir: str | None = None, ref_T: float | None = None,
-          command: str | None = None) -> str:
+def build(
+    sweep_dir: str, out: str, plots_dir: str | None = None, ref_T: float | None = None, command: str | None = None
+) -> str:
     records = read_sweep(sweep_dir)
     if not records:
         raise SystemExit(f"report: no evaluated job under {sweep_dir} (each job needs config.json and sft/eval_0.json)")
@@ -342,23 +435,31 @@ def build(sweep_dir: str, out: str, plots_dir: str | None = None, ref_T: float |
     jobs = sorted({r.job for r in records})
     seeds = sorted({r.seed for r in records})
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except OSError:
         commit = "?"
     findings = f"{FINDINGS[0]}\n(no findings written yet)\n{FINDINGS[1]}"
     if os.path.exists(out):
         old = open(out, encoding="utf-8").read()
         if FINDINGS[0] in old and FINDINGS[1] in old:
-            findings = old[old.index(FINDINGS[0]): old.index(FINDINGS[1]) + len(FINDINGS[1])]
+            findings = old[old.index(FINDINGS[0]) : old.index(FINDINGS[1]) + len(FINDINGS[1])]
     parts = [
         "# Results\n",
         f"Generated by `{command or 'experiments/report.py'}` from {len(jobs)} jobs in `{sweep_dir}` "
         f"(seeds {seeds}; code at commit {commit}). Wall time: {_wall_time(sweep_dir)}. "
         "Cells: mean ± sample std over seeds; (n=…) marks cells with fewer than 3 seeds.\n",
         findings + "\n",
-        rep.arms_section(), rep.T_section(), rep.size_section(), rep.sft_length_section(),
-        rep.diagnostics_section(), rep.appendix(),
+        rep.arms_section(),
+        rep.T_section(),
+        rep.size_section(),
+        rep.sft_length_section(),
+        rep.diagnostics_section(),
+        rep.appendix(),
     ]
     text = "\n".join(p for p in parts if p)
     with open(out, "w", encoding="utf-8") as f:
@@ -374,8 +475,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plots_dir", default=None, help="PNG folder (default: plots/ next to --out)")
     p.add_argument("--ref_T", type=float, default=None, help="temperature of the reference arms")
     args = p.parse_args(argv)
-    build(args.sweep_dir, args.out, args.plots_dir, args.ref_T,
-          command="python experiments/report.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    build(
+        args.sweep_dir,
+        args.out,
+        args.plots_dir,
+        args.ref_T,
+        command="python experiments/report.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
 
 
 if __name__ == "__main__":

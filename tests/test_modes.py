@@ -114,7 +114,8 @@ def test_offline_ladder_and_sft_modes(offline_run):
     sp = rounds.SelfPlay(_config(workdir), str(workdir))
     policy1 = sp.restore_policy("triplet", sp.config.model, 1)
     np.testing.assert_array_equal(
-        mixed["ref_logps_NxK"][:n], scoring.score_ranked(policy1, round0, sp.config.eval.batch_size)
+        mixed["ref_logps_NxK"][:n],
+        scoring.score_ranked(policy1, round0, sp.config.eval.batch_size, pack_prompt=sp.pack_prompt),
     )
     assert not np.array_equal(mixed["ref_logps_NxK"][:n], round0["ref_logps_NxK"])
     # The SFT anchor and the LiPO-lambda loss reached the preference arms' metrics.

@@ -83,7 +83,7 @@ def test_reference_logps_are_the_restored_round_policy(reference_run):
     _, workdir, _ = reference_run
     sp, policy1 = restore_params(workdir, "spin", 1)
     arrays = load_ranked_set(os.path.join(workdir, "spin", "round_1", "ranked.npz"))
-    again = scoring.score_ranked(policy1, arrays, sp.config.eval.batch_size)
+    again = scoring.score_ranked(policy1, arrays, sp.config.eval.batch_size, pack_prompt=sp.pack_prompt)
     np.testing.assert_array_equal(again, arrays["ref_logps_NxK"])
     # The saved policy 1 is bit-identical to the final train state of round 0.
     tx = config_lib.optimizer(sp.config.rounds.optim).build(24)
