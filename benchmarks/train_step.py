@@ -37,13 +37,16 @@ class Workload:
     K: int
     prompt_len: int  # P
     response_len: int  # R
+    model: str = "profile"  # "profile": the profile's model; "demo": the demo's policy (configs/demo.py)
 
     @property
     def data_tokens(self) -> int:
         return self.lists * self.K * (self.prompt_len + self.response_len)
 
 
-def model_config(profile: Profile) -> DecoderConfig:
+def model_config(profile: Profile, workload: Workload) -> DecoderConfig:
+    if workload.model == "demo":  # configs/demo.py's policy: tiny-llama (0.14M parameters), vocabulary 384
+        return preset_config("tiny-llama", vocab_size=384, max_position_embeddings=128)
     if profile.gpu:  # Llama-3.2-1B shape (1.24B parameters, vocabulary 128256), random weights, bf16 compute
         return preset_config(
             "llama-3.2-1b", compute_dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="cudnn"
@@ -76,6 +79,7 @@ def workloads(profile: Profile) -> list[Workload]:
     if profile.name == "quick":
         return [Workload("tiny, K=3", 2, 3, 24, 8)]
     return [
+        Workload("demo policy, K=3, P=40 R=16, 32 lists", 32, 3, 40, 16, model="demo"),
         Workload("19M, K=2, P=64 R=192", 4, 2, 64, 192),
         Workload("19M, K=3, P=64 R=192", 4, 3, 64, 192),
         Workload("19M, long prompt, K=3 (P=768 R=256)", 2, 3, 768, 256),
@@ -168,11 +172,11 @@ def free_torch_memory() -> None:
 
 
 def run(profile: Profile, with_torch: bool = True) -> list[dict]:
-    cfg = model_config(profile)
     rows = []
-    n_params = cfg.num_params()
     peak_flops = (peaks() or (None, None))[0]
     for w in workloads(profile):
+        cfg = model_config(profile, w)
+        n_params = cfg.num_params()
         arrays = ranked_arrays(w, cfg.vocab_size)
         kw = {"batch_size": w.lists, "shuffle": False}
         plain = next(iter(BatchIterator(arrays, length_buckets=(w.prompt_len + w.response_len,), **kw)))
@@ -212,6 +216,7 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
                     data_tokens_per_s=w.data_tokens / figures["step_s"],
                     model_tokens=model_tokens[variant],
                     mfu=mfu,
+                    params=n_params,
                     **figures,
                 )
             )
@@ -226,6 +231,4 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
                 temp_bytes_ratio=results["pl_dpo plain"]["temp_bytes"] / max(results["pl_dpo packed"]["temp_bytes"], 1),
             )
         )
-    for r in rows:
-        r["params"] = n_params
     return rows

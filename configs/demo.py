@@ -10,8 +10,8 @@ answer > assistant sample > own sample). The run ends with a table of held-out e
 (greedy decoding checked by the task checker), answer log-likelihood, implicit-reward
 accuracy and win rate against the SFT policy.
 
-Expected (measured, seed 0): exact match 0.160 (SFT) -> 0.213 / 0.217 / 0.257 (SPIN
-rounds 1-3) and 0.180 / 0.200 / 0.237 (aSFT), answer log-likelihood -5.64 -> -5.11 / -5.14.
+Expected (measured, seed 0): exact match 0.160 (SFT) -> 0.203 / 0.217 / 0.250 (SPIN
+rounds 1-3) and 0.180 / 0.213 / 0.243 (aSFT), answer log-likelihood -5.64 -> -5.11 / -5.15.
 Add `--config.modes=spin,asft,sft` for the control arm (the same steps spent on more SFT
 epochs): it reaches 0.340, more than either self-play arm, because 300 SFT steps are far
 from converged (experiments/RESULTS.md studies this).

@@ -109,3 +109,10 @@ def test_compiled_peak_memory_is_bounded():
     full_logits = N * L * V * 4
     assert naive >= full_logits  # the reference really materialises [N, L, V] float32
     assert chunked <= naive / 4, (chunked, naive)
+
+
+def test_balanced_chunks_pad_least():
+    from pl_dpo.logprobs import balanced_chunk
+
+    # As few chunks as chunk_size allows, each as short as it can be: 576 -> 3 x 192 (no padding), not 3 x 256.
+    assert [balanced_chunk(n, 256) for n in (576, 56, 1024, 1000, 5)] == [192, 56, 256, 250, 5]

@@ -146,3 +146,17 @@ def test_sharded_packed_step_matches_plain_on_8_devices():
         np.testing.assert_allclose(metrics_b[key], metrics_a[key], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+@pytest.mark.parametrize("layout", ["plain", "packed"])
+def test_cudnn_attention_matches_einsum_on_gpu(layout):
+    """The cuDNN path (bf16, a general boolean mask as bias) against the einsum path, in both layouts."""
+    _, _, arrays = ranked_lists(n=8, seed=6)
+    batch = dict(zip(("plain", "packed"), both_layouts(arrays)))[layout]
+    logps = {}
+    for impl in ("einsum", "cudnn"):
+        cfg = preset_config("tiny-llama", vocab_size=VOCAB, compute_dtype="bfloat16", attention_impl=impl)
+        logps[impl] = np.asarray(scoring.batch_logps(create_model(cfg, seed=7), batch, chunk_size=8))
+    valid = np.asarray(batch.valid_BxK)
+    np.testing.assert_allclose(np.where(valid, logps["cudnn"], 0), np.where(valid, logps["einsum"], 0), rtol=2e-2)
