@@ -23,11 +23,42 @@ def _config(**overrides):
         ({"data.max_truncated_fraction": 0.0}, r"max_truncated_fraction=0.0 must be in \(0, 1\]"),
         ({"sft.patience": 0}, r"sft.patience=0 >= 1"),
         ({"loss.sft_weight": -0.5}, r"sft_weight=-0.5 must be >= 0"),
+        ({"modes": "spin,spinn"}, r"config.modes='spin,spinn': unknown \['spinn'\]; choose from"),
+        ({"modes": "asft", "assistants": []}, r"mode 'asft' needs one assistant model \(config.assistants\)"),
+        ({"modes": "ladder", "assistants": []}, r"mode 'ladder' needs one assistant model"),
+        ({"modes": "spin", "loss.K": 5}, r"config.loss.K=5 does not fit mode 'spin', which ranks K=2 responses"),
+        ({"loss.T": 0.0}, r"config.loss.T=0.0 must be > 0"),
+        ({"loss.variant": "pll"}, r"config.loss.variant='pll'; valid variants: pl, "),
+        ({"modes": "asft", "loss.variant": "hinge"}, r"'hinge' is defined for K=2 only"),
+        ({"rounds.num": 0}, r"config.rounds.num=0 and rounds.epochs=2 must be >= 1"),
+        ({"rounds.mix_previous": -1}, r"config.rounds.mix_previous=-1 must be >= 0"),
+        ({"rounds.num": 3, "rounds.lr_per_round": (1e-4,)}, r"lr_per_round has 1 values for 3 rounds"),
+        ({"sampling.max_new_tokens": 99}, r"max_new_tokens=99 exceeds config.data.max_response_len=16"),
+        ({"modes": "offline"}, r"mode 'offline' needs config.loss.K >= 2, got 0"),
+        ({"modes": "offline", "loss.K": 3}, r"mode 'offline' needs ranked lists from data .* not the synthetic source"),
+        (
+            {"modes": "ranked_samples", "loss.K": 3, "data.source": "ranked_jsonl"},
+            r"mode 'ranked_samples' ranks samples with the task's verifier, which only data.source='synthetic' has",
+        ),
+        ({"sft.batch_size": 0}, r"config.sft.batch_size=0 must be >= 1"),
     ],
 )
 def test_settings_refused_before_anything_trains(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(_config(**overrides))
+
+
+def test_an_assistant_with_nothing_to_train_from_is_named():
+    config = _config()
+    config.assistants[1].sft_steps = 0
+    with pytest.raises(config_lib.ConfigError, match=r"config.assistants\[1\] needs sft_steps >= 1 or a model.hf_path"):
+        config_lib.validate(config)
+
+
+def test_a_missing_model_folder_is_named(tmp_path):
+    config = _config(**{"model.hf_path": str(tmp_path / "zephyr")})
+    with pytest.raises(config_lib.ConfigError, match=f"{tmp_path / 'zephyr' / 'config.json'} does not exist"):
+        config_lib.model_config(config.model, 384)
 
 
 def test_model_vocabulary_smaller_than_the_tokenizer_is_named():
