@@ -47,7 +47,7 @@ class PhaseSpec:
     max_steps: int | None = None
     # Sequence-length buckets of the batches (one compile each); None: powers of two up to L.
     length_buckets: tuple[int, ...] | None = None
-    # Shared-prompt packing of the K responses (`pl_dpo.data.packing`); its own length ladders.
+    # Shared-prompt packing of the K responses (`pl_dpo.data.packing`): length_buckets scaled to packed rows.
     pack_prompt: bool = False
     # Early stopping: every `eval_every` steps (0: never) train_phase's `evaluate(model)` is read
     # (higher is better); after `patience` readings in a row without a new best the phase stops.

@@ -2,8 +2,9 @@
 
 The K responses of B prompts go through the policy in one forward pass, as
 `[B*K, L]` or packed behind one copy of each prompt as `[B, P + K*R]`
-(`pl_dpo.scoring.batch_logps`: chunked log-probs, never the full logits); the loss comes from `pl_dpo.losses`. Reference log-probs arrive
-precomputed with the batch, so no second copy of the weights is held while training.
+(`pl_dpo.scoring.batch_logps`: chunked log-probs, never the full logits); the
+loss comes from `pl_dpo.losses`. Reference log-probs arrive precomputed with the
+batch, so no second copy of the weights is held while training.
 
 The step is `(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted
 with explicit shardings and donated state. The loop that drives it is `pl_dpo.phase`.
@@ -21,8 +22,8 @@ import optax
 from flax import nnx
 
 from pl_dpo import losses, sharding
-from pl_dpo.models import Decoder
 from pl_dpo.data import PackedBatch
+from pl_dpo.models import Decoder
 from pl_dpo.scoring import batch_logps, response_logps, response_token_counts
 
 Metrics = dict[str, jax.Array]
