@@ -16,7 +16,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT = ("none", "full", "dots")
-_ATTN_IMPLS = ("einsum", "xla", "cudnn")
+_ATTN_IMPLS = ("einsum", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,8 @@ class DecoderConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (save only matmul outputs without batch dims)
-    attention_impl: str = "einsum"  # "einsum" | "xla" | "cudnn" (the last two: jax.nn.dot_product_attention)
+    # "einsum" | "xla" | "cudnn" (jax.nn.dot_product_attention) | "splash" (Pallas TPU kernel, models/splash.py)
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):

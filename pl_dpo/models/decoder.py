@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pl_dpo.models import splash
 from pl_dpo.models.config import DecoderConfig
 from pl_dpo.models.layers import Block, Linear, RMSNorm, rope_cos_sin, rope_inv_freq
 
@@ -105,7 +106,9 @@ class Decoder(nnx.Module):
         cfg = self.config
         x = self.embed(tokens_BxL, jnp.dtype(cfg.compute_dtype))
         cos, sin = rope_cos_sin(positions_BxL, rope_inv_freq(cfg))
-        if segment_ids_BxL is None:
+        if segment_ids_BxL is None and cfg.attention_impl == "splash":
+            mask = splash.SelfAttention(valid_BxL.astype(bool), cfg.sliding_window)
+        elif segment_ids_BxL is None:
             mask = _attention_mask(valid_BxL.astype(bool), jnp.arange(tokens_BxL.shape[1]), cfg.sliding_window)
         else:
             mask = _packed_attention_mask(segment_ids_BxL, positions_BxL, cfg.sliding_window)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pl_dpo.models import splash
 from pl_dpo.models.config import DecoderConfig
 
 _MASKED = -1e30  # finite, so a fully masked row gives a uniform softmax, never NaN
@@ -91,12 +92,19 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
 
 # -------------------------------------------------------------------------------------------------- attention
 def attention(
-    q_BxTxNxH: jax.Array, k: jax.Array, v: jax.Array, mask_BxTxS: jax.Array, impl: str, kv_layout: str = "BSKH"
+    q_BxTxNxH: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask_BxTxS: jax.Array | splash.SelfAttention,
+    impl: str,
+    kv_layout: str = "BSKH",
 ) -> jax.Array:
     """Grouped-query attention with a boolean mask (True = attend). Returns [B, T, N, H].
 
     k/v are [B, S, K, H] ("BSKH", fresh keys) or [B, K, S, H] ("BKSH", the KV cache's layout: per (row, head) the
     slots are contiguous, so decode steps read the cache without transposing it)."""
+    if isinstance(mask_BxTxS, splash.SelfAttention):  # attention_impl="splash": the TPU kernel, no dense mask
+        return splash.splash_attention(q_BxTxNxH, k, v, mask_BxTxS.valid_BxT, window=mask_BxTxS.window)
     b, t, n, h = q_BxTxNxH.shape
     kh = k.shape[2] if kv_layout == "BSKH" else k.shape[1]
     scale = h**-0.5
