@@ -80,9 +80,12 @@ def splash_attention(
 ) -> jax.Array:
     """Causal self-attention of T tokens with padding (`valid_BxT` False) masked out. Returns [B, T, N, H].
 
-    `interpret`: None runs the kernel in interpret mode everywhere but on TPU."""
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    `interpret`: None runs the kernel in interpret mode unless the mesh (or, without one, the default
+    backend) is made of TPU chips."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if interpret is None:  # the mesh's chips decide (a CPU host compiling for a TPU slice ahead of time)
+        device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+        interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
     b, t, n, h = q_BxTxNxH.shape
     pad = -t % BLOCK
     segment_BxT = jnp.where(valid_BxT.astype(bool), 0, 1).astype(jnp.int32)
@@ -94,7 +97,6 @@ def splash_attention(
     q = to_heads(q_BxTxNxH * jnp.asarray(h**-0.5, q_BxTxNxH.dtype))
     k, v = to_heads(k_BxTxKxH), to_heads(v_BxTxKxH)
     local = functools.partial(_local, window=window, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and set(BATCH_AXES + (HEAD_AXIS,)) <= set(mesh.axis_names):
         # Pallas kernels are opaque to the partitioner: each device runs the kernel on its own rows and heads.
         heads = HEAD_AXIS if n % mesh.shape[HEAD_AXIS] == 0 and k.shape[1] % mesh.shape[HEAD_AXIS] == 0 else None
