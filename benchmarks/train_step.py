@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import Profile, compiled_bytes, median_seconds, peaks, row
-from pl_dpo import losses, sharding, train
+from pl_dpo import losses, phase, sharding, train
 from pl_dpo.data import BatchIterator, assemble_ranked
 from pl_dpo.models import DecoderConfig, create_model, preset_config, save_pretrained
 
@@ -182,8 +182,8 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
         plain = next(iter(BatchIterator(arrays, length_buckets=(w.prompt_len + w.response_len,), **kw)))
         packed = next(iter(BatchIterator(arrays, pack_prompt=True, **kw)))
         model_tokens = {
-            "plain": int(np.asarray(plain.attn_valid_BxKxL).sum()),
-            "packed": int((np.asarray(packed.segment_ids_BxT) >= 0).sum()),
+            "plain": phase.model_tokens(plain),
+            "packed": phase.model_tokens(packed),
         }
         results = {}
         if with_torch:
@@ -195,7 +195,7 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
         for name, batch in (("plain", plain), ("packed", packed)):
             try:
                 figures = jax_step(create_model(cfg, seed=0), batch, profile)
-            except Exception as e:  # noqa: BLE001 -- cuDNN's fused attention refuses some masks / shapes
+            except Exception as e:  # cuDNN's fused attention refuses some masks / shapes
                 if cfg.attention_impl != "cudnn":
                     raise
                 print(f"[train_step] cudnn attention failed ({str(e)[:300]}); using xla", file=sys.stderr)

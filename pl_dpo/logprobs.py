@@ -92,6 +92,32 @@ def token_logprobs(
     return jnp.moveaxis(logps_ch, 0, 1).reshape(n, -1)[:, :length]
 
 
+def _chunked_sums(
+    hidden_NxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_NxL: jax.Array,
+    labels_NxL: jax.Array,
+    chunk_size: int,
+    sum_chunk,
+    init: jax.Array,
+) -> jax.Array:
+    """`init` plus `sum_chunk(logps_NxC, labels_NxC)` over the chunks of the sequence, in a scan whose
+    body is rematerialised: one chunk's logits exist at a time, forward and backward. Chunk padding
+    has label 0 (`_to_chunks`), which `sum_chunk` must count nowhere."""
+    chunk_size = balanced_chunk(targets_NxL.shape[1], chunk_size)
+    chunks = tuple(_to_chunks(x, chunk_size) for x in (hidden_NxLxD, targets_NxL, labels_NxL))
+
+    @jax.checkpoint
+    def chunk_sums(hidden_NxCxD, targets_NxC, labels_NxC):
+        return sum_chunk(_chunk_token_logprobs(hidden_NxCxD, unembed_DxV, targets_NxC), labels_NxC)
+
+    def step(total, xs):
+        return total + chunk_sums(*xs), None
+
+    total, _ = jax.lax.scan(step, init, chunks)
+    return total
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def sequence_logprobs(
     hidden_NxLxD: jax.Array,
@@ -109,21 +135,12 @@ def sequence_logprobs(
     _check_shapes(hidden_NxLxD, unembed_DxV, targets_NxL)
     if mask_NxL.shape != targets_NxL.shape:
         raise ValueError(f"mask {mask_NxL.shape} must match targets {targets_NxL.shape}")
-    chunk_size = balanced_chunk(targets_NxL.shape[1], chunk_size)
-    hidden_ch = _to_chunks(hidden_NxLxD, chunk_size)
-    targets_ch = _to_chunks(targets_NxL, chunk_size)
-    mask_ch = _to_chunks(mask_NxL.astype(bool), chunk_size)  # padding is False
 
-    @jax.checkpoint
-    def chunk_sum(hidden_NxCxD, targets_NxC, mask_NxC):
-        logps_NxC = _chunk_token_logprobs(hidden_NxCxD, unembed_DxV, targets_NxC)
+    def masked_sum(logps_NxC, mask_NxC):
         return jnp.sum(jnp.where(mask_NxC, logps_NxC, 0.0), axis=1)
 
-    def step(total_N, xs):
-        return total_N + chunk_sum(*xs), None
-
-    total_N, _ = jax.lax.scan(step, jnp.zeros(targets_NxL.shape[0], jnp.float32), (hidden_ch, targets_ch, mask_ch))
-    return total_N
+    init = jnp.zeros(targets_NxL.shape[0], jnp.float32)
+    return _chunked_sums(hidden_NxLxD, unembed_DxV, targets_NxL, mask_NxL.astype(bool), chunk_size, masked_sum, init)
 
 
 @functools.partial(jax.jit, static_argnames=("num_segments", "chunk_size"))
@@ -142,23 +159,13 @@ def segment_logprobs(
     _check_shapes(hidden_NxMxD, unembed_DxV, targets_NxM)
     if segment_NxM.shape != targets_NxM.shape:
         raise ValueError(f"segments {segment_NxM.shape} must match targets {targets_NxM.shape}")
-    chunk_size = balanced_chunk(targets_NxM.shape[1], chunk_size)
-    hidden_ch = _to_chunks(hidden_NxMxD, chunk_size)
-    targets_ch = _to_chunks(targets_NxM, chunk_size)
-    segment_ch = _to_chunks(segment_NxM + 1, chunk_size) - 1  # chunk padding becomes segment -1
 
-    @jax.checkpoint
-    def chunk_sums(hidden_NxCxD, targets_NxC, segment_NxC):
-        logps_NxC = _chunk_token_logprobs(hidden_NxCxD, unembed_DxV, targets_NxC)
-        in_segment_NxCxS = segment_NxC[..., None] == jnp.arange(num_segments)
+    def per_segment_sums(logps_NxC, label_NxC):  # label = segment + 1: 0 (padding, chunk padding) counts nowhere
+        in_segment_NxCxS = label_NxC[..., None] == jnp.arange(1, num_segments + 1)
         return jnp.sum(jnp.where(in_segment_NxCxS, logps_NxC[..., None], 0.0), axis=1)
 
-    def step(total_NxS, xs):
-        return total_NxS + chunk_sums(*xs), None
-
     init = jnp.zeros((targets_NxM.shape[0], num_segments), jnp.float32)
-    total_NxS, _ = jax.lax.scan(step, init, (hidden_ch, targets_ch, segment_ch))
-    return total_NxS
+    return _chunked_sums(hidden_NxMxD, unembed_DxV, targets_NxM, segment_NxM + 1, chunk_size, per_segment_sums, init)
 
 
 def naive_sequence_logprobs(

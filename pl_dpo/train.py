@@ -59,13 +59,12 @@ def sft_objective(chunk_size: int) -> Objective:
 
     def objective(model: Decoder, batch) -> tuple[jax.Array, Metrics]:
         if isinstance(batch, PackedBatch):  # SFT sets hold one response per list (K=1)
-            logps_B, tokens_B = batch_logps(model, batch, chunk_size)[:, 0], response_token_counts(batch)[:, 0]
-        else:
+            logps_B = batch_logps(model, batch, chunk_size)[:, 0]
+        else:  # only the first row of each list goes through the model
             first = lambda x: x[:, 0]
             fields = (batch.tokens_BxKxL, batch.loss_mask_BxKxL, batch.attn_valid_BxKxL, batch.positions_BxKxL)
             logps_B = response_logps(model, *map(first, fields), chunk_size=chunk_size)
-            tokens_B = first(batch.loss_mask_BxKxL).sum(-1)
-        num_tokens = jnp.maximum(tokens_B.sum(), 1)
+        num_tokens = jnp.maximum(response_token_counts(batch)[:, 0].sum(), 1)
         loss = -logps_B.sum() / num_tokens
         return loss, {"loss": loss, "answer_logp": logps_B.mean()}
 

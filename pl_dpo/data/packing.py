@@ -56,7 +56,7 @@ class PackedBatch:
 
 def packed_lengths(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(prompt tokens, scored tokens) per example, each [N] int64; a packed row holds their sum."""
-    prompt_N = _prompt_mask(arrays)[:, 0].sum(-1)
+    prompt_N = _prompt_mask(arrays, slice(None)).sum(-1)
     scored_N = (arrays["loss_mask_NxKxL"] & arrays["valid_NxK"][..., None]).sum((1, 2))
     return prompt_N, scored_N
 
@@ -74,9 +74,10 @@ def scored_slots(seq_len: int, arrays_min_prompt: int, max_scored: int) -> int:
     return max(min(seq_len - arrays_min_prompt, max_scored), 1)
 
 
-def _prompt_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """True on prompt tokens [N, K, L]: real tokens that are not scored (every row starts with the prompt)."""
-    return arrays["attn_valid_NxKxL"] & ~arrays["loss_mask_NxKxL"]
+def _prompt_mask(arrays: dict[str, np.ndarray], rows) -> np.ndarray:
+    """True on the prompt tokens [len(rows), L] of the lists `rows`: the real, unscored tokens of their first
+    response row (every row of a list starts with the same prompt)."""
+    return arrays["attn_valid_NxKxL"][rows, 0] & ~arrays["loss_mask_NxKxL"][rows, 0]
 
 
 def gather_packed(
@@ -87,7 +88,7 @@ def gather_packed(
     Rows where `pad` is True become padding rows: their tokens stay (real attention) but nothing
     is scored and no response is valid, as in `gather_batch`."""
     tokens_NxKxL, loss_mask_NxKxL = arrays["tokens_NxKxL"], arrays["loss_mask_NxKxL"]
-    prompt_NxKxL = _prompt_mask(arrays)
+    prompt_BxL = _prompt_mask(arrays, idx)  # this batch's lists only: gather_packed runs every step
     b = len(idx)
     tokens = np.zeros((b, seq_len), np.int32)
     segments = np.full((b, seq_len), -1, np.int32)
@@ -97,7 +98,7 @@ def gather_packed(
     response = np.full((b, num_scored), -1, np.int32)
     valid = arrays["valid_NxK"][idx] & ~pad[:, None]
     for row, n in enumerate(idx):
-        prompt = tokens_NxKxL[n, 0][prompt_NxKxL[n, 0]]
+        prompt = tokens_NxKxL[n, 0][prompt_BxL[row]]
         p = len(prompt)
         tokens[row, :p], segments[row, :p], positions[row, :p] = prompt, 0, np.arange(p)
         slot, scored = p, 0
