@@ -161,20 +161,27 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     rows: list[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    table = ""
     for name in args.only.split(","):
         start = time.perf_counter()
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         rows += runs[name]()
         print(f"[benchmarks] {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    rows = with_speedups(rows)
-    os.makedirs(args.out, exist_ok=True)
-    table = markdown(rows, header)
-    with open(os.path.join(args.out, f"{profile.name}.json"), "w", encoding="utf-8") as f:
-        json.dump({**header, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"{profile.name}.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+        # Written after every benchmark, so that a run cut short (a lease or a timeout) keeps what it measured.
+        table = write_results(args.out, header, with_speedups(rows))
     print(table)
     return 0
+
+
+def write_results(out: str, header: dict, rows: list[dict]) -> str:
+    """Writes `<out>/<profile>.json` and `.md`; returns the markdown."""
+    table = markdown(rows, header)
+    with open(os.path.join(out, f"{header['profile']}.json"), "w", encoding="utf-8") as f:
+        json.dump({**header, "rows": rows}, f, indent=1)
+    with open(os.path.join(out, f"{header['profile']}.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def run(profile: Profile) -> list[dict]:
     config = "configs/demo.py:quick" if profile.name == "quick" else "configs/demo.py"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"))
+        # The repository first, then whatever the caller's path holds (carried wheels on a lent GPU machine).
+        python_path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONPATH=python_path, JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"))
         if not profile.gpu:
             env.update(JAX_PLATFORMS="cpu")
         workdir = os.path.join(tmp, "run")
