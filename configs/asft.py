@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 batch_size=64,
                 optim=optimizer(1e-5),
                 tokenizer_path="",
-                model=model(hf_path="", param_dtype="bfloat16", compute_dtype="bfloat16"),
+                model=model(preset="llama-3.1-70b", hf_path="", param_dtype="bfloat16", compute_dtype="bfloat16"),
             )
         )
     ]

@@ -71,8 +71,11 @@ def model(
     param_dtype: str = "float32",
     compute_dtype: str = "float32",
     remat: str = "none",
+    attention_impl: str = "einsum",
 ) -> ml_collections.ConfigDict:
-    """A model section: a named preset with overrides, or a local Hugging Face folder (hf_path)."""
+    """A model section: a named preset with overrides, or a local Hugging Face folder (hf_path).
+
+    remat: "none" | "full" | "dots"; attention_impl: "einsum" | "xla" | "cudnn" (GPU) | "splash" (TPU)."""
     return ml_collections.ConfigDict(
         dict(
             preset=preset,
@@ -80,6 +83,7 @@ def model(
             param_dtype=param_dtype,
             compute_dtype=compute_dtype,
             remat=remat,
+            attention_impl=attention_impl,
             overrides=overrides or {},
         )
     )

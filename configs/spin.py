@@ -30,7 +30,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rounds = parse_arg(arg, rounds=3).rounds
     c = base(seed=42)
     c.modes = "spin"
-    c.model = model(hf_path="", param_dtype="float32", compute_dtype="bfloat16", remat="dots")
+    # preset: the shape of zephyr-7b-sft-full, for `python -m pl_dpo.plan` where the folder is absent.
+    # Full remat and splash attention: what fits 64 pairs x 1024 tokens on a v5e-16 without gradient
+    # accumulation (`python -m pl_dpo.plan --config=configs/spin.py --topology=v5e-16`; BENCHMARKS.md).
+    c.model = model(
+        preset="mistral-7b",
+        hf_path="",
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        remat="full",
+        attention_impl="splash",
+    )
     c.tokenizer.path = ""  # empty: the model folder's tokenizer and chat template
     c.data.update(
         source="ultrachat",
@@ -38,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_prompt_len=512,
         max_response_len=512,
         length_buckets=(256, 512, 768, 1024),
+        # Plain rows: splash attention takes them as segments; packed rows need the dense block mask,
+        # which at 7B and 1536-slot rows leaves 2% of a v5e chip's HBM free (BENCHMARKS.md, "Planner").
+        pack_prompt=False,
     )
     c.data.files = dict(train="", test="")
     c.data.options = {}
@@ -58,7 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         lr_per_round=(5e-7, 5e-7, 1e-7, 1e-7)[: max(rounds, 1)] if rounds <= 4 else (),
     )
-    c.sampling.update(temperature=1.0, top_p=1.0, max_new_tokens=256, batch_size=256)
+    # 64 prompts at a time: the sampler's largest batch that fits a v5e-16 at 7B today (the planner's
+    # advice: with the batch replicated on every chip, 128 and 256 run out of HBM).
+    c.sampling.update(temperature=1.0, top_p=1.0, max_new_tokens=256, batch_size=64)
     c.eval.update(num_prompts=500, batch_size=64)
     c.mesh.update(data=1, fsdp=-1, tensor=1, num_devices=0)
     c.checkpoint.save_every_steps = 200

@@ -198,9 +198,11 @@ def train_phase(
         ) as bar:
             for step in range(start_step, end_step):
                 host_batch = next(batches)
-                params, opt_state, metrics = train_step(
-                    state.params, state.opt_state, sharding.shard_batch(host_batch, mesh)
-                )
+                # Under the mesh: Pallas kernels (splash attention) are traced inside shard_map over it.
+                with jax.set_mesh(mesh):
+                    params, opt_state, metrics = train_step(
+                        state.params, state.opt_state, sharding.shard_batch(host_batch, mesh)
+                    )
                 state = train.TrainState(params, opt_state)
                 # The previous step's metrics are read only now, with this step already queued.
                 read_metrics()

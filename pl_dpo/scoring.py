@@ -8,6 +8,7 @@ set on the host side (a round's reference log-probs, the held-out evaluation).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -119,7 +120,10 @@ def score_ranked(
     for batch in it:
         example_ids_B = batch.example_ids_B
         batch = dataclasses.replace(batch, example_ids_B=None, ref_logps_BxK=None, labels_BxK=None)
-        logps = _score_batch(graphdef, params, jax.tree.map(lambda x: sharding.put_replicated(x, replicated), batch))
+        inputs = jax.tree.map(lambda x: sharding.put_replicated(x, replicated), batch)
+        # Under the weights' mesh, where they have one: splash attention runs inside shard_map over it.
+        with jax.set_mesh(replicated.mesh) if replicated is not None else contextlib.nullcontext():
+            logps = _score_batch(graphdef, params, inputs)
         real = example_ids_B >= 0
         out[example_ids_B[real]] = sharding.to_host(logps)[real]
     return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)

@@ -1,0 +1,232 @@
+"""The planner (`python -m pl_dpo.plan`): slices, presets, time bounds, and its figures from the real TPU compiler.
+
+Compiles for v5e slices with libtpu (the `tpu` extra) on this CPU machine; small shapes keep it fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import jax
+import pytest
+
+pytest.importorskip("libtpu", reason="the TPU compiler comes with the `tpu` extra: pip install -e '.[tpu]'")
+
+from pl_dpo import losses, plan, sharding, train  # noqa: E402
+from pl_dpo.models import preset_config  # noqa: E402
+
+
+def run_plan(capsys, *args: str) -> tuple[int, str, str]:
+    code = plan.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------- tables, no compiler
+
+
+@pytest.mark.parametrize(
+    "name, chips, kind",
+    [
+        ("v4-8", 4, "TPU v4"),
+        ("v4-64", 32, "TPU v4"),
+        ("v5litepod-4", 4, "TPU v5 lite"),
+        ("v5e-16", 16, "TPU v5 lite"),
+        ("v5litepod-64", 64, "TPU v5 lite"),
+        ("v5p-8", 4, "TPU v5"),
+        ("v5p-64", 32, "TPU v5"),
+        ("v6e-4", 4, "TPU v6 lite"),
+        ("v6e-64", 64, "TPU v6 lite"),
+    ],
+)
+def test_cloud_tpu_names_give_the_compilers_devices(name, chips, kind):
+    s = plan.get_slice(name)
+    devices = plan.abstract_devices(s)
+    assert s.num_chips == chips == len(devices)
+    assert {d.device_kind for d in devices} == {kind} == {s.chip.device_kind}
+
+
+def test_every_generation_covers_the_issues_range():
+    for gen, sizes in {"v4": (8, 16, 32, 64), "v5p": (8, 16, 32, 64), "v6e": (4, 8, 16, 32, 64)}.items():
+        for n in sizes:
+            assert f"{gen}-{n}" in plan.SLICES
+    for n in (4, 8, 16, 32, 64):
+        assert plan.get_slice(f"v5e-{n}").name == f"v5litepod-{n}"
+
+
+def test_presets_have_the_published_parameter_counts():
+    # Counts from the models' own safetensors indexes / model cards.
+    published = {
+        "mistral-7b": 7_241_732_096,
+        "llama-2-7b": 6_738_415_616,
+        "llama-2-13b": 13_015_864_320,
+        "llama-3.1-8b": 8_030_261_248,
+        "qwen2-7b": 7_615_616_512,
+    }
+    for name, count in published.items():
+        assert preset_config(name).num_params() == pytest.approx(count, rel=2e-4), name
+
+
+def test_decode_bound_is_the_weight_and_cache_read():
+    cfg = preset_config("llama-2-7b", compute_dtype="bfloat16")
+    s = plan.get_slice("v5p-8")
+    p = plan.Program("sampler", "sample", cfg, batch=1, prompt_len=16, new_tokens=16)
+    seconds, unit, by = plan.time_bound(p, s, (1, -1, 1))
+    # Batch 1: reading each chip's quarter of the bf16 weights dominates (plus a tiny KV cache).
+    weights = 2 * cfg.num_params() / 4 / s.chip.hbm_bytes_per_s
+    assert (unit, by) == ("token", "HBM")
+    assert weights <= seconds <= 1.01 * weights
+
+
+def test_train_bound_is_compute_at_large_batch():
+    cfg = preset_config("llama-2-7b", compute_dtype="bfloat16", remat="full")
+    s = plan.get_slice("v5e-16")
+    optim = train.OptimizerConfig(lr=1e-6, name="rmsprop")
+    p = plan.Program("step", "train", cfg, batch=64, k=2, length=1024, prompt_len=512, optim=optim)
+    seconds, unit, by = plan.time_bound(p, s, (1, -1, 1))
+    tokens = 64 * 2 * 1024
+    dense = 8 * cfg.num_params() * tokens / (16 * s.chip.peak_flops)  # 6N per token + 2N for the remat forward
+    assert (unit, by) == ("step", "compute")
+    assert dense <= seconds <= 1.2 * dense  # attention adds the rest
+
+
+# ----------------------------------------------------------------------------- compiled figures
+
+
+def test_planner_figures_are_memory_analysis_of_the_same_step():
+    from flax import nnx
+
+    from pl_dpo.data import RankedBatch
+    from pl_dpo.models import create_model
+
+    cfg = preset_config("tiny-llama", vocab_size=512, compute_dtype="bfloat16", remat="full")
+    optim = train.OptimizerConfig(lr=1e-5, name="adamw")
+    program = plan.Program("step", "train", cfg, batch=8, k=2, length=128, prompt_len=64, optim=optim)
+    s = plan.get_slice("v5e-4")
+    devices = plan.abstract_devices(s)
+    loss_cfg = losses.LossConfig(T=0.1)
+    row = plan.compile_row(program, s, devices, (1, -1, 1), loss_cfg=loss_cfg, chunk_size=64)
+
+    # The same step built by hand, as tests/test_tpu_aot.py does.
+    mesh = sharding.make_mesh(1, -1, 1, devices=devices)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, seed=0)))
+    rules = sharding.DEFAULT_DECODER_RULES
+    param_sh = sharding.logical_to_shardings(params, mesh, rules)
+    tx = optim.build(1000)
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = sharding.logical_to_shardings(opt, mesh, rules, rank_mismatch="replicate")
+    objective = train.pl_dpo_objective(loss_cfg, chunk_size=64)
+    bsh = sharding.batch_sharding(mesh)
+    step = train.make_train_step(graphdef, objective, tx, train.TrainState(param_sh, opt_sh), bsh)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=bsh)  # noqa: E731
+    b, k, length = 8, 2, 128
+    batch = RankedBatch(
+        tokens_BxKxL=sds((b, k, length), "int32"),
+        loss_mask_BxKxL=sds((b, k, length), "bool"),
+        attn_valid_BxKxL=sds((b, k, length), "bool"),
+        positions_BxKxL=sds((b, k, length), "int32"),
+        valid_BxK=sds((b, k), "bool"),
+        example_ids_B=None,
+        ref_logps_BxK=sds((b, k), "float32"),
+    )
+    with_sh = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x), tree, sh
+    )
+    with jax.set_mesh(mesh):
+        memory = step.lower(with_sh(params, param_sh), with_sh(opt, opt_sh), batch).compile().memory_analysis()
+    assert row.fits
+    assert row.argument_bytes == memory.argument_size_in_bytes
+    assert row.temp_bytes == memory.temp_size_in_bytes
+    # The compiler's own report counts buffers that share memory in time once: never above memory_analysis().
+    assert 0 < row.compiler_total_bytes <= row.total_bytes
+
+
+@pytest.mark.slow  # ~25 s: six programs compiled, each with the compiler's memory report
+def test_cli_plans_the_demo_config_and_every_program_fits(capsys):
+    code, out, err = run_plan(capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    names = [p["program"] for p in result["programs"]]
+    assert names[0] == "sft step" and "scoring K=2" in names and "sampler" in names
+    assert any(n.startswith("pl-dpo step K=") for n in names)
+    assert result["fits"] and all(p["fits"] and p["compiler_total_bytes"] > 0 for p in result["programs"])
+
+
+@pytest.mark.slow  # ~50 s: a 1B step compiled at several micro-batch sizes
+def test_a_step_that_does_not_fit_gets_the_nearest_setting_that_does(capsys):
+    # A 1B model at 1024 lists of 2 x 512 tokens on a v5e-4: the activations do not fit 16 GiB chips;
+    # the planner compiles micro-batches with gradient accumulation until one fits and names its flags.
+    code, out, err = run_plan(
+        capsys,
+        "--config=configs/demo.py:quick",
+        "--topology=v5e-4",
+        "--config.modes=spin",
+        "--config.sft.steps=0",
+        "--config.model.preset=llama-3.2-1b",
+        "--config.model.compute_dtype=bfloat16",
+        "--config.model.remat=full",
+        "--config.rounds.batch_size=1024",
+        "--config.data.max_prompt_len=256",
+        "--config.data.max_response_len=256",
+        "--config.data.length_buckets=(512,)",
+        "--config.sampling.max_new_tokens=8",
+        "--config.eval.batch_size=8",
+    )
+    assert code == 1, err
+    assert "pl-dpo step K=2: does not fit" in out
+    advice = next(line for line in out.splitlines() if "fits with" in line)
+    assert "--config.rounds.batch_size=" in advice and "--config.rounds.optim.grad_accum_steps=" in advice
+    assert "(same 1024 lists per update)" in advice
+    assert out.rstrip().endswith("does NOT fit")
+
+
+def test_a_model_no_setting_fits_names_the_smallest_slice():
+    # Llama-2-13B's float32 weights are 12 GiB per chip on 4 v5e chips, and decoding reads a bf16 copy
+    # besides: no sampling batch fits there, and the planner goes on to larger v5e slices.
+    cfg = preset_config("llama-2-13b", param_dtype="float32", compute_dtype="bfloat16")
+    program = plan.Program("sampler", "sample", cfg, batch=2, prompt_len=64, new_tokens=8, batch_field="sampling.b")
+    s = plan.get_slice("v5e-4")
+    tried = []
+    advice = plan._advise(program, s, plan.abstract_devices(s), (1, -1, 1), {}, tried.append)
+    assert tried == ["  trying --config.sampling.b=1", "  trying v5litepod-8"]
+    assert advice == "nothing nearby fits on v5litepod-4; the smallest v5e slice that fits it: v5litepod-8"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_topology_lists_the_known_ones(capsys):
+    code, _, err = run_plan(capsys, "--config=configs/demo.py:quick", "--topology=v5e-12")
+    assert code == 2
+    assert "unknown topology 'v5e-12'" in err and "v5litepod-16" in err and "v5p-8" in err and "v6e-64" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_config_field_is_one_line(capsys):
+    code, _, err = run_plan(capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--config.loss.TT=1")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: the config has no field 'TT' (its fields: configs/common.py:base())"]
+
+
+def test_missing_libtpu_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
+    with pytest.raises(plan.PlanError, match=r"pip install -e '\.\[tpu\]'"):
+        plan.abstract_devices(plan.get_slice("v5e-4"))
+
+
+def test_folder_absent_takes_the_preset_and_says_so():
+    from configs import spin
+
+    config = spin.get_config(None)
+    config.model.hf_path = "/nonexistent/zephyr-7b-sft-full"
+    notes: list[str] = []
+    programs = plan.programs_of(config, notes)
+    assert programs[0].model == dataclasses.replace(programs[0].model)  # a DecoderConfig
+    assert programs[0].model.num_params() == preset_config("mistral-7b").num_params()
+    assert notes == [
+        (
+            "config.model: model folder '/nonexistent/zephyr-7b-sft-full' not found here; "
+            "planning with the shape preset 'mistral-7b'"
+        )
+    ]
