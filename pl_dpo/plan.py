@@ -623,21 +623,23 @@ def plan(
 
 
 def _advise(p: Program, s: Slice, devices, mesh_axes, kw, progress) -> str:
-    for flags, candidate in candidates(p):
+    """The nearest setting that fits on `s`; else the smallest larger slice of the same chips on which the
+    program fits as it is, or with the smallest of those settings (e.g. a 70B sampler needs both)."""
+    nearby = candidates(p)
+    for flags, candidate in nearby:
         if progress:
             progress(f"  trying {flags}")
         if compile_row(candidate, s, devices, mesh_axes, **kw).fits:
             return f"fits with {flags}"
     for bigger in larger_slices(s):
-        if progress:
-            progress(f"  trying {bigger.name}")
-        if compile_row(p, bigger, abstract_devices(bigger), (1, -1, 1), **kw).fits:
-            return (
-                f"nothing nearby fits on {s.name}; the smallest {s.chip.generation} slice that fits it: {bigger.name}"
-            )
-    return (
-        f"does not fit on any {s.chip.generation} slice up to {max(t.num_chips for t in larger_slices(s) or [s])} chips"
-    )
+        for flags, candidate in [("", p), *nearby[-1:]]:
+            if progress:
+                progress(f"  trying {bigger.name}" + (f" with {flags}" if flags else ""))
+            if compile_row(candidate, bigger, abstract_devices(bigger), (1, -1, 1), **kw).fits:
+                where = f"{bigger.name}" + (f" with {flags}" if flags else "")
+                return f"nothing nearby fits on {s.name}; the smallest {s.chip.generation} slice that fits it: {where}"
+    largest = max(t.num_chips for t in [s, *larger_slices(s)])
+    return f"does not fit on any {s.chip.generation} slice up to {largest} chips"
 
 
 def format_plan(result: Plan) -> str:
