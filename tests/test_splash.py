@@ -82,3 +82,21 @@ def test_shard_map_over_the_mesh_matches_one_device():
         got = jax.jit(run)(q, k, v, valid)
     real = np.asarray(valid)[..., None, None]
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, expected, 0), rtol=1e-6, atol=1e-6)
+
+
+def test_one_shape_traced_again_in_another_program():
+    """The kernel of a shape is built once and reused by every later trace (a training step's gradient,
+    then scoring's forward, as a round runs them), inside and outside shard_map: it holds no tracer."""
+    rng = np.random.default_rng(2)
+    b, t = 4, 24  # a shape no other test builds, so the cached kernel is made inside the first trace
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, H)), jnp.float32) for heads in (N, KV, KV))
+    valid = jnp.asarray(np.arange(t)[None, :] < np.array([24, 20, 11, 3])[:, None])
+    run = lambda *x: splash_attention(*x, interpret=True)  # noqa: E731
+    loss = lambda q, k, v, m: jnp.sum(run(q, k, v, m))  # noqa: E731
+    with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, valid)
+        sharded = jax.jit(run)(q, k, v, valid)
+    plain = jax.jit(run)(q, k, v, valid)
+    real = np.asarray(valid)[..., None, None]
+    np.testing.assert_allclose(np.where(real, sharded, 0), np.where(real, plain, 0), rtol=1e-6, atol=1e-6)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)

@@ -40,7 +40,8 @@ class SelfAttention:
 jax.tree_util.register_dataclass(SelfAttention, data_fields=["valid_BxT"], meta_fields=["window"])
 
 
-@functools.lru_cache(maxsize=32)
+# Built in every trace, never cached across traces: the kernel holds its mask tables as arrays, which are
+# tracers of the trace that made them (a kernel cached from a gradient's trace leaks into scoring's).
 def _kernel(num_heads: int, seq_len: int, window: int | None, interpret: bool):
     if window is None:
         one = splash_mask.CausalMask((seq_len, seq_len))
