@@ -143,9 +143,11 @@ def check_workdir_config(
     for key in keys_that_must_match:
         a, b = _without_numerics(lookup(old, key), key), _without_numerics(lookup(new, key), key)
         if a != b:
+            field, was, now = _first_difference(a, b, key)
             raise WorkdirConfigMismatch(
-                f"workdir {workdir} was written by an incompatible config: {key!r} was {a!r}, now {b!r} "
-                f"(see {path}); use a new --workdir or restore the old value"
+                f"workdir {workdir} was written by an incompatible config: {field!r} was {was!r}, now {now!r}, "
+                f"and the saved work of {_stages_of(field)} depends on it (see {path}); use a new --workdir or "
+                "restore the old value"
             )
     for field, files in (old.get(INPUTS_KEY) or {}).items():
         now = new.get(INPUTS_KEY, {}).get(field, {})
@@ -153,9 +155,31 @@ def check_workdir_config(
             if files.get(file) != now.get(file):
                 state = "is gone" if file not in now else "is new" if file not in files else "changed"
                 raise WorkdirConfigMismatch(
-                    f"workdir {workdir}: {file} (config.{field}) {state} since the workdir's saved work was made "
-                    f"from it; use a new --workdir, or the file as it was"
+                    f"workdir {workdir}: {file} (config.{field}) {state} since the workdir's saved work "
+                    f"({_stages_of(field)}) was made from it; use a new --workdir, or the file as it was"
                 )
+
+
+def _first_difference(old: Any, new: Any, key: str) -> tuple[str, Any, Any]:
+    """The first dotted field under `key` where two JSON values differ, with its two values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                return _first_difference(old.get(name), new.get(name), f"{key}.{name}")
+    return key, old, new
+
+
+def _stages_of(field: str) -> str:
+    """The stages (workdir.STAGE_FIELDS) whose output depends on `field`, e.g. "the sft and rounds stages"."""
+    names = [
+        stage
+        for stage, fields in workdir_lib.STAGE_FIELDS.items()
+        if any(field == f or field.startswith(f + ".") or f.startswith(field + ".") for f in fields)
+    ]
+    if not names:
+        return "every stage"
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"the {listed} stage{'s' if len(names) > 1 else ''}"
 
 
 # ----------------------------------------------------------------------------- modes

@@ -164,20 +164,29 @@ def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
     # Packing changes the last bits only: a resumed run may switch it (data's other fields may not).
     unpacked = config_lib.apply_overrides(config, {"data.pack_prompt": False})
     config_lib.check_workdir_config(workdir, unpacked, config_lib.WORKDIR_KEYS)
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'data' was"):
+    with pytest.raises(
+        config_lib.WorkdirConfigMismatch,
+        match="'data.max_response_len' was 16, now 9, and the saved work of the sft and assistant stages depends",
+    ):
         config_lib.check_workdir_config(
             workdir, config_lib.apply_overrides(unpacked, {"data.max_response_len": 9}), config_lib.WORKDIR_KEYS
         )
     # Training settings the saved work depends on, rounds.optim among them.
     changed = config_lib.apply_overrides(config, {"rounds.optim.lr": 0.1})
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'rounds.optim' was .* now .*use a new --workdir"):
+    with pytest.raises(
+        config_lib.WorkdirConfigMismatch,
+        match="'rounds.optim.lr' was .*, now 0.1, and the saved work of the rounds stage depends on it .*use a new --workdir",
+    ):
         config_lib.check_workdir_config(workdir, changed, config_lib.WORKDIR_KEYS)
     # A data file rewritten with the same content (a new mtime) is the same input ...
     train.write_text(train.read_text())
     config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
     # ... one edited in place is refused, naming the file and the field.
     train.write_text('{"prompt": "1 + 1?", "responses": ["2", "11"]}\n')
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match=f"{train} \\(config.data.files.train\\) changed"):
+    with pytest.raises(
+        config_lib.WorkdirConfigMismatch,
+        match=f"{train} \\(config.data.files.train\\) changed since .* \\(the tfds, sft and assistant stages\\)",
+    ):
         config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
     train.unlink()
     with pytest.raises(config_lib.WorkdirConfigMismatch, match="is gone"):
