@@ -181,6 +181,7 @@ def test_a_step_that_does_not_fit_gets_the_nearest_setting_that_does(capsys):
     assert out.rstrip().endswith("does NOT fit")
 
 
+@pytest.mark.slow  # ~15 s: two 13B samplers compiled
 def test_a_model_no_setting_fits_names_the_smallest_slice():
     # Llama-2-13B's float32 weights are 12 GiB per chip on 4 v5e chips, and decoding reads a bf16 copy
     # besides: no sampling batch fits there, and the planner goes on to larger v5e slices.
