@@ -271,24 +271,46 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
             )
             step = train.make_train_step(graphdef, objective, tx, train.TrainState(param_sh, opt_sh), bsh)
             return step.lower(params, opt, _abstract_batch(p, bsh, with_ref=p.objective != "sft"))
-        # Scoring and the sampler take replicated inputs (every process holds the same rows), as
-        # `scoring.score_ranked` and `sampler.generate` do today.
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        if p.kind == "score":
-            from flax import nnx
+        from flax import nnx
 
+        if p.kind == "score":
+            # As `scoring.score_ranked`: the batch split over ("data", "fsdp") (padded to a multiple of that),
+            # the weights as trained (FSDP: XLA gathers each layer's weights as the forward reaches it).
+            shards = sharding.batch_shards(mesh)
+            batch = _abstract_batch(dataclasses.replace(p, batch=-(-p.batch // shards) * shards), bsh, with_ref=False)
             score = jax.jit(lambda prm, batch: scoring.batch_logps(nnx.merge(graphdef, prm), batch, chunk_size))
-            return score.lower(params, _abstract_batch(p, rep, with_ref=False))
-        sampling = sampler.SamplingConfig(max_new_tokens=p.new_tokens, eos_ids=(0,), pad_id=0)
-        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), p.batch))
-        return sampler._generate_padded.lower(
-            graphdef,
-            params,
-            _abstract((p.batch, p.prompt_len), jnp.int32, rep),
-            _abstract((p.batch, p.prompt_len), jnp.bool_, rep),
-            _abstract(keys.shape, keys.dtype, rep),
-            sampling,
-        )
+            return score.lower(params, batch)
+    # As `sampler.generate_responses`: the weights as trained are the program's arguments (they stay resident);
+    # the program moves them into the decode layout (`sampler.decode_weights`: tensor parallel over the fewest
+    # chips that hold them, per the chip's memory) and decodes a batch split over the rest.
+    sampling = sampler.SamplingConfig(max_new_tokens=p.new_tokens, eos_ids=(0,), pad_id=0)
+    chip = next((c for c in CHIPS.values() if c.device_kind == mesh.devices.flat[0].device_kind), None)
+    mesh_shape = tuple(int(mesh.shape[a]) for a in sharding.MESH_AXES)
+    max_len = p.prompt_len + p.new_tokens
+    tp = sampler.decode_tp_split(p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None)
+    layout = sampler.decode_layout(mesh.devices, mesh_shape, tp)
+    batch = -(-p.batch // layout.groups) * layout.groups
+    g, layers_state, rest_state = nnx.split(nnx.merge(graphdef, params), nnx.PathContains("layers"), ...)
+    static = {
+        "num_layers": p.model.num_layers,
+        "cdt": jnp.dtype(p.model.compute_dtype),
+        "rest_sh": sampler._weight_shardings(rest_state, layout, stacked=False),
+        "layer_sh": sampler._weight_shardings(layers_state, layout, stacked=True),
+    }
+
+    def sample(layers_state, rest_state, tokens, valid, keys):
+        rest, layers = sampler._relayout(layers_state, rest_state, **static)
+        return sampler._generate_padded(g, rest, layers, tokens, valid, keys, sampling, layout)
+
+    rows = layout.batch()
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    return jax.jit(sample).lower(
+        layers_state,
+        rest_state,
+        _abstract((batch, p.prompt_len), jnp.int32, rows),
+        _abstract((batch, p.prompt_len), jnp.bool_, rows),
+        _abstract(keys.shape, keys.dtype, rows),
+    )
 
 
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds available HBM|Ran out of memory")

@@ -106,24 +106,33 @@ def score_ranked(
     `pack_prompt`: score the K responses of a list behind one copy of its prompt."""
     graphdef, params = nnx.split(model)
     n, k, _ = arrays["tokens_NxKxL"].shape
-    out = np.zeros((n, k), np.float32)
+    # The batch is split over the weights' mesh's ("data", "fsdp") axes, as in training: each chip scores its own
+    # rows and XLA gathers each layer's weights (FSDP) as the forward reaches it. Every process passes the same
+    # rows; the log-probs stay on the devices until the end and are gathered once.
+    replicated = sharding.replicated_like(params)
+    mesh = replicated.mesh if replicated is not None else None
+    rows = sharding.batch_sharding(mesh) if mesh is not None else None
+    shards = sharding.batch_shards(mesh) if mesh is not None else 1
     it = BatchIterator(
         {**arrays, "example_ids_N": np.arange(n, dtype=np.int64)},
-        batch_size=batch_size,
+        batch_size=-(-batch_size // shards) * shards,
         shuffle=False,
         drop_remainder=False,
         num_epochs=1,
         length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],),
         pack_prompt=pack_prompt,
     )
-    replicated = sharding.replicated_like(params)
+    ids, scored = [], []
     for batch in it:
-        example_ids_B = batch.example_ids_B
+        ids.append(batch.example_ids_B)
         batch = dataclasses.replace(batch, example_ids_B=None, ref_logps_BxK=None, labels_BxK=None)
-        inputs = jax.tree.map(lambda x: sharding.put_replicated(x, replicated), batch)
+        inputs = batch if rows is None else jax.tree.map(lambda x: sharding.put_rows(x, rows), batch)
         # Under the weights' mesh, where they have one: splash attention runs inside shard_map over it.
-        with jax.set_mesh(replicated.mesh) if replicated is not None else contextlib.nullcontext():
-            logps = _score_batch(graphdef, params, inputs)
-        real = example_ids_B >= 0
-        out[example_ids_B[real]] = sharding.to_host(logps)[real]
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            scored.append(_score_batch(graphdef, params, inputs))
+    out = np.zeros((n, k), np.float32)
+    if scored:
+        example_ids = np.concatenate(ids)
+        real = example_ids >= 0
+        out[example_ids[real]] = sharding.to_host(jnp.concatenate(scored) if len(scored) > 1 else scored[0])[real]
     return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)

@@ -273,6 +273,18 @@ def put_replicated(x: np.ndarray, sharding: NamedSharding | None) -> Any:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways `batch_sharding(mesh)` splits the rows (data x fsdp)."""
+    return _axis_size(mesh, BATCH_AXES)
+
+
+def put_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host value that every process holds, as a global array split by `sharding` (e.g. by rows): each
+    process keeps only the part its devices hold."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a (possibly multi-process) array on every process."""
     if getattr(x, "is_fully_addressable", True):

@@ -15,8 +15,9 @@ Kernels are (in, out), i.e. the transpose of torch's Linear.weight. `__call__` r
 final norm) in the compute dtype; `logits` maps them to float32 logits.
 
 Cached decoding (`init_cache`, `decode`, `layer_params`; used by `pl_dpo.sampler`): prefill scans the layers like the
-training forward; single-token steps loop over layers in Python with one [B, K, S, H] cache buffer per layer and
-per-layer weights split off once per generation, so a step copies no cache or weight slices.
+training forward (or loops over `layer_params` when given); single-token steps loop over layers in Python with one
+[B, K, S, H] cache buffer per layer and per-layer weights (the sampler's `decode_weights` makes them once, outside its
+jitted program, so no step and no program holds a second stacked copy), so a step copies no cache or weight slices.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class Decoder(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Runs T new tokens written to cache slots [write_index, write_index + T); they attend to every earlier valid
         slot. Prefill is T = prompt length at write_index 0 (the int); a decode step is T = 1. Returns
-        (hidden_BxTxD, cache). `layer_params`: from `layer_params()`, reused across steps (else sliced here)."""
+        (hidden_BxTxD, cache). `layer_params`: one state per layer (`layer_params()`, or the sampler's decode weights),
+        reused across steps (else sliced here); prefill uses them too when given."""
         cfg = self.config
         t = tokens_BxT.shape[1]
         x = self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype))
@@ -181,6 +183,15 @@ class Decoder(nnx.Module):
             # Prefill into an empty cache: attend only to the T new keys (not all S slots), with the layers scanned
             # (compile time independent of depth); the per-layer keys/values come out as scan outputs.
             mask = _attention_mask(valid_BxS[:, :t], jnp.arange(t), cfg.sliding_window)
+            if layer_params is not None:
+                # Per-layer weights given (the sampler's decode layout holds no stacked copy): a Python loop.
+                ks, vs = list(cache.k), list(cache.v)
+                for i, layer_state in enumerate(layer_params):
+                    block = nnx.merge(graphdef, layer_state)
+                    q, k, v = block.qkv(x, cos, sin)
+                    ks[i], vs[i] = write(ks[i], k), write(vs[i], v)
+                    x = block.finish(x, q, k, v, mask)
+                return self.final_norm(x), KVCache(tuple(ks), tuple(vs), valid_BxS)
 
             def body(x_BxTxD, layer_state):
                 block = nnx.merge(graphdef, layer_state)
