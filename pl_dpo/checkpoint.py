@@ -7,7 +7,8 @@ Where they live in a workdir (docs/ARCHITECTURE.md, "Workdir layout"):
                               <phase> is `sft`, `assistant_<i>` or `<mode>/round_<t>`
 
 Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-<ts>/` and renames it
-on commit (local/NFS), or writes `commit_success.txt` (GCS). On top of that a step is
+on commit (local/NFS), or writes `commit_success.txt` (GCS, through TensorStore). Before each save
+a bucket workdir's metric log is uploaded (`bucket.before_commit`). On top of that a step is
 taken as committed only if its `_CHECKPOINT_METADATA` carries a commit timestamp and
 every item directory exists; anything else found at start-up is renamed aside to
 `<step>.incomplete-<ts>` (never deleted) so that it can neither be restored nor block
@@ -33,6 +34,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from pl_dpo import bucket
 from pl_dpo.preemption import Preemption
 from pl_dpo.sharding import path_to_str
 from pl_dpo.workdir import step_committed
@@ -115,6 +117,7 @@ class RoundCheckpoints:
             params=ocp.args.StandardSave(_to_saveable(params_state)),
             metadata=ocp.args.JsonSave(dict(metadata)),
         )
+        bucket.before_commit()
         self._mngr.save(round_idx, args=args, force=True)
         self._mngr.wait_until_finished()
 
@@ -221,6 +224,7 @@ class TrainCheckpoints:
         if step == self._mngr.latest_step():  # already saved this exact state
             saved = False
         else:
+            bucket.before_commit()
             args = ocp.args.Composite(
                 params=ocp.args.StandardSave(_to_saveable(params)),
                 opt_state=ocp.args.StandardSave(_to_saveable(opt_state)),

@@ -21,9 +21,12 @@ import sys
 from typing import NoReturn
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Run folder: checkpoints, ranked sets, metrics.jsonl, TensorBoard.")
+flags.DEFINE_string(
+    "workdir", None, "Run folder (local, or gs://bucket/path): checkpoints, ranked sets, metrics.jsonl, TensorBoard."
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU / GPU).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (only where the cluster is not detected).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> None:
     from pl_dpo.data import DataError
     from pl_dpo.models.hf_io import TensorFileError
     from pl_dpo.preemption import Preempted
-    from pl_dpo.workdir import WorkdirLock, WorkdirLocked
+    from pl_dpo.workdir import WorkdirLock, WorkdirLocked, compilation_cache_dir
 
     # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
     user_errors = (config_lib.ConfigError, config_lib.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)
@@ -66,11 +69,11 @@ def main(argv: list[str]) -> None:
     workdir_problem = workdir_error(FLAGS.workdir)
     if workdir_problem:
         user_error(f"--workdir={FLAGS.workdir}: {workdir_problem}")
-    os.makedirs(FLAGS.workdir, exist_ok=True)
+    epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
     # Every round builds the same step and sampler programs again: a compilation cache in the
     # workdir turns those recompiles (and a resumed run's) into cache reads.
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(FLAGS.workdir))
     # One run per workdir, held by process 0 (the others share its workdir).
     lock = WorkdirLock(FLAGS.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
@@ -84,21 +87,27 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in table)]
         text = evaluate.format_table(table, columns)
-        with open(os.path.join(FLAGS.workdir, "results.md"), "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        epath.Path(FLAGS.workdir, "results.md").write_text(text + "\n", encoding="utf-8")
         print("\nHeld-out evaluation (" + FLAGS.workdir + "/results.md):\n" + text)
         if plots.plot_rounds(table, os.path.join(FLAGS.workdir, "results.png")):
             print(f"Plot: {FLAGS.workdir}/results.png")
 
 
 def workdir_error(path: str) -> str | None:
-    """Why `path` cannot be a workdir, or None. Every file of a run is read and written with POSIX
-    file I/O (Orbax alone speaks gs://), so a URL would become a local folder named `gs:`."""
-    if "://" in path:
-        return (
-            "URL workdirs are not supported; use a POSIX path that every host sees "
-            "(on a TPU pod, a bucket mounted with gcsfuse)"
-        )
+    """Why `path` cannot be a workdir, or None. Every file of a run goes through etils.epath, which
+    speaks gs:// (pl_dpo.bucket); any other URL would become a local folder named after its scheme."""
+    from pl_dpo import bucket
+
+    scheme = bucket.unsupported_scheme(path)
+    if scheme:
+        return f"{scheme}:// workdirs are not supported; use a local folder or a gs://bucket/path"
+    if bucket.is_bucket(path):
+        if not path[len(bucket.SCHEME) :].split("/", 1)[0]:
+            return "names no bucket (gs://bucket/path)"
+        problem = bucket.bucket_error(path)
+        if problem is None and epath.Path(path).is_file():
+            return "is an object, not a folder"
+        return problem
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a folder"
     return None

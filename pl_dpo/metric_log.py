@@ -3,18 +3,61 @@
 Only process 0 writes. Each record carries the phase (e.g. "sft", "spin/round_1")
 and the step; vector metrics (per rank position) are written to TensorBoard as one
 scalar per position (`scores_K/0`, `scores_K/1`, ...).
+
+In a bucket workdir (gs://), where an object cannot be appended to, metrics.jsonl is held in memory
+and the TensorBoard event files are written to a local temporary folder; both are uploaded whole
+before every commit (`bucket.before_commit`: a checkpoint save, a stage's output), at least every
+`SYNC_SECONDS` and at the end. A run killed in between loses only records of work that was not
+committed, which the resumed run logs again. (tensorboardX's own gs:// writer is not used: it
+uploads the whole file at every flush and once more from `__del__` after `close`, at interpreter
+exit, where it retries for minutes if the bucket is out of reach.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
 import jax
+from etils import epath
 
+from pl_dpo import bucket
 from pl_dpo.workdir import atomic_write_text
+
+SYNC_SECONDS = 60.0  # a bucket workdir's metric log is uploaded at least this often while it is written
+
+
+class _ObjectText:
+    """metrics.jsonl of a bucket workdir: the lines in memory (an object cannot be appended to), the
+    object rewritten whole by `sync`. The file interface MetricLog uses: name, write, flush, close."""
+
+    def __init__(self, path: str):
+        self.name = path
+        p = epath.Path(path)
+        self.lines = p.read_text(encoding="utf-8").splitlines(keepends=True) if p.exists() else []
+        self._synced = len(self.lines)
+        self._changed = False
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        pass  # MetricLog.sync uploads
+
+    def replace(self, lines: list[str]) -> None:
+        self.lines, self._changed = lines, True
+
+    def sync(self) -> None:
+        if self._changed or len(self.lines) != self._synced:
+            atomic_write_text(self.name, "".join(self.lines))
+            self._synced, self._changed = len(self.lines), False
+
+    def close(self) -> None:
+        self.sync()
 
 
 class MetricLog:
@@ -22,12 +65,23 @@ class MetricLog:
         self._active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
+        self._unregister = None
+        self._bucket = bucket.is_bucket(workdir)
         if self._active:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path, tb_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard")
+            if self._bucket:
+                self._jsonl = _ObjectText(path)
+                self._tb_remote = tb_dir
+                self._tb_local = tb_dir = tempfile.mkdtemp(prefix="pl_dpo_tensorboard_")
+                self._tb_uploaded: dict[str, int] = {}  # event file -> bytes uploaded
+                self._last_sync = time.monotonic()
+                self._unregister = bucket.on_commit(self.sync)
+            else:
+                os.makedirs(workdir, exist_ok=True)
+                self._jsonl = open(path, "a", encoding="utf-8")
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(tb_dir)
 
     def write(self, phase: str, step: int, metrics: dict[str, Any], global_step: int | None = None) -> None:
         if not self._active:
@@ -43,6 +97,8 @@ class MetricLog:
                         self._tb.add_scalar(f"{phase}/{key}/{i}", v, gstep)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{phase}/{key}", value, gstep)
+        if self._bucket and time.monotonic() - self._last_sync > SYNC_SECONDS:
+            self.sync()
 
     def drop(self, from_steps: dict[str, int]) -> None:
         """Removes the JSONL records of each phase with step >= its `from_steps[phase]`, in one
@@ -50,10 +106,6 @@ class MetricLog:
         per step. (TensorBoard keeps both: it can only purge by step across every tag of a run.)"""
         if not self._active:
             return
-        path = self._jsonl.name
-        self._jsonl.close()
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
 
         def keep(line: str) -> bool:
             try:
@@ -63,10 +115,38 @@ class MetricLog:
             phase = record.get("phase")
             return phase not in from_steps or record.get("step", -1) < from_steps[phase]
 
+        if self._bucket:
+            self._jsonl.replace([line for line in self._jsonl.lines if keep(line)])
+            return
+        path = self._jsonl.name
+        self._jsonl.close()
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
         atomic_write_text(path, "".join(line for line in lines if keep(line)))
         self._jsonl = open(path, "a", encoding="utf-8")
 
+    def sync(self) -> None:
+        """A bucket workdir's records and events uploaded now (called before every commit)."""
+        if not (self._active and self._bucket):
+            return
+        self._jsonl.sync()
+        self._tb.flush()
+        self._upload_events()
+        self._last_sync = time.monotonic()
+
+    def _upload_events(self) -> None:
+        for name in sorted(os.listdir(self._tb_local)):
+            size = os.path.getsize(os.path.join(self._tb_local, name))
+            if self._tb_uploaded.get(name) != size:
+                bucket.upload_file(os.path.join(self._tb_local, name), f"{self._tb_remote}/{name}")
+                self._tb_uploaded[name] = size
+
     def close(self) -> None:
         if self._active:
-            self._jsonl.close()
+            if self._unregister is not None:
+                self._unregister()
             self._tb.close()
+            self._jsonl.close()
+            if self._bucket:
+                self._upload_events()
+                shutil.rmtree(self._tb_local, ignore_errors=True)

@@ -5,7 +5,10 @@ Every arm starts from the SFT policy, so each line begins at the SFT row (round 
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+from etils import epath
 
 METRICS = (("exact_match", "held-out exact match"), ("answer_logp", "answer log-likelihood (nats)"))
 
@@ -24,7 +27,7 @@ def arm_curves(table: list[dict[str, Any]], metric: str) -> dict[str, tuple[list
 
 
 def plot_rounds(table: list[dict[str, Any]], path: str) -> bool:
-    """Writes a PNG with one panel per metric the table has; False if there is nothing to draw."""
+    """Writes a PNG with one panel per metric the table has (to a local or gs:// path); False if nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +46,8 @@ def plot_rounds(table: list[dict[str, Any]], path: str) -> bool:
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    epath.Path(path).write_bytes(png.getvalue())
     return True

@@ -22,6 +22,8 @@ Workdir layout (the paths are functions of pl_dpo.workdir):
     metrics.jsonl, tensorboard/  every step and every evaluation
     results.md, results.png      the evaluation table and its plot (pl_dpo.main)
     jax_cache/                   compiled programs, reused by later rounds and resumed runs
+
+The workdir may be a gs:// bucket path: every file goes through etils.epath (pl_dpo.bucket).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from pl_dpo import config_lib, evaluate, generation, modes, phase, scoring, sharding, stages, train
+from pl_dpo import bucket, config_lib, evaluate, generation, modes, phase, scoring, sharding, stages, train
 from pl_dpo import workdir as wd
 from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
 from pl_dpo.metric_log import MetricLog
@@ -59,8 +61,8 @@ class SelfPlay:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         config_lib.validate(config)
-        # Orbax wants absolute paths.
-        self.config, self.workdir = config, os.path.abspath(workdir)
+        # Orbax wants absolute paths (or gs:// URLs).
+        self.config, self.workdir = config, wd.absolute(workdir)
         devices = jax.devices()[: config.mesh.get("num_devices", 0) or None]
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
         self.rules = sharding.DEFAULT_DECODER_RULES
@@ -154,7 +156,7 @@ class SelfPlay:
         with other evaluation settings (config.eval) evaluates again instead of mixing."""
         path = wd.eval_path(self.workdir, lineage, index)
         settings = {"eval": config_lib.plain(self.config.eval), "max_new_tokens": self.config.sampling.max_new_tokens}
-        cached = stages.read_json(path) if os.path.exists(path) else None
+        cached = stages.read_json(path) if stages.exists(path) else None
 
         def run_eval() -> dict[str, Any]:
             metrics, responses, correct = evaluate.evaluate_policy(
@@ -243,7 +245,7 @@ class SelfPlay:
             return self.samples(model, f"{lineage}/samples", f"{lineage} samples")
 
         return stages.load_or_make(
-            os.path.exists(path),
+            stages.exists(path),
             lambda: stages.unpack_responses(load_ranked_set(path)),
             generate,
             lambda out: stages.save_npz(path, stages.pack_responses(out, self.pad_id)),
@@ -258,7 +260,7 @@ class SelfPlay:
             return self.samples(sft, "sft/samples", "sft samples")
 
         return stages.load_or_make(
-            os.path.exists(path),
+            stages.exists(path),
             lambda: stages.unpack_responses(load_ranked_set(path)),
             generate,
             lambda out: stages.save_npz(path, stages.pack_responses(out, self.pad_id)),
@@ -312,7 +314,7 @@ class SelfPlay:
             return arrays
 
         return stages.load_or_make(
-            os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: stages.save_npz(path, a)
+            stages.exists(path), lambda: load_ranked_set(path), build, lambda a: stages.save_npz(path, a)
         )
 
     def training_set(self, mode: modes.Mode, t: int, start: Decoder, K: int) -> dict[str, np.ndarray]:
@@ -339,7 +341,7 @@ class SelfPlay:
             return concat_ranked_sets([*sets, own])
 
         return stages.load_or_make(
-            os.path.exists(path), lambda: load_ranked_set(path), build, lambda a: stages.save_npz(path, a)
+            stages.exists(path), lambda: load_ranked_set(path), build, lambda a: stages.save_npz(path, a)
         )
 
     # --------------------------------------------------------------------------- the loop
@@ -422,9 +424,10 @@ class SelfPlay:
     def _export(self, mode: modes.Mode, index: int, policy: Decoder) -> None:
         """πθ(index) as a Hugging Face folder `<mode>/hf_export/round_<index>` (lm-eval, vLLM)."""
         out = wd.export_dir(self.workdir, mode.name, index)
-        if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "config.json")):
-            save_pretrained(policy, out)
-            self.tokenizer.save_pretrained(out)
+        if jax.process_index() == 0 and not stages.exists(os.path.join(out, "config.json")):
+            with bucket.staged_folder(out, marker="config.json") as folder:  # a local folder, uploaded to a bucket
+                save_pretrained(policy, folder)
+                self.tokenizer.save_pretrained(folder)
 
     def run(self) -> list[dict[str, Any]]:
         """Every arm of the config, round after round; returns the evaluation table."""

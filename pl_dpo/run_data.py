@@ -1,6 +1,6 @@
 """A run's inputs, prepared once: tokenizer, training prompts with their ranked responses, held-out split.
 
-`prepare_data` loads both splits (TFDS builders under `<workdir>/tfds`), tokenises them
+`prepare_data` loads both splits (TFDS builders under `workdir.tfds_dir`), tokenises them
 once (truncating and counting by the configured budget) and lays out the fixed-shape
 arrays every round shares; the round loop reads the frozen `RunData` it returns.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from pl_dpo import config_lib, evaluate, sharding
+from pl_dpo import bucket, config_lib, evaluate, sharding
+from pl_dpo import workdir as wd
 from pl_dpo.data import Example, TokenizeConfig, assemble_ranked, load_split
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.metric_log import MetricLog
@@ -45,11 +46,13 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     path = config.tokenizer.get("path") or config.model.get("hf_path")
     if path:
         return load_tokenizer(path)
-    path = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")) and jax.process_index() == 0:
-        build_tiny_tokenizer(path, vocab_size=config.tokenizer.vocab_size)
+    path = wd.tokenizer_dir(workdir)
+    if not epath.Path(path, "tokenizer.json").exists() and jax.process_index() == 0:
+        with bucket.staged_folder(path, marker="tokenizer.json") as folder:  # a bucket: built here, uploaded
+            build_tiny_tokenizer(folder, vocab_size=config.tokenizer.vocab_size)
     sharding.sync_processes("tokenizer")  # the others read what process 0 wrote
-    return load_tokenizer(path)
+    with bucket.local_folder(path) as folder:
+        return load_tokenizer(folder)
 
 
 def ranked_arrays(
@@ -73,7 +76,7 @@ def _load(config: ml_collections.ConfigDict, workdir: str, split: str, limit: in
     examples = load_split(
         data.source,
         split,
-        data_dir=os.path.join(workdir, "tfds"),
+        data_dir=wd.tfds_dir(workdir),
         files=files,
         skip_bad_rows=data.get("skip_bad_rows", False),
         **dict(data.get("options", {}) or {}),

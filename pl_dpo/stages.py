@@ -1,7 +1,8 @@
 """A run's stages on disk: an output is loaded when an earlier run committed it, else made and saved.
 
-Every write is atomic (a temporary file, then a rename) and made by process 0 only, so a
-killed run never leaves a half-written output that a resumed run would take as committed.
+Every write is atomic (a temporary file, then a rename; in a bucket, one object upload) and made
+by process 0 only, so a killed run never leaves a half-written output that a resumed run would
+take as committed. Before it, a bucket workdir's metric log is uploaded (`bucket.before_commit`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any, TypeVar
 
 import jax
 import numpy as np
+from etils import epath
 
+from pl_dpo import bucket
 from pl_dpo.data import save_ranked_set
 from pl_dpo.workdir import atomic_write_text
 
@@ -31,16 +34,22 @@ def load_or_make(saved: bool, load: Callable[[], T], make: Callable[[], T], save
 
 def write_json(path: str, obj: Any) -> None:
     if jax.process_index() == 0:
+        bucket.before_commit()
         atomic_write_text(path, json.dumps(obj))
 
 
 def read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(epath.Path(path).read_text(encoding="utf-8"))
+
+
+def exists(path: str) -> bool:
+    """Whether a stage's output file is committed (a local file, or a bucket object)."""
+    return epath.Path(path).exists()
 
 
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     if jax.process_index() == 0:
+        bucket.before_commit()
         save_ranked_set(path, arrays)
 
 

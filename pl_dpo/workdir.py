@@ -3,7 +3,8 @@
 
 `WorkdirLock` is held by process 0 for the whole run: a second run on the same workdir is
 refused at once, naming the run that holds it, instead of both training SFT and one dying
-later. A lock left by a killed run (its process is gone) is taken over with a warning.
+later. A lock left by a killed run (its process is gone) is taken over with a warning. A bucket
+workdir (gs://, `pl_dpo.bucket`) has its own lock object with a heartbeat (`bucket.BucketLock`).
 
 `input_fingerprints` names every file a run reads besides its config (data files, model and
 tokenizer folders), so that a resumed run can refuse data edited in place.
@@ -11,6 +12,8 @@ tokenizer folders), so that a resumed run can refuse data edited in place.
 The layout (paths of every stage's output), the "is this committed" check, and one table of
 the config fields each stage depends on live here: the workdir check of a resumed run
 (config_lib.WORKDIR_KEYS) and the sweep's stage sharing (experiments/sweep.py) derive from it.
+Paths are strings that etils.epath reads and writes: a local path, or a gs:// URL whose files go
+to a bucket (`pl_dpo.bucket` says what differs there).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 from collections.abc import Sequence
 
 from etils import epath
+
+from pl_dpo import bucket
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,30 @@ def identity_fields() -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- layout
+
+
+def absolute(workdir: str | os.PathLike) -> str:
+    """The workdir as every process names it: an absolute local path (Orbax wants one), or the gs:// URL."""
+    workdir = os.fspath(workdir)
+    return workdir.rstrip("/") if bucket.is_bucket(workdir) else os.path.abspath(workdir)
+
+
+def tokenizer_dir(workdir: str) -> str:
+    """The tiny tokenizer built once when none is configured; `tokenizer.json` commits it."""
+    return os.path.join(workdir, "tokenizer")
+
+
+def tfds_dir(workdir: str) -> str:
+    """The TFDS builds of the data sources: in the workdir, or for a bucket workdir in this host's
+    local cache (array_record files are local files; a build's name hashes all its inputs)."""
+    return (
+        os.path.join(bucket.local_cache_dir(), "tfds") if bucket.is_bucket(workdir) else os.path.join(workdir, "tfds")
+    )
+
+
+def compilation_cache_dir(workdir: str) -> str:
+    """`<workdir>/jax_cache` (JAX reads and writes a gs:// cache too: a resumed run on a new VM finds it)."""
+    return os.path.join(absolute(workdir), "jax_cache")
 
 
 def lineage_dir(workdir: str, lineage: str) -> str:
@@ -119,8 +148,12 @@ def export_dir(workdir: str, mode: str, index: int) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `path` under a temporary name, then renames it: a reader sees the old file or the
-    new one, never a half-written one (a killed run leaves nothing a resumed run would trust)."""
+    new one, never a half-written one (a killed run leaves nothing a resumed run would trust).
+    In a bucket an object write is atomic by itself: one upload of the whole text."""
     path = epath.Path(path)
+    if bucket.is_bucket(path):
+        path.write_text(text)
+        return
     tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(path)  # overwrites, as os.replace does
@@ -197,20 +230,20 @@ class WorkdirLocked(RuntimeError):
     """Another run holds the workdir."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class WorkdirLock:
     def __init__(self, workdir: str | os.PathLike):
         self.path = os.path.join(os.fspath(workdir), LOCK_NAME)
         self._held = False
+        self._bucket = bucket.BucketLock(os.fspath(workdir), LOCK_NAME) if bucket.is_bucket(workdir) else None
+
+    def _locked(self, holder: dict | None) -> WorkdirLocked:
+        if holder is None:
+            return WorkdirLocked(f"could not take {self.path}: another run is starting on the same workdir")
+        return WorkdirLocked(
+            f"workdir {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
+            f"{holder.get('host')} since {holder.get('since')}; wait for that run to end, or delete "
+            f"{self.path} if it is gone"
+        )
 
     def _holder(self) -> dict | None:
         try:
@@ -222,6 +255,9 @@ class WorkdirLock:
             return {}  # written by a process killed mid-write: nobody can hold it
 
     def acquire(self) -> None:
+        if self._bucket is not None:
+            self._bucket.acquire(self._locked)
+            return
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
@@ -232,12 +268,8 @@ class WorkdirLock:
                 holder = self._holder()
                 if holder is None:
                     continue  # released in between: try again
-                if holder and (holder.get("host") != me["host"] or _alive(int(holder.get("pid", -1)))):
-                    raise WorkdirLocked(
-                        f"workdir {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
-                        f"{holder.get('host')} since {holder.get('since')}; wait for that run to end, or delete "
-                        f"{self.path} if it is gone"
-                    ) from None
+                if holder and (holder.get("host") != me["host"] or bucket.pid_alive(int(holder.get("pid", -1)))):
+                    raise self._locked(holder) from None
                 log.warning("taking over the lock of a run that is gone: %s (%s)", self.path, holder)
                 os.remove(self.path)
                 continue
@@ -245,9 +277,12 @@ class WorkdirLock:
                 json.dump(me, f)
             self._held = True
             return
-        raise WorkdirLocked(f"could not take {self.path}: another run is starting on the same workdir")
+        raise self._locked(None)
 
     def release(self) -> None:
+        if self._bucket is not None:
+            self._bucket.release()
+            return
         if self._held:
             self._held = False
             holder = self._holder()

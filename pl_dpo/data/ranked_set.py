@@ -4,14 +4,19 @@
 renames it over the target, so a reader sees either the old complete file or
 the new complete one, never half of one. Loading uses allow_pickle=False: the
 file can hold plain numeric / bool arrays only.
+
+A URL path (a gs:// bucket workdir) is one object: written to a local temporary file, then
+uploaded whole (the object appears only once the upload is complete), read back whole.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 
 import numpy as np
+from etils import epath
 
 
 def save_ranked_set(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
@@ -25,6 +30,14 @@ def save_ranked_set(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
         a = np.asarray(a)
         if a.dtype.kind not in "biuf":
             raise ValueError(f"save_ranked_set: {key} has dtype {a.dtype}; only bool/int/float arrays are stored")
+    if "://" in path:
+        import fsspec
+
+        with tempfile.TemporaryDirectory(prefix="pl_dpo_npz_") as tmp:
+            local = os.path.join(tmp, "set.npz")
+            np.savez(local, **{k: np.asarray(v) for k, v in arrays.items()})
+            fsspec.core.url_to_fs(path)[0].put_file(local, path)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
@@ -61,6 +74,11 @@ def concat_ranked_sets(sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarra
 def load_ranked_set(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a file written by `save_ranked_set` into memory (no pickle)."""
     path = os.fspath(path)
+    if "://" in path:
+        if not epath.Path(path).is_file():
+            raise FileNotFoundError(f"ranked set not found: {path!r}")
+        with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ranked set not found: {path!r}")
     with np.load(path, allow_pickle=False) as z:
