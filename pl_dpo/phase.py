@@ -53,6 +53,9 @@ class PhaseSpec:
     # (higher is better); after `patience` readings in a row without a new best the phase stops.
     eval_every: int = 0
     patience: int = 1
+    # What the progress bar says; None: `name`. Rounds count from 1 on screen, as in the results table
+    # ("spin round 1" trains πθ(0) into πθ(1)), and from 0 in files and metric names ("spin/round_0").
+    label: str | None = None
 
 
 def epochs_for_steps(steps: int, num_examples: int, batch_size: int) -> int:
@@ -191,7 +194,7 @@ def train_phase(
         with tqdm(
             total=num_steps,
             initial=start_step,
-            desc=spec.name,
+            desc=spec.label or spec.name,
             unit="step",
             leave=False,
             disable=jax.process_index() != 0,

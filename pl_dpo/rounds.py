@@ -292,7 +292,8 @@ class SelfPlay:
         def policy_samples(i: int) -> list[TokenIds]:
             # Sample 0 keeps the label self-play has always used; further draws get their own.
             label = f"{mode.name}/round_{t}/samples" + (f"_{i}" if i else "")
-            return self.samples(policy, label, f"{mode.name} round {t} samples" + (f" {i}" if i else ""))
+            # On screen rounds count from 1, as in the results table (files and metrics: round_<t>, from 0).
+            return self.samples(policy, label, f"{mode.name} round {t + 1} samples" + (f" {i}" if i else ""))
 
         def build() -> dict[str, np.ndarray]:
             ranked = mode.build_lists(self._list_sources(mode, t, functools.cache(policy_samples)), K)
@@ -392,6 +393,7 @@ class SelfPlay:
             seed=c.seed + 7919 * (t + 1),
             optim=optim,
             max_steps=c.rounds.get("max_steps") or None,
+            label=f"{mode.name} round {t + 1}",
         )
         with self.timed(spec.name, "training"):
             return train_phase(
