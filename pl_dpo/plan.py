@@ -381,9 +381,13 @@ def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[f
     causal attention; weights gathered over "fsdp" three times in compute precision (forward, remat
     forward, backward) and gradients reduce-scattered in float32; HBM: the sharded state read and written
     once (params, gradients, optimizer moments) and the gathered weights read once per pass. Score: the
-    forward only. Sample: per new token, each chip reads its share of the weights and the KV cache; with
-    the weights sharded over all chips and the batch replicated, two all-reduces of [B, D] per layer.
+    forward only. Sample: per new token, in the sampler's layout (tensor parallelism over the fewest chips
+    that hold the weights, rows split over the rest), each chip reads its share of the weights and its rows'
+    KV cache, and its group all-reduces [rows, D] twice per layer. Collective latency is not modelled (it is
+    what makes wide tensor parallelism slow in decoding, and why the sampler keeps its groups small).
     Ignores overlap limits, padding and kernel efficiency: the real step is slower, never faster."""
+    from pl_dpo import sampler
+
     cfg, chips = p.model, s.num_chips
     n = cfg.num_params()
     cdt = 2 if cfg.compute_dtype == "bfloat16" else 4
@@ -410,10 +414,18 @@ def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[f
         ici = passes * n * cdt * gather + (n * 4 * gather if p.kind == "train" else 0)
         per = "step"
     else:
-        kv_bytes = 2 * cfg.num_layers * p.batch * (p.prompt_len + p.new_tokens) * cfg.num_kv_heads * cfg.head_dim * cdt
+        # The sampler's own layout (sampler.decode_tp_split): weights tensor-parallel over `group` chips, the
+        # rows split over the chips / group groups; per step each chip reads its weight share and its rows' cache,
+        # and each layer all-reduces its group's [rows, D] activations twice.
+        max_len = p.prompt_len + p.new_tokens
+        tensor = mesh_axes[2] if mesh_axes[2] > 0 else 1
+        tp = sampler.decode_tp_split(cfg, (chips // (fsdp * tensor), fsdp, tensor), p.batch, max_len, s.chip.hbm_bytes)
+        group = tp * tensor
+        kv_bytes = 2 * cfg.num_layers * p.batch * max_len * cfg.num_kv_heads * cfg.head_dim * cdt
         flops = 2 * n * p.batch + 2 * attn_per_token * p.batch * (p.prompt_len + p.new_tokens / 2)
-        hbm = (n * cdt + kv_bytes) / chips
-        ici = 2 * cfg.num_layers * 2 * p.batch * cfg.hidden_size * cdt * (chips - 1) / chips
+        hbm = n * cdt / group + kv_bytes / chips
+        rows_per_group = p.batch / max(chips // group, 1)
+        ici = 2 * cfg.num_layers * 2 * rows_per_group * cfg.hidden_size * cdt * (group - 1) / group
         per = "token"
     times = {
         "compute": flops / (chips * s.chip.peak_flops),
