@@ -450,7 +450,7 @@ def model_section_config(section, vocab_size: int, notes: list[str], where: str)
         return config_lib.model_config(section, vocab_size)
     preset = section.get("preset") or "tiny-llama"
     overrides = dict(section.get("overrides", {}) or {})
-    if preset.startswith("tiny") or preset in ("small",):
+    if preset.startswith("tiny"):  # sized by the run's own tokenizer, built at run time: planned at vocab_size
         overrides.setdefault("vocab_size", vocab_size)
     if path:
         notes.append(f"{where}: model folder {path!r} not found here; planning with the shape preset {preset!r}")
@@ -754,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except config_lib.ConfigError as e:
             if "hf_path" not in str(e):  # a model folder the run needs: the plan takes the section's preset
                 raise
+        import jax
+
+        # Programs compiled for abstract TPU chips cannot be read back from a persistent cache on this host.
+        jax.config.update("jax_enable_compilation_cache", False)
         say = None if fv.json else (lambda m: print(m, file=sys.stderr, flush=True))
         result = plan(fv.config, fv.topology, advise=fv.advise, progress=say, only=tuple(fv.only))
     except (PlanError, ValueError, flags.Error) as e:  # config_lib.ConfigError is a ValueError
