@@ -75,7 +75,7 @@ def model(
 ) -> ml_collections.ConfigDict:
     """A model section: a named preset with overrides, or a local Hugging Face folder (hf_path).
 
-    remat: "none" | "full" | "dots"; attention_impl: "einsum" | "xla" | "cudnn" (GPU) | "splash" (TPU)."""
+    remat: "none" | "full" | "dots" | "offload_dots"; attention_impl: "einsum" | "xla" | "cudnn" (GPU) | "splash" (TPU)."""
     return ml_collections.ConfigDict(
         dict(
             preset=preset,

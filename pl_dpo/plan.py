@@ -173,6 +173,7 @@ class Row:
     # The compiler's memory-usage report (arguments included): what its out-of-memory check compares with
     # the chip's HBM. Lower than memory_analysis()'s total by 1-5 GiB at 7B: it counts buffers shared in time once.
     compiler_total_bytes: float = 0.0
+    host_bytes: float = 0.0  # host memory the program keeps (remat="offload_dots": the offloaded residuals)
     hbm_bytes: float = 0.0
     compiler_message: str = ""  # the compiler's own figures when it refused the program
     bound_s: float = 0.0  # analytic lower bound per step (train / score) or per new token (sample)
@@ -338,6 +339,7 @@ def compile_row(p: Program, s: Slice, devices, mesh_axes: tuple[int, int, int], 
             return row
     m = compiled.memory_analysis()
     row.argument_bytes = float(m.argument_size_in_bytes)
+    row.host_bytes = float(getattr(m, "host_temp_size_in_bytes", 0) + getattr(m, "host_argument_size_in_bytes", 0))
     row.temp_bytes = float(m.temp_size_in_bytes)
     row.total_bytes = float(
         m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -696,7 +698,7 @@ def format_plan(result: Plan) -> str:
                 gib(r.argument_bytes, measured),
                 gib(r.temp_bytes, measured),
                 gib(r.total_bytes, measured),
-                gib(r.compiler_total_bytes, measured),
+                gib(r.compiler_total_bytes, measured) + (f" +{r.host_bytes / GiB:.2f} host" if r.host_bytes else ""),
                 f"{r.compiler_total_bytes / r.hbm_bytes:.0%}" if measured else "-",
                 "yes" if r.fits else "NO",
                 f"{r.bound_s * 1e3:.2f} {unit} ({r.bound_by})",

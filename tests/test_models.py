@@ -96,10 +96,11 @@ def test_bf16_compute_close_to_f32_and_remat_and_xla_attention_equal():
         return jnp.sum(m.logits(_forward(m, tokens, valid)) ** 2)
 
     g_ref = jax.tree.leaves(nnx.grad(loss)(ref))
-    m = create_model(cfg.replace(remat="dots"), seed=0)
-    nnx.update(m, state)
-    for a, b in zip(g_ref, jax.tree.leaves(nnx.grad(loss)(m))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for remat in ("dots", "offload_dots"):
+        m = create_model(cfg.replace(remat=remat), seed=0)
+        nnx.update(m, state)
+        for a, b in zip(g_ref, jax.tree.leaves(jax.jit(nnx.grad(loss))(m))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=remat)
 
 
 def test_param_paths_and_preset_sizes():

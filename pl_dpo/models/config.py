@@ -15,7 +15,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = ("float32", "bfloat16", "float16")
-_REMAT = ("none", "full", "dots")
+_REMAT = ("none", "full", "dots", "offload_dots")
 _ATTN_IMPLS = ("einsum", "xla", "cudnn", "splash")
 
 
@@ -44,7 +44,9 @@ class DecoderConfig:
     sliding_window: int | None = None  # mistral only; keys with q - k >= window are masked
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"  # "none" | "full" | "dots" (save only matmul outputs without batch dims)
+    # "none" | "full" | "dots" (save only matmul outputs without batch dims) | "offload_dots" (the same
+    # outputs, kept in host memory between the forward and the backward pass: TPU pinned host memory)
+    remat: str = "none"
     # "einsum" | "xla" | "cudnn" (jax.nn.dot_product_attention) | "splash" (Pallas TPU kernel, models/splash.py)
     attention_impl: str = "einsum"
 

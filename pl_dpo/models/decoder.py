@@ -78,7 +78,13 @@ def _packed_attention_mask(segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
     return mask | (slot_T[None, :] == slot_T[:, None])[None]
 
 
-_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The "dots" residuals moved to host memory after the forward and back for the backward pass: HBM of "full",
+    # fewer FLOPs, paid in host transfers (BENCHMARKS.md, the planner's levers).
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
 
 
 class Decoder(nnx.Module):
