@@ -1,18 +1,19 @@
 """SPIN as in the paper (Chen et al. 2024): zephyr-7b-sft-full, UltraChat 50k, 3 rounds, on a TPU VM.
 
-    python -m pl_dpo.main --config=configs/spin.py --workdir=/mnt/shared/spin \
+    python -m pl_dpo.plan --config=configs/spin.py --topology=v5e-16        # first: does it fit?
+    python -m pl_dpo.main --config=configs/spin.py --workdir=gs://my-bucket/spin \
         --config.model.hf_path=/data/zephyr-7b-sft-full \
         --config.data.files.train=/data/ultrachat_200k/train_sft.parquet \
         --config.data.files.test=/data/ultrachat_200k/test_sft.parquet
 
-Everything is read from local folders (download them beforehand: nothing downloads at
-run time). The workdir is a POSIX path that every host sees (a local disk on one host, or a
-bucket mounted with gcsfuse on a pod): only the Orbax checkpoints speak `gs://` directly,
-the ranked sets, metrics and exports are written with plain file I/O. The tokenizer and its chat template come from the model folder. Settings
+Data and the model folder are read from local folders on every host (download them
+beforehand: nothing downloads at run time); the workdir may be a bucket (gs://) or a folder
+every host sees. The tokenizer and its chat template come from the model folder. Settings
 follow the paper and its reference code: T (beta) = 0.1, RMSprop, learning rate 5e-7 in
 rounds 0-1 and 1e-7 in round 2 with linear decay and 10% warmup, 2 epochs a round,
 global batch 64, prompts of at most 512 tokens, sequences of at most 1024, 256 new
-tokens sampled per prompt, bf16 compute with float32 master weights, per-layer remat.
+tokens sampled per prompt, bf16 compute with float32 master weights, full per-layer remat
+and splash attention (what fits a v5e-16 without gradient accumulation, BENCHMARKS.md).
 With `--config.export_hf=True` every round's policy is written to
 `<workdir>/spin/hf_export/round_<t>` for lm-evaluation-harness (experiments/README.md).
 Expected (paper, Open LLM Leaderboard average): 58.14 (SFT) -> 60.80, 62.12, 62.97 after
