@@ -23,6 +23,7 @@ def run_suite(out, only: str, timeout: float = 600) -> dict:
     return json.loads((out / "quick.json").read_text())
 
 
+@pytest.mark.slow  # ~17 s: the quick profile of three benchmarks end to end
 def test_kernel_step_and_sampler_benchmarks(tmp_path):
     result = run_suite(tmp_path, "logprob_kernel,train_step,sampler")
     assert result["command"].startswith("python -m benchmarks.run --quick") and result["machine"]["jax"]

@@ -204,6 +204,7 @@ def _wait_for_line(proc, prefix: str, timeout: float = 60.0) -> list[str]:
     raise AssertionError(f"never saw {prefix!r}; got {seen}")
 
 
+@pytest.mark.slow  # subprocesses killed and resumed (~9 s)
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     steps, every = 12, 2
     proc = subprocess.Popen(
@@ -309,6 +310,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two JAX processes (~7 s)
 def test_two_jax_processes_save_and_restore_sharded_state(tmp_path):
     port = _free_port()
     procs = [
