@@ -463,7 +463,7 @@ def model_section_config(section, vocab_size: int, notes: list[str], where: str)
 
 def programs_of(config, notes: list[str]) -> list[Program]:
     """Every program a run of `config` compiles, at its largest shapes."""
-    from pl_dpo import config_lib, modes
+    from pl_dpo import config_lib, modes, sampler
 
     data = config.data
     prompt = int(data.max_prompt_len)
@@ -472,9 +472,11 @@ def programs_of(config, notes: list[str]) -> list[Program]:
     packed = bool(data.get("pack_prompt", False))
     vocab = int(config.model.get("overrides", {}).get("vocab_size", 0) or 512)
     policy = model_section_config(config.model, vocab, notes, "config.model")
+    rows = dict(length=length, prompt_len=prompt, packed=packed)  # every train / score program's row shape
     out: list[Program] = []
     arms = config_lib.modes_of(config)
     if int(config.sft.get("steps", 0)) > 0:
+        optim = config_lib.optimizer(config.sft.optim)
         out.append(
             Program(
                 "sft step",
@@ -482,17 +484,16 @@ def programs_of(config, notes: list[str]) -> list[Program]:
                 policy,
                 int(config.sft.batch_size),
                 k=1,
-                length=length,
-                prompt_len=prompt,
-                packed=packed,
-                optim=config_lib.optimizer(config.sft.optim),
+                optim=optim,
                 objective="sft",
+                **rows,
                 batch_field="sft.batch_size",
                 accum_field="sft.optim.grad_accum_steps",
             )
         )
     ks = sorted({config_lib.list_size(config, m) for m in arms if m.objective is modes.Objective.PL_DPO})
     for k in ks:
+        optim = config_lib.optimizer(config.rounds.optim)
         out.append(
             Program(
                 f"pl-dpo step K={k}",
@@ -500,78 +501,32 @@ def programs_of(config, notes: list[str]) -> list[Program]:
                 policy,
                 int(config.rounds.batch_size),
                 k=k,
-                length=length,
-                prompt_len=prompt,
-                packed=packed,
-                optim=config_lib.optimizer(config.rounds.optim),
+                optim=optim,
+                **rows,
                 batch_field="rounds.batch_size",
                 accum_field="rounds.optim.grad_accum_steps",
             )
         )
     for k in ks or [1]:
-        out.append(
-            Program(
-                f"scoring K={k}",
-                "score",
-                policy,
-                int(config.eval.batch_size),
-                k=k,
-                length=length,
-                prompt_len=prompt,
-                packed=packed,
-                batch_field="eval.batch_size",
-            )
+        batch = int(config.eval.batch_size)
+        out.append(Program(f"scoring K={k}", "score", policy, batch, k=k, **rows, batch_field="eval.batch_size"))
+
+    def sample(name: str, model, field: str, new_tokens: int) -> Program:
+        """A sampler program at the shapes `sampler.generate` compiles for (its padded batch and prompt bucket)."""
+        batch, prompt_len = sampler.bucket_shapes(
+            int(config_lib.lookup(config, field)), prompt, sampler.SamplingConfig(max_new_tokens=new_tokens)
         )
+        return Program(name, "sample", model, batch, prompt_len=prompt_len, new_tokens=new_tokens, batch_field=field)
+
     new = int(config.sampling.max_new_tokens)
-    out.append(
-        Program(
-            "sampler",
-            "sample",
-            policy,
-            _pow2(int(config.sampling.batch_size)),
-            prompt_len=_prompt_bucket(prompt),
-            new_tokens=new,
-            batch_field="sampling.batch_size",
-        )
-    )
-    out.append(
-        Program(
-            "evaluation (greedy)",
-            "sample",
-            policy,
-            _pow2(int(config.eval.batch_size)),
-            prompt_len=_prompt_bucket(prompt),
-            new_tokens=int(data.max_response_len),
-            batch_field="eval.batch_size",
-        )
-    )
-    for i, a in enumerate(config.get("assistants", []) or []):
-        if not any(m.min_assistants > i for m in arms) and not any(m.name == "ladder" for m in arms):
-            continue
+    out.append(sample("sampler", policy, "sampling.batch_size", new))
+    out.append(sample("evaluation (greedy)", policy, "eval.batch_size", int(data.max_response_len)))
+    # The assistants whose samples some arm ranks (the first ones; ladder: every one of them).
+    ranked = max((m.assistants_ranked(config_lib.list_size(config, m)) for m in arms), default=0)
+    for i, a in enumerate((config.get("assistants", []) or [])[:ranked]):
         assistant = model_section_config(a.model, vocab, notes, f"config.assistants[{i}].model")
-        out.append(
-            Program(
-                f"assistant {i} sampler",
-                "sample",
-                assistant,
-                _pow2(int(config.sampling.batch_size)),
-                prompt_len=_prompt_bucket(prompt),
-                new_tokens=new,
-                batch_field="sampling.batch_size",
-            )
-        )
+        out.append(sample(f"assistant {i} sampler", assistant, "sampling.batch_size", new))
     return out
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())  # the sampler pads its batch to a power of two
-
-
-def _prompt_bucket(n: int) -> int:
-    from pl_dpo import sampler
-
-    buckets = sampler.SamplingConfig(max_new_tokens=1).prompt_buckets
-    return next((b for b in buckets if b >= n), n)
 
 
 # ----------------------------------------------------------------------------- advice
