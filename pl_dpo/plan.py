@@ -292,12 +292,7 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
     layout = sampler.decode_layout(mesh.devices, mesh_shape, tp)
     batch = -(-p.batch // layout.groups) * layout.groups
     g, layers_state, rest_state = nnx.split(nnx.merge(graphdef, params), nnx.PathContains("layers"), ...)
-    static = {
-        "num_layers": p.model.num_layers,
-        "cdt": jnp.dtype(p.model.compute_dtype),
-        "rest_sh": sampler._weight_shardings(rest_state, layout, stacked=False),
-        "layer_sh": sampler._weight_shardings(layers_state, layout, stacked=True),
-    }
+    static = sampler.relayout_settings(p.model, layers_state, rest_state, layout)
 
     def sample(layers_state, rest_state, tokens, valid, keys):
         rest, layers = sampler._relayout(layers_state, rest_state, **static)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -295,15 +296,19 @@ def decode_weights(model: Decoder, batch: int, max_len: int, *, tp: int | None =
         hbm = hbm_bytes if hbm_bytes is not None else _chip_memory(devices)
         tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm)
     layout = decode_layout(devices, mesh_shape, tp)
-    rest, layers = _relayout(
-        layers_state,
-        rest_state,
+    rest, layers = _relayout(layers_state, rest_state, **relayout_settings(cfg, layers_state, rest_state, layout))
+    return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)
+
+
+def relayout_settings(cfg, layers_state, rest_state, layout: DecodeLayout) -> dict[str, Any]:
+    """The static arguments of `_relayout` that move this model's weights into `layout` (also what the
+    planner compiles: `pl_dpo.plan.lower`)."""
+    return dict(
         num_layers=cfg.num_layers,
         cdt=jnp.dtype(cfg.compute_dtype),
         rest_sh=_weight_shardings(rest_state, layout, stacked=False),
         layer_sh=_weight_shardings(layers_state, layout, stacked=True),
     )
-    return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "layout"))
