@@ -34,6 +34,11 @@ class Cell:
     num_train: int
     sft_steps: int  # length of the SFT that made πθ(0)
     assistants: str = ""  # the assistants the arm ranks, e.g. "96x3@400>80x2@250" ("" for spin / sft)
+    # The method switches of the second study (configs/study2.py); defaults are the plain arm.
+    variant: str = "pl"  # config.loss.variant
+    sft_weight: float = 0.0  # config.loss.sft_weight (the SFT anchor)
+    mix_previous: int = 0  # config.rounds.mix_previous (round mixing)
+    answer_on_top: bool = False  # config.rounds.answer_on_top (ranked_samples)
 
 
 @dataclasses.dataclass
@@ -99,19 +104,28 @@ def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]
             values = [r[key] for r in tail if isinstance(r.get(key), (int, float))]
             if values:
                 summary[f"train_{key}"] = float(np.mean(values))
+        summary["train_steps"] = float(steps[-1] + 1)  # the round's gradient steps: every step is logged, from 0
         out[(mode, int(t))] = summary
     return out
 
 
 def _rank_correct(job: str, mode: str, t: int) -> dict[str, float]:
     """Round t's ranked set: the fraction of prompts whose rank-k response equals the answer (rank 0),
-    for k = 1..K-1 (assistant samples, then the policy's own sample last)."""
+    for k = 1..K-1 (assistant samples, then the policy's own sample last). Verifier-ranked lists
+    (graded labels, no answer on top): the fraction whose best sample is fully correct (grade 1) and
+    the fraction whose K samples all tie (no preference to learn)."""
     path = wd.ranked_set_path(job, mode, t)
     if not os.path.exists(path):
         return {}
     with np.load(path) as z:
         tokens, mask = z["tokens_NxKxL"], z["loss_mask_NxKxL"].astype(bool)
+        labels = z["labels_NxK"] if "labels_NxK" in z.files else None
     K = tokens.shape[1]
+    if labels is not None and modes.get(mode).needs_verifier and float(labels[:, 0].max()) <= 1.0:
+        return {
+            "top_sample_correct": float(np.mean(labels[:, 0] >= 1.0)),
+            "tied_lists": float(np.mean(np.all(labels == labels[:, :1], axis=1))),
+        }
     answers = [row[0][m[0]].tolist() for row, m in zip(tokens, mask)]
     out = {}
     for k in range(1, K):
@@ -119,6 +133,20 @@ def _rank_correct(job: str, mode: str, t: int) -> dict[str, float]:
         out[f"rank{k}_correct"] = float(np.mean(same))
     out["own_sample_correct"] = out[f"rank{K - 1}_correct"]
     return out
+
+
+def _sft_convergence(metrics_path: str) -> dict[str, float]:
+    """Where early stopping ended πθ(0)'s SFT: the steps it ran and its best reading's step ({} without
+    early stopping, or in a job that received πθ(0) by copy: the donor job has them)."""
+    last = None
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            for line in f:
+                if '"sft/early_stopping"' in line:
+                    last = json.loads(line)
+    if last is None:
+        return {}
+    return {"sft_steps_run": float(last["step"]), "sft_best_step": float(last["best_step"])}
 
 
 def read_job(job: str) -> list[Record]:
@@ -130,7 +158,8 @@ def read_job(job: str) -> list[Record]:
     cfg = read_config(cfg_path)
     num_train = int(cfg["data"].get("num_train") or cfg["data"].get("options", {}).get("n_train", 0))
     seed = int(cfg["seed"])
-    start = _read_json(start_path)["metrics"]
+    start = dict(_read_json(start_path)["metrics"])
+    start.update(_sft_convergence(os.path.join(job, "metrics.jsonl")))
     train = _train_summary(os.path.join(job, "metrics.jsonl"))
     records = []
     for mode in [m.strip() for m in str(cfg["modes"]).split(",") if m.strip()]:
@@ -141,6 +170,10 @@ def read_job(job: str) -> list[Record]:
             num_train,
             int(cfg["sft"]["steps"]),
             _assistants(mode, cfg),
+            str(cfg["loss"].get("variant", "pl")),
+            float(cfg["loss"].get("sft_weight", 0.0)),
+            int(cfg["rounds"].get("mix_previous", 0)),
+            bool(cfg["rounds"].get("answer_on_top", False)),
         )
         records.append(Record(cell, seed, 0, dict(start), job))
         # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .

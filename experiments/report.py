@@ -13,6 +13,7 @@ survive regeneration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collect import Cell, Record, aggregate, read_sweep, stat  # noqa: E402
+from collect import Cell, Record, aggregate, read_config, read_sweep, stat  # noqa: E402
 
 from pl_dpo import modes  # noqa: E402
 
@@ -42,9 +43,42 @@ LABEL_ASSISTANTS: set[str] = set()  # modes run with more than one set of assist
 def arm_label(cell: Cell) -> str:
     if cell.mode == "sft":
         return "SFT control (more epochs)"
+    settings = [f"K={cell.K}"]
     if cell.mode in LABEL_ASSISTANTS:
-        return f"{cell.mode} (K={cell.K}; {cell.assistants})"
-    return f"{cell.mode} (K={cell.K})"
+        settings.append(cell.assistants)
+    if cell.variant != "pl":
+        settings.append(cell.variant)
+    if cell.mix_previous:
+        settings.append(f"mix {cell.mix_previous} previous")
+    if cell.sft_weight:
+        settings.append(f"SFT anchor {cell.sft_weight:g}")
+    if cell.answer_on_top:
+        settings.append("answer on top")
+    return f"{cell.mode} ({'; '.join(settings)})"
+
+
+def arm_key(cell: Cell) -> tuple:
+    """Table order: the control, then modes in their table's order, plain arms before their variants."""
+    return (
+        ARM_ORDER.get(cell.mode, 9),
+        cell.K,
+        cell.variant != "pl",
+        cell.mix_previous,
+        cell.sft_weight,
+        cell.answer_on_top,
+        cell.T or 0,
+        cell.num_train,
+        cell.sft_steps,
+    )
+
+
+def without_T(cell: Cell) -> Cell:
+    """The arm of a cell, whatever its temperature (the T sweep's series)."""
+    return dataclasses.replace(cell, T=None)
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -56,9 +90,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 class Report:
     def __init__(self, records: list[Record], plots_dir: str, plots_rel: str, ref_T: float | None = None):
         self.records, self.plots_dir, self.plots_rel = records, plots_dir, plots_rel
-        self.all_cells = sorted(
-            {r.cell for r in records}, key=lambda c: (ARM_ORDER.get(c.mode, 9), c.K, c.T or 0, c.num_train, c.sft_steps)
-        )
+        self.all_cells = sorted({r.cell for r in records}, key=arm_key)
         LABEL_ASSISTANTS.clear()
         LABEL_ASSISTANTS.update(
             m
@@ -71,9 +103,19 @@ class Report:
         self.ref_n = max(c.num_train for c in self.cells)
         arms_per_T = Counter(c.T for c in self.cells if c.T is not None and c.num_train == self.ref_n)
         self.ref_T = ref_T if ref_T is not None else max(arms_per_T, key=lambda t: (arms_per_T[t], t))
-        diag = ("own_sample_correct", "train_pairwise_accuracy", "rank1_correct", "rank2_correct")
+        diag = (
+            "own_sample_correct",
+            "train_pairwise_accuracy",
+            "rank1_correct",
+            "rank2_correct",
+            "top_sample_correct",
+            "tied_lists",
+            "train_steps",
+        )
         self.agg = {m: aggregate(records, m) for m in (*METRICS, *diag)}
         self.plots: list[str] = []
+        # Lists per training step (one value per sweep: the studies keep it fixed across arms).
+        self.batch_size = int(read_config(os.path.join(records[0].job, "config.json"))["rounds"]["batch_size"])
 
     def rounds(self, cell: Cell) -> list[int]:
         return sorted({r.round for r in self.records if r.cell == cell})
@@ -143,27 +185,31 @@ class Report:
         return "\n".join(out)
 
     def T_section(self) -> str:
-        groups: dict[tuple[int, str], list[Cell]] = {}
+        groups: dict[Cell, list[Cell]] = {}
         for c in self.cells:
             if c.T is not None and c.num_train == self.ref_n:
-                groups.setdefault((c.K, c.assistants), []).append(c)
-        # One series per K (with its assistants) swept over at least two temperatures.
-        by_K = {K: sorted(v, key=lambda c: c.T) for (K, _), v in sorted(groups.items()) if len({c.T for c in v}) >= 2}
-        if not by_K:
+                groups.setdefault(without_T(c), []).append(c)
+        # One series per arm swept over at least two temperatures.
+        by_arm = {
+            arm_label(arm): sorted(v, key=lambda c: c.T)
+            for arm, v in sorted(groups.items(), key=lambda kv: arm_key(kv[0]))
+            if len({c.T for c in v}) >= 2
+        }
+        if not by_arm:
             return ""
         out = [f"## Temperature T ({self.ref_n} training prompts)\n"]
         for metric in ("exact_match", "answer_logp_per_token", "reward_accuracy"):
             header, rows = ["T"], {}
-            for K, cells in sorted(by_K.items()):
+            for label, cells in by_arm.items():
                 common = sorted(set.intersection(*(set(self.rounds(c)) for c in cells)) - {0})
-                header += [f"K={K} round {t}" for t in common]
+                header += [f"{label} round {t}" for t in common]
                 for c in cells:
-                    rows.setdefault(c.T, {}).update({f"K={K} round {t}": self.fmt(metric, c, t) for t in common})
+                    rows.setdefault(c.T, {}).update({f"{label} round {t}": self.fmt(metric, c, t) for t in common})
             table = [[f"{T:g}"] + [rows[T].get(h, "-") for h in header[1:]] for T in sorted(rows)]
             out.append(f"**{metric}**\n\n" + _table(header, table) + "\n")
-        for K, cells in sorted(by_K.items()):
-            out.append(self.plot_vs_round(cells, f"T_vs_round_K{K}.png", f"K={K}: by T", by_T=True))
-        out.append(self.plot_vs_T(by_K))
+        for label, cells in by_arm.items():
+            out.append(self.plot_vs_round(cells, f"T_vs_round_{_slug(label)}.png", f"{label}: by T", by_T=True))
+        out.append(self.plot_vs_T(by_arm))
         return "\n".join(out)
 
     def size_section(self) -> str:
@@ -253,17 +299,115 @@ class Report:
             )
         return "\n".join(out)
 
+    def sft_start_section(self) -> str:
+        """Where early stopping ended πθ(0), per seed (only when the SFT ran with early stopping)."""
+        runs = {}
+        for r in self.records:
+            if r.round == 0 and "sft_steps_run" in r.metrics:
+                runs[r.seed] = r
+        if not runs:
+            return ""
+        rows = [
+            [
+                str(seed),
+                f"{r.metrics['sft_steps_run']:.0f}",
+                f"{r.metrics['sft_best_step']:.0f}",
+                f"{r.metrics.get('exact_match', float('nan')):.3f}",
+                f"{r.metrics.get('answer_logp_per_token', float('nan')):.3f}",
+            ]
+            for seed, r in sorted(runs.items())
+        ]
+        return (
+            f"## The SFT start πθ(0) (at most {self.ref_sft} steps, early stopping)\n\n"
+            "Early stopping on the held-out answers' log-likelihood per token: the steps SFT ran, the step "
+            "of its best reading (the policy kept is the one of the stopping step), and πθ(0)'s held-out "
+            "metrics, per seed.\n\n"
+            + _table(["seed", "SFT steps run", "best step", "exact_match", "answer_logp_per_token"], rows)
+            + "\n"
+        )
+
+    def compute_section(self) -> str:
+        """What each arm spends per round: gradient steps (measured), sequences per step and generation."""
+        arms = self.ref_arms()
+        if not any(self.agg["train_steps"].get((c, t)) for c in arms for t in self.rounds(c)):
+            return ""
+        lists_per_step = self.batch_size
+        rows = []
+        for c in arms:
+            mode = modes.get(c.mode)
+            steps = [self.agg["train_steps"][(c, t)] for t in self.rounds(c) if (c, t) in self.agg["train_steps"]]
+            rows.append(
+                [
+                    arm_label(c),
+                    ", ".join(f"{s.mean:.0f}" for s in steps) or "-",
+                    str(lists_per_step * c.K),
+                    str(mode.policy_samples_per_prompt(c.K, c.answer_on_top)),
+                    str(mode.cached_samples_per_prompt(c.K)),
+                ]
+            )
+        return (
+            "## Compute per round\n\n"
+            "Gradient steps per round (measured from metrics.jsonl, rounds 1..), sequences per step (lists of "
+            f"{lists_per_step} x K responses; the control arm's are dataset answers), and generation: samples of "
+            "πθ(t) per training prompt every round, and samples generated once (assistant's, πθ(0)'s) and reused "
+            "by every round.\n\n"
+            + _table(
+                ["arm", "steps per round", "sequences per step", "πθ(t) samples / prompt / round", "cached / prompt"],
+                rows,
+            )
+            + "\n"
+        )
+
+    def K_section(self) -> str:
+        """Does ranking more than two responses help? Arms of one family at several K, paired with its K=2."""
+        arms = self.ref_arms()
+        families: dict[tuple, list[Cell]] = {}
+        for c in arms:
+            if c.mode != "sft":
+                families.setdefault((c.mode, c.variant, c.mix_previous, c.sft_weight, c.answer_on_top), []).append(c)
+        comparisons = []
+        for cells in families.values():
+            base = next((c for c in cells if c.K == 2), None)
+            comparisons += [(c, base) for c in cells if base is not None and c.K > 2]
+        spin = next(
+            (c for c in arms if c.mode == "spin" and c == dataclasses.replace(c, mix_previous=0, sft_weight=0.0)), None
+        )
+        if spin is not None:  # the K=3 self-play arms against SPIN (same lists plus a middle rank)
+            comparisons += [(c, spin) for c in arms if c.mode in ("asft", "triplet", "ladder")]
+        if not comparisons:
+            return ""
+        rounds = sorted({t for c, _ in comparisons for t in self.rounds(c)} - {0})
+        out = [
+            "## More than two ranks at the same number of steps\n\n"
+            "Per seed, the arm minus its K=2 counterpart (verifier-ranked lists: K samples against two; "
+            "self-play triplets and aSFT: against SPIN, whose lists they extend by a middle rank), then mean ± std "
+            "over seeds.\n"
+        ]
+        for metric in ("exact_match", "answer_logp_per_token"):
+            rows = [
+                [f"{arm_label(c)} − {arm_label(b)}"] + [self.paired(metric, c, t, b, t).fmt() for t in rounds]
+                for c, b in comparisons
+            ]
+            out.append(f"**{metric}**\n\n" + _table(["difference"] + [f"round {t}" for t in rounds], rows) + "\n")
+        return "\n".join(out)
+
     def diagnostics_section(self) -> str:
         cells = [c for c in self.all_cells if c.mode != "sft" and c.num_train == self.ref_n]
-        if not any(self.agg["own_sample_correct"].get((c, t)) for c in cells for t in self.rounds(c)):
+        has = lambda c, t: (c, t) in self.agg["own_sample_correct"] or (c, t) in self.agg["top_sample_correct"]
+        if not any(has(c, t) for c in cells for t in self.rounds(c)):
             return ""
         rounds = sorted({t for c in cells for t in self.rounds(c)} - {0})
         rows = []
         for c in cells:
             for t in rounds:
-                if (c, t) not in self.agg["own_sample_correct"]:
+                if not has(c, t):
                     continue
                 ranks = [self.fmt(f"rank{k}_correct", c, t) for k in (1, 2) if k < c.K - 1]
+                verifier = (
+                    f"{self.fmt('top_sample_correct', c, t)} / {self.fmt('tied_lists', c, t)}"
+                    if (c, t) in self.agg["top_sample_correct"]
+                    else "-"
+                )
                 rows.append(
                     [
                         arm_label(c),
@@ -272,14 +416,16 @@ class Report:
                         f"{t - 1}→{t}",
                         self.fmt("own_sample_correct", c, t),
                         ", ".join(ranks) or "-",
+                        verifier,
                         self.fmt("train_pairwise_accuracy", c, t),
                     ]
                 )
         return (
             "## Training diagnostics\n\nPer round, on the training prompts: the fraction whose own sample "
-            "(the lowest-ranked response) already equals the answer; the same for the assistants' samples "
-            "(strongest first); the implicit reward's pairwise ranking accuracy over the round's last quarter "
-            "of steps.\n\n"
+            "(the lowest-ranked response) already equals the answer; the same for the middle ranks (assistant "
+            "or πθ(0) samples); for verifier-ranked lists, the fraction whose best sample is correct and the "
+            "fraction whose samples all tie (nothing to learn from that list); the implicit reward's pairwise "
+            "ranking accuracy over the round's last quarter of steps.\n\n"
             + _table(
                 [
                     "arm",
@@ -287,7 +433,8 @@ class Report:
                     "SFT steps",
                     "round",
                     "own sample = answer",
-                    "assistant samples = answer",
+                    "middle ranks = answer",
+                    "best sample correct / all tied",
                     "train pairwise acc.",
                 ],
                 rows,
@@ -347,10 +494,10 @@ class Report:
         fig.suptitle(f"{title} (mean ± std over seeds)")
         return self._save(fig, name, title)
 
-    def plot_vs_T(self, by_K: dict[int, list[Cell]]) -> str:
+    def plot_vs_T(self, by_arm: dict[str, list[Cell]]) -> str:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
-            for K, cells in sorted(by_K.items()):
+            for label, cells in by_arm.items():
                 last = max(set.intersection(*(set(self.rounds(c)) for c in cells)))
                 stats = [self.cell_stat(metric, c, last) for c in cells]
                 ax.errorbar(
@@ -359,9 +506,9 @@ class Report:
                     yerr=[s.std for s in stats],
                     marker="o",
                     capsize=3,
-                    label=f"K={K}, round {last}",
+                    label=f"{label}, round {last}",
                 )
-            start = self.cell_stat(metric, next(iter(by_K.values()))[0], 0)
+            start = self.cell_stat(metric, next(iter(by_arm.values()))[0], 0)
             if start:
                 ax.axhline(start.mean, color="gray", ls="--", label="SFT start")
             ax.set_xscale("log")
@@ -369,7 +516,7 @@ class Report:
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle("metric vs T per K (mean ± std over seeds)")
+        fig.suptitle("metric vs T per arm (mean ± std over seeds)")
         return self._save(fig, "vs_T.png", "metric vs T")
 
     def plot_size(self, arms: list[Cell], modes: list[str], sizes: list[int]) -> str:
@@ -454,7 +601,10 @@ def build(
         f"(seeds {seeds}; code at commit {commit}). Wall time: {_wall_time(sweep_dir)}. "
         "Cells: mean ± sample std over seeds; (n=…) marks cells with fewer than 3 seeds.\n",
         findings + "\n",
+        rep.sft_start_section(),
         rep.arms_section(),
+        rep.compute_section(),
+        rep.K_section(),
         rep.T_section(),
         rep.size_section(),
         rep.sft_length_section(),

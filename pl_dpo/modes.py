@@ -153,6 +153,18 @@ class Mode:
         """How many of the configured assistants (the first ones) this mode's lists of size K rank."""
         return K - 2 if self.build_lists is self_play_lists else 0
 
+    def policy_samples_per_prompt(self, K: int, answer_on_top: bool = False) -> int:
+        """Samples of πθ(t) an arm generates per training prompt in every round (its generation budget)."""
+        if self.build_lists is verifier_ranked_lists:
+            return K - 1 if answer_on_top else K
+        return 1 if self.ranks_own_sample else 0
+
+    def cached_samples_per_prompt(self, K: int) -> int:
+        """Samples per training prompt generated once and reused by every round (assistants', πθ(0)'s)."""
+        if self.build_lists is triplet_lists:
+            return 1
+        return self.assistants_ranked(K)
+
     @property
     def ranks_dataset_responses(self) -> bool:
         """The lists come from the data: it must hold several ranked responses per prompt."""

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import study
+from configs import study, study2
 from configs.sweeps import concat, product, zip_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +53,42 @@ def test_study_sweep_covers_the_four_questions():
     temps = sorted({c.loss.T for c in resolved})
     assert temps[-1] / temps[0] >= 100  # two orders of magnitude
     assert len(study.sweep("quick")) == 2
+
+
+def test_study2_sweep_has_every_arm_at_equal_steps_and_a_T_sweep():
+    resolved = [sweep.apply_overrides(study2.get_config(), j) for j in study2.sweep()]
+    for seed in study2.SEEDS:
+        mine = [c for c in resolved if c.seed == seed]
+        temps: dict[tuple, set] = {}
+        for c in mine:
+            for m in c.modes.split(","):
+                arm = (m, int(c.loss.K), c.loss.variant, int(c.rounds.mix_previous), float(c.loss.sft_weight))
+                temps.setdefault(arm, set()).add(c.loss.T)
+        arms = {arm for arm, ts in temps.items() if 5.0 in ts}
+        assert {("sft", 0, "pl", 0, 0.0), ("spin", 0, "pl", 0, 0.0), ("triplet", 0, "pl", 0, 0.0)} <= arms
+        assert {("asft", 0, "pl", 0, 0.0), ("spin", 0, "pl", 1, 0.0), ("spin", 0, "pl", 0, 1.0)} <= arms
+        assert {("ranked_samples", k, "pl", 0, 0.0) for k in (2, 3, 4)} <= arms
+        assert ("ranked_samples", 4, "lipo_lambda", 0, 0.0) in arms
+        for arm in study2.T_ARMS:  # four temperatures over two orders of magnitude
+            ts = sorted(temps[(arm["modes"], arm.get("loss.K", 0), "pl", 0, 0.0)])
+            assert len(ts) == 4 and ts[-1] / ts[0] >= 100
+    # Equal gradient steps: one step cap, three rounds, the converged (early-stopped) SFT start everywhere.
+    assert {
+        (c.rounds.max_steps, c.rounds.num, c.rounds.batch_size, c.sft.steps, c.sft.eval_every) for c in resolved
+    } == {(study2.STEPS_PER_ROUND, 3, 32, 4000, 100)}
+    assert len(study2.sweep("quick")) == 2
+
+
+def test_arm_labels_name_the_method_switches():
+    cell = collect.Cell("spin", 2, 5.0, 2000, 4000)
+    assert report.arm_label(cell) == "spin (K=2)"
+    assert report.arm_label(collect.Cell("spin", 2, 5.0, 2000, 4000, mix_previous=1)) == "spin (K=2; mix 1 previous)"
+    assert report.arm_label(collect.Cell("spin", 2, 5.0, 2000, 4000, sft_weight=1.0)) == "spin (K=2; SFT anchor 1)"
+    lipo = collect.Cell("ranked_samples", 4, 5.0, 2000, 4000, variant="lipo_lambda", answer_on_top=True)
+    assert report.arm_label(lipo) == "ranked_samples (K=4; lipo_lambda; answer on top)"
+    assert report.without_T(lipo) == report.without_T(collect.Cell(**{**lipo.__dict__, "T": 0.1}))
+    order = sorted([lipo, cell, collect.Cell("sft", 1, None, 2000, 4000)], key=report.arm_key)
+    assert [c.mode for c in order] == ["sft", "spin", "ranked_samples"]
 
 
 def test_job_names_commands_and_bad_overrides(capsys):
@@ -163,7 +199,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert sorted((r.cell.T, r.round) for r in records) == [(1.0, 0), (1.0, 1), (5.0, 0), (5.0, 1)]
     text = report.build(sweep_dir, out)
     assert "| spin (K=2) |" in text and "## Temperature T" in text and "## Appendix: every cell" in text
-    for name in ("arms_vs_round.png", "T_vs_round_K2.png", "vs_T.png"):
+    for name in ("arms_vs_round.png", "T_vs_round_spin__K_2.png", "vs_T.png"):
         with open(tmp_path / "plots" / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # Hand-written findings survive regeneration.
@@ -190,3 +226,25 @@ def test_every_experiment_config_defines_a_sweep_that_resolves():
         assert len(set(names)) == len(names), name
         for job in jobs:
             sweep.apply_overrides(base, job)  # every overridden field exists
+
+
+@pytest.mark.slow
+def test_quick_study2_end_to_end(tmp_path):
+    """The second study's CI form: an early-stopped SFT start, continued SFT / SPIN / triplets in one job and
+    verifier-ranked lists in a second; the report has the SFT start, compute and K sections."""
+    sweep_dir, out = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
+    assert sweep.main(["--config", os.path.join(REPO, "configs/study2.py"), "--quick", "--sweep_dir", sweep_dir]) == 0
+    records = collect.read_sweep(sweep_dir)
+    cells = {r.cell for r in records}
+    assert {(c.mode, c.K) for c in cells} == {("sft", 1), ("spin", 2), ("triplet", 3), ("ranked_samples", 3)}
+    last = {r.cell.mode: r.metrics for r in records if r.round == 1}
+    assert all(m["train_steps"] == 4 for m in last.values())  # rounds.max_steps of the quick form
+    assert 0.0 <= last["ranked_samples"]["top_sample_correct"] <= 1.0 and "tied_lists" in last["ranked_samples"]
+    assert "own_sample_correct" in last["spin"] and "rank1_correct" in last["triplet"]
+    start = [r.metrics for r in records if r.round == 0 and "sft_steps_run" in r.metrics]
+    assert start and all(m["sft_best_step"] <= m["sft_steps_run"] <= 40 for m in start)
+    text = report.build(sweep_dir, out)
+    for heading in ("## The SFT start", "## Compute per round", "## More than two ranks", "## Training diagnostics"):
+        assert heading in text
+    assert "| ranked_samples (K=3) | 4 | 96 | 3 | 0 |" in text and "| triplet (K=3) | 4 | 96 | 1 | 1 |" in text
+    assert "| triplet (K=3) − spin (K=2) |" in text

@@ -174,3 +174,26 @@ def test_modes_that_need_data_features_are_refused_without_them():
     for field, value in (("loss.sft_weight", -1.0), ("rounds.mix_previous", -1)):
         with pytest.raises(config_lib.ConfigError, match=field.split(".")[1]):
             config_lib.validate(config_lib.apply_overrides(c, {field: value}))
+
+
+@pytest.mark.parametrize(
+    "name, K, answer_on_top",
+    [
+        ("spin", 2, False),
+        ("asft", 3, False),
+        ("ladder", 4, False),
+        ("triplet", 3, False),
+        ("ranked_samples", 4, False),
+        ("ranked_samples", 3, True),
+    ],
+)
+def test_generation_budget_is_what_the_list_builder_asks_for(name, K, answer_on_top):
+    """The study's generation-budget column (policy samples per prompt per round, cached ones once)
+    counted from the calls the list builder actually makes."""
+    calls = []
+    mode = modes.get(name)
+    mode.build_lists(_sources(calls=calls, grade=lambda p, ids: 0.0, answer_on_top=answer_on_top), K)
+    own = sum(c.startswith("own") for c in calls)
+    assert mode.policy_samples_per_prompt(K, answer_on_top) == own
+    assert mode.cached_samples_per_prompt(K) == len(calls) - own
+    assert modes.get("sft").policy_samples_per_prompt(1) == 0 == modes.get("sft").cached_samples_per_prompt(1)
