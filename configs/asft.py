@@ -13,7 +13,7 @@ tokenised again for the policy) and reused in every round; the policy's own samp
 redrawn each round from πθ(t), which is also the round's reference. Expected: above SPIN
 at the same number of rounds when the assistant is clearly stronger than the policy (the
 assistant sample then sits between the two ends of the ranking); on the built-in task
-see experiments/RESULTS.md for the measured comparison.
+see experiments/RESULTS_study1.md and RESULTS.md for the measured comparisons.
 
 `:N` sets the number of rounds (default 3).
 """

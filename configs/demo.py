@@ -14,7 +14,8 @@ Expected (measured, seed 0): exact match 0.160 (SFT) -> 0.203 / 0.217 / 0.250 (S
 rounds 1-3) and 0.180 / 0.213 / 0.243 (aSFT), answer log-likelihood -5.64 -> -5.11 / -5.15.
 Add `--config.modes=spin,asft,sft` for the control arm (the same steps spent on more SFT
 epochs): it reaches 0.340, more than either self-play arm, because 300 SFT steps are far
-from converged (experiments/RESULTS.md studies this).
+from converged (experiments/RESULTS_study1.md studies this; the second study,
+experiments/RESULTS.md, starts from a converged SFT).
 
 T=5 rather than the paper's 0.1: on this task T <= 0.1 *lowers* exact match and answer
 likelihood (0.157 -> 0.057 -> 0.010 over two SPIN rounds at T=0.1, lr 1e-4): at small T the

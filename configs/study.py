@@ -1,7 +1,8 @@
-"""The self-play study on the built-in synthetic task (issue 6; results in experiments/RESULTS.md).
+"""The self-play study on the built-in synthetic task (issue 6; results in experiments/RESULTS_study1.md).
 
     .venv/bin/python experiments/sweep.py --config=configs/study.py            # all jobs, resumable
-    .venv/bin/python experiments/report.py --sweep_dir=runs/study --out=experiments/RESULTS.md
+    .venv/bin/python experiments/report.py --sweep_dir=runs/study --out=experiments/RESULTS_study1.md \
+        --plots_dir=experiments/plots_study1
 
 Four questions, each >= 3 seeds (config.seed: model init, sampling, batch order; the
 task data is fixed, data.options.seed=0, so every seed sees the same 2000/300 prompts):
@@ -43,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = small_llama(hidden=64, layers=2)  # ~0.2M parameters
     c.data.options = synthetic_task(n_train=400 if quick else 2000, n_test=64 if quick else 300)
     c.data.length_buckets = (56,)
-    # experiments/RESULTS.md was measured with the plain layout; packing would change the last bits of
+    # experiments/RESULTS_study1.md was measured with the plain layout; packing would change the last bits of
     # every log-prob and so the sampled lists: kept off so that the published numbers reproduce exactly.
     c.data.pack_prompt = False
     c.sft.steps = 20 if quick else 300

@@ -1,7 +1,8 @@
 """Follow-up to configs/study.py question 2: the ladder with assistants ordered by measured quality.
 
     .venv/bin/python experiments/sweep.py --config=configs/study_ladder.py --sweep_dir=runs/study
-    .venv/bin/python experiments/report.py --sweep_dir=runs/study --out=experiments/RESULTS.md
+    .venv/bin/python experiments/report.py --sweep_dir=runs/study --out=experiments/RESULTS_study1.md \
+        --plots_dir=experiments/plots_study1
 
 In the study the ladder's second assistant (80x2, 250 SFT steps) was weaker than the policy
 (3% of its samples correct vs ~8% for the policy's own), so its K=4 lists were misordered.

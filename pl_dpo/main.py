@@ -6,7 +6,8 @@ prints one line per evaluated policy at the end.
 
 Configs (configs/): demo.py (the built-in demo, `:quick` the CI-sized form), spin.py (SPIN as
 in the paper, `:rounds=N`), asft.py (aSFT, K=3), offline.py (ranked lists, `:tiny`,
-`:source=ranked_jsonl`), study.py / study_ladder.py (the study of experiments/RESULTS.md).
+`:source=ranked_jsonl`), study.py / study_ladder.py (the first study, experiments/RESULTS_study1.md),
+study2.py (the second, experiments/RESULTS.md).
 Every field of a config is in configs/common.py:base(); the README explains the modes, and
 docs/ARCHITECTURE.md the rest. Mistakes in flags, the config, the data or the workdir end in
 one line starting with "error:" and exit code 2.
