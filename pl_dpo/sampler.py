@@ -451,6 +451,7 @@ def generate_responses(
     eos_id: int,
     progress=None,
     tp: int | None = None,
+    group_by_length: bool = True,
 ) -> list[list[int]]:
     """One response (token ids, EOS included when reached) per prompt of a dataset's `arrays`
     (`prompt_tokens_NxP` / `prompt_valid_NxP`), generated `batch_size` prompts at a time.
@@ -459,9 +460,10 @@ def generate_responses(
     passes the same prompts; each batch's rows are split over the decode layout's batch groups, so on several
     hosts each process samples only the rows its chips hold. Results stay where they were made until the end,
     when they are gathered once (no host round trip per batch: the next batch is dispatched while one runs).
-    `tp`: the tensor-parallel group size (`decode_weights`; default: `decode_tp_split`'s rule)."""
+    `tp`: the tensor-parallel group size (`decode_weights`; default: `decode_tp_split`'s rule).
+    `group_by_length=False`: batches in dataset order (what length grouping is measured against)."""
     n, longest = arrays["prompt_tokens_NxP"].shape
-    order_N = length_order(arrays["prompt_valid_NxP"])
+    order_N = length_order(arrays["prompt_valid_NxP"]) if group_by_length else np.arange(n)
     grouped = {k: arrays[k][order_N] for k in ("prompt_tokens_NxP", "prompt_valid_NxP")}
     grouped["example_ids_N"] = order_N
     bb, pb = bucket_shapes(batch_size, longest, sampling)
