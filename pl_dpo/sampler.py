@@ -469,6 +469,11 @@ def generate_responses(
     bb, pb = bucket_shapes(batch_size, longest, sampling)
     weights = decode_weights(model, bb, pb + sampling.max_new_tokens, tp=tp)  # moved once, reused by every batch
     tokens, lengths, example_ids = [], [], []
+
+    def done(i: int) -> None:  # batch i finished on this process's chips (no cross-host wait)
+        lengths[i].block_until_ready()
+        progress.update(int((example_ids[i] >= 0).sum()))
+
     for batch in prompt_batches(grouped, batch_size=batch_size):
         gen = generate(
             model,
@@ -481,9 +486,10 @@ def generate_responses(
         tokens.append(gen.tokens_BxT)
         lengths.append(gen.lengths_B)
         example_ids.append(batch.example_ids_B)
-        if progress is not None:
-            gen.lengths_B.block_until_ready()  # this process's rows only: no cross-host wait
-            progress.update(int((batch.example_ids_B >= 0).sum()))
+        if progress is not None and len(lengths) > 1:
+            done(len(lengths) - 2)  # the previous batch: one batch stays queued behind the running one
+    if progress is not None and lengths:
+        done(len(lengths) - 1)
     # The one gather of the pass (every batch has the same [batch_size, max_new_tokens] shape).
     tokens_MxT = sharding.to_host(jnp.concatenate(tokens)) if tokens else np.zeros((0, 0), np.int32)
     lengths_M = sharding.to_host(jnp.concatenate(lengths)) if lengths else np.zeros((0,), np.int32)

@@ -231,7 +231,10 @@ def test_a_prompts_sample_does_not_depend_on_its_batch(model):
     arrays = _mixed_length_arrays(12)
     key = jax.random.key(3)
     by4 = sampler.generate_responses(model, arrays, cfg, key, batch_size=4, eos_id=1)
-    by8 = sampler.generate_responses(model, arrays, cfg, key, batch_size=8, eos_id=1)
+    counted = []  # the progress bar's updates: every real prompt once (the filler rows of the last batch not)
+    progress = type("Bar", (), {"update": lambda self, k: counted.append(k)})()
+    by8 = sampler.generate_responses(model, arrays, cfg, key, batch_size=8, eos_id=1, progress=progress)
+    assert counted == [8, 4]
     assert by4 == by8 and all(r for r in by4)
     # Row by row through `generate` with the prompt's own key gives the same sample.
     for i in (0, 5, 11):
