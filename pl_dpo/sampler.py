@@ -463,6 +463,16 @@ def generate_responses(
     `tp`: the tensor-parallel group size (`decode_weights`; default: `decode_tp_split`'s rule).
     `group_by_length=False`: batches in dataset order (what length grouping is measured against)."""
     n, longest = arrays["prompt_tokens_NxP"].shape
+    # Checked here, before batching reorders the prompts, so that the error names the prompt's own index.
+    plen_N = np.asarray(arrays["prompt_valid_NxP"]).sum(-1)
+    context = model.config.max_position_embeddings
+    too_long = np.flatnonzero(plen_N + sampling.max_new_tokens > context)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(
+            f"prompt {i} ({too_long.size} of {n} prompts in all): {plen_N[i]} prompt tokens + max_new_tokens="
+            f"{sampling.max_new_tokens} exceed the model's context (max_position_embeddings={context})"
+        )
     order_N = length_order(arrays["prompt_valid_NxP"]) if group_by_length else np.arange(n)
     grouped = {k: arrays[k][order_N] for k in ("prompt_tokens_NxP", "prompt_valid_NxP")}
     grouped["example_ids_N"] = order_N
