@@ -162,7 +162,11 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
             answer_on_top=False,  # mode ranked_samples: the dataset answer above the K-1 ranked samples
         )
     )
-    c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64))
+    # decode_tp: chips per tensor-parallel group while sampling (0: the fewest that hold the weights,
+    # sampler.decode_tp_split); it must divide the mesh's fsdp size.
+    c.sampling = ml_collections.ConfigDict(
+        dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64, decode_tp=0)
+    )
     c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=64))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
     # keep_train_state: keep each phase's mid-phase train states after its policy is committed.

@@ -297,6 +297,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     except ValueError as e:
         raise ConfigError(str(e).replace("SamplingConfig.", "config.sampling.")) from None
+    if s.get("decode_tp", 0) < 0:
+        raise ConfigError(f"config.sampling.decode_tp={s.decode_tp} must be >= 0 (0: the sampler's rule)")
     if not 0 < config.data.get("max_truncated_fraction", 0.5) <= 1:
         raise ConfigError(f"config.data.max_truncated_fraction={config.data.max_truncated_fraction} must be in (0, 1]")
     if config.sampling.max_new_tokens > config.data.max_response_len:

@@ -49,7 +49,16 @@ def sample_responses(
     )
     n = prompt_arrays["prompt_tokens_NxP"].shape[0]
     with tqdm(total=n, desc=desc, unit="prompt", leave=False, disable=jax.process_index() != 0) as bar:
-        return sampler.generate_responses(model, prompt_arrays, cfg, key, sampling.batch_size, eos_id, progress=bar)
+        return sampler.generate_responses(
+            model,
+            prompt_arrays,
+            cfg,
+            key,
+            sampling.batch_size,
+            eos_id,
+            progress=bar,
+            tp=sampling.get("decode_tp") or None,
+        )
 
 
 def retokenise(

@@ -158,6 +158,7 @@ class Program:
     # The config fields this program's batch comes from (for advice), e.g. "rounds.batch_size".
     batch_field: str = ""
     accum_field: str = ""
+    decode_tp: int = 0  # sample: config.sampling.decode_tp (0: sampler.decode_tp_split's rule)
 
 
 @dataclasses.dataclass
@@ -288,7 +289,9 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
     chip = next((c for c in CHIPS.values() if c.device_kind == mesh.devices.flat[0].device_kind), None)
     mesh_shape = tuple(int(mesh.shape[a]) for a in sharding.MESH_AXES)
     max_len = p.prompt_len + p.new_tokens
-    tp = sampler.decode_tp_split(p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None)
+    if p.decode_tp and mesh_shape[1] % p.decode_tp:
+        raise ValueError(f"config.sampling.decode_tp={p.decode_tp} must divide the mesh's fsdp size {mesh_shape[1]}")
+    tp = p.decode_tp or sampler.decode_tp_split(p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None)
     layout = sampler.decode_layout(mesh.devices, mesh_shape, tp)
     batch = -(-p.batch // layout.groups) * layout.groups
     g, layers_state, rest_state = nnx.split(nnx.merge(graphdef, params), nnx.PathContains("layers"), ...)
@@ -416,7 +419,9 @@ def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[f
         # and each layer all-reduces its group's [rows, D] activations twice.
         max_len = p.prompt_len + p.new_tokens
         tensor = mesh_axes[2] if mesh_axes[2] > 0 else 1
-        tp = sampler.decode_tp_split(cfg, (chips // (fsdp * tensor), fsdp, tensor), p.batch, max_len, s.chip.hbm_bytes)
+        tp = p.decode_tp or sampler.decode_tp_split(
+            cfg, (chips // (fsdp * tensor), fsdp, tensor), p.batch, max_len, s.chip.hbm_bytes
+        )
         group = tp * tensor
         kv_bytes = 2 * cfg.num_layers * p.batch * max_len * cfg.num_kv_heads * cfg.head_dim * cdt
         flops = 2 * n * p.batch + 2 * attn_per_token * p.batch * (p.prompt_len + p.new_tokens / 2)
@@ -511,7 +516,11 @@ def programs_of(config, notes: list[str]) -> list[Program]:
         batch, prompt_len = sampler.bucket_shapes(
             int(config_lib.lookup(config, field)), prompt, sampler.SamplingConfig(max_new_tokens=new_tokens)
         )
-        return Program(name, "sample", model, batch, prompt_len=prompt_len, new_tokens=new_tokens, batch_field=field)
+        # sampling.decode_tp sets the sampler's tensor-parallel group (evaluation always takes the rule's).
+        tp = int(config.sampling.get("decode_tp", 0) or 0) if field == "sampling.batch_size" else 0
+        return Program(
+            name, "sample", model, batch, prompt_len=prompt_len, new_tokens=new_tokens, batch_field=field, decode_tp=tp
+        )
 
     new = int(config.sampling.max_new_tokens)
     out.append(sample("sampler", policy, "sampling.batch_size", new))
@@ -522,6 +531,33 @@ def programs_of(config, notes: list[str]) -> list[Program]:
         assistant = model_section_config(a.model, vocab, notes, f"config.assistants[{i}].model")
         out.append(sample(f"assistant {i} sampler", assistant, "sampling.batch_size", new))
     return out
+
+
+def decode_tp_bounds(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> dict[int, float]:
+    """The sampler's time bound per token for every tensor-parallel group it can take on `s` (the divisors of
+    the fsdp size), without compiling: what `sampling.decode_tp` would give by bandwidth alone."""
+    chips = s.num_chips
+    fsdp = mesh_axes[1] if mesh_axes[1] > 0 else chips // max(mesh_axes[0] * mesh_axes[2], 1)
+    return {
+        tp: time_bound(dataclasses.replace(p, decode_tp=tp), s, mesh_axes)[0]
+        for tp in range(1, fsdp + 1)
+        if fsdp % tp == 0
+    }
+
+
+def _decode_tp_note(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> str | None:
+    """A note when another `sampling.decode_tp` has a bound under two thirds of the sampler's."""
+    bounds = decode_tp_bounds(p, s, mesh_axes)
+    now = time_bound(p, s, mesh_axes)[0]
+    best = min(bounds, key=bounds.get)
+    if bounds[best] > 2 / 3 * now:
+        return None
+    listed = ", ".join(f"{tp}: {b * 1e3:.2f}" for tp, b in bounds.items())
+    return (
+        f"{p.name}: bound per token by sampling.decode_tp ({listed} ms; this plan: {now * 1e3:.2f}). Wider "
+        "groups read fewer weight bytes per chip; the bound leaves out collective latency, which grows with the "
+        f"group. To check its memory: --config.sampling.decode_tp={best}"
+    )
 
 
 # ----------------------------------------------------------------------------- advice
@@ -604,6 +640,10 @@ def plan(
         row = compile_row(p, s, devices, mesh_axes, **kw)
         if not row.fits and advise:
             row.advice = _advise(p, s, devices, mesh_axes, kw, progress)
+        elif row.fits and p.kind == "sample" and p.batch_field == "sampling.batch_size":
+            note = _decode_tp_note(p, s, mesh_axes)
+            if note:
+                notes.append(note)
         rows.append(row)
     return Plan(s, rows, notes)
 

@@ -99,13 +99,19 @@ def _check_prompts(
             )
 
 
-def _row_keys(rng, batch: int) -> jax.Array:
-    """Accepts an int seed, one key (typed or raw uint32), or one key per row; returns typed keys [batch]."""
+def _typed_key(rng) -> jax.Array:
+    """An int seed, or keys typed or raw (uint32), as typed keys."""
     if isinstance(rng, (int, np.integer)):
-        rng = jax.random.key(int(rng))
+        return jax.random.key(int(rng))
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng.astype(jnp.uint32))
+    return rng
+
+
+def _row_keys(rng, batch: int) -> jax.Array:
+    """Accepts an int seed, one key (typed or raw uint32), or one key per row; returns typed keys [batch]."""
+    rng = _typed_key(rng)
     if rng.ndim == 0:
         return jax.random.split(rng, batch)
     if rng.shape != (batch,):
@@ -295,6 +301,8 @@ def decode_weights(model: Decoder, batch: int, max_len: int, *, tp: int | None =
     if tp is None:
         hbm = hbm_bytes if hbm_bytes is not None else _chip_memory(devices)
         tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm)
+    elif tp < 1 or mesh_shape[1] % tp:
+        raise ValueError(f"config.sampling.decode_tp={tp} must divide the mesh's fsdp size {mesh_shape[1]}")
     layout = decode_layout(devices, mesh_shape, tp)
     rest, layers = _relayout(layers_state, rest_state, **relayout_settings(cfg, layers_state, rest_state, layout))
     return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)
@@ -417,6 +425,23 @@ def generate(
     return GenerationOutput(*(x[:batch] if bb > batch else x for x in out))
 
 
+def length_order(prompt_valid_NxP: np.ndarray) -> np.ndarray:
+    """Prompt indices longest first (ties in dataset order): batches of similar lengths pad to their own
+    bucket (`prompt_batches`), so most batches prefill and attend over far fewer pad positions; the longest
+    batch comes first, so a bucket that does not fit fails at once, not at the end of a long pass."""
+    return np.argsort(-np.asarray(prompt_valid_NxP).sum(-1), kind="stable")
+
+
+def prompt_keys(rng, example_ids_B: np.ndarray) -> jax.Array:
+    """One key per row from the prompt's own index: a prompt's sample does not depend on which batch or row it
+    lands in (length grouping, batch size, process count). Filler rows (id -1) get the key of prompt 0."""
+    key = _typed_key(rng)
+    if key.ndim != 0:
+        raise ValueError(f"prompt_keys takes one key, got keys of shape {key.shape}")
+    ids = jnp.asarray(np.maximum(np.asarray(example_ids_B), 0), jnp.uint32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
+
+
 def generate_responses(
     model: Decoder,
     arrays: dict[str, np.ndarray],
@@ -425,26 +450,61 @@ def generate_responses(
     batch_size: int,
     eos_id: int,
     progress=None,
+    tp: int | None = None,
+    group_by_length: bool = True,
 ) -> list[list[int]]:
     """One response (token ids, EOS included when reached) per prompt of a dataset's `arrays`
-    (`prompt_tokens_NxP` / `prompt_valid_NxP`), generated `batch_size` prompts at a time."""
+    (`prompt_tokens_NxP` / `prompt_valid_NxP`), generated `batch_size` prompts at a time.
+
+    Prompts are grouped by length (`length_order`) and each gets its own key (`prompt_keys`). Every process
+    passes the same prompts; each batch's rows are split over the decode layout's batch groups, so on several
+    hosts each process samples only the rows its chips hold. Results stay where they were made until the end,
+    when they are gathered once (no host round trip per batch: the next batch is dispatched while one runs).
+    `tp`: the tensor-parallel group size (`decode_weights`; default: `decode_tp_split`'s rule).
+    `group_by_length=False`: batches in dataset order (what length grouping is measured against)."""
     n, longest = arrays["prompt_tokens_NxP"].shape
-    out: list[list[int] | None] = [None] * n
+    # Checked here, before batching reorders the prompts, so that the error names the prompt's own index.
+    plen_N = np.asarray(arrays["prompt_valid_NxP"]).sum(-1)
+    context = model.config.max_position_embeddings
+    too_long = np.flatnonzero(plen_N + sampling.max_new_tokens > context)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(
+            f"prompt {i} ({too_long.size} of {n} prompts in all): {plen_N[i]} prompt tokens + max_new_tokens="
+            f"{sampling.max_new_tokens} exceed the model's context (max_position_embeddings={context})"
+        )
+    order_N = length_order(arrays["prompt_valid_NxP"]) if group_by_length else np.arange(n)
+    grouped = {k: arrays[k][order_N] for k in ("prompt_tokens_NxP", "prompt_valid_NxP")}
+    grouped["example_ids_N"] = order_N
     bb, pb = bucket_shapes(batch_size, longest, sampling)
-    weights = decode_weights(model, bb, pb + sampling.max_new_tokens)  # moved once, reused by every batch
-    for i, batch in enumerate(prompt_batches(arrays, batch_size=batch_size)):
+    weights = decode_weights(model, bb, pb + sampling.max_new_tokens, tp=tp)  # moved once, reused by every batch
+    tokens, lengths, example_ids = [], [], []
+
+    def done(i: int) -> None:  # batch i finished on this process's chips (no cross-host wait)
+        lengths[i].block_until_ready()
+        progress.update(int((example_ids[i] >= 0).sum()))
+
+    for batch in prompt_batches(grouped, batch_size=batch_size):
         gen = generate(
             model,
             batch.prompt_tokens_BxP,
             batch.prompt_valid_BxP,
-            jax.random.fold_in(rng, i),
+            prompt_keys(rng, batch.example_ids_B),
             sampling,
             weights=weights,
         )
-        tokens, lengths = sharding.to_host(gen.tokens_BxT), sharding.to_host(gen.lengths_B)
-        for row, ex in enumerate(batch.example_ids_B):
-            if ex >= 0:
-                out[ex] = trim_at_eos(tokens[row, : lengths[row]].tolist(), eos_id)
-        if progress is not None:
-            progress.update(int((batch.example_ids_B >= 0).sum()))
+        tokens.append(gen.tokens_BxT)
+        lengths.append(gen.lengths_B)
+        example_ids.append(batch.example_ids_B)
+        if progress is not None and len(lengths) > 1:
+            done(len(lengths) - 2)  # the previous batch: one batch stays queued behind the running one
+    if progress is not None and lengths:
+        done(len(lengths) - 1)
+    # The one gather of the pass (every batch has the same [batch_size, max_new_tokens] shape).
+    tokens_MxT = sharding.to_host(jnp.concatenate(tokens)) if tokens else np.zeros((0, 0), np.int32)
+    lengths_M = sharding.to_host(jnp.concatenate(lengths)) if lengths else np.zeros((0,), np.int32)
+    out: list[list[int] | None] = [None] * n
+    for row, ex in enumerate(np.concatenate(example_ids) if example_ids else []):
+        if ex >= 0:
+            out[ex] = trim_at_eos(tokens_MxT[row, : lengths_M[row]].tolist(), eos_id)
     return out  # type: ignore[return-value]

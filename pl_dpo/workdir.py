@@ -63,7 +63,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 EVAL_FIELDS = ("eval", "sampling.max_new_tokens")
 # Fields that change results in their last bits only (the reduction order, the attention kernel,
 # what the backward pass recomputes): a resumed run may change them, two jobs that differ in them do not share work.
-NUMERICS_FIELDS = ("mesh", "data.pack_prompt", "model.remat", "model.attention_impl")
+NUMERICS_FIELDS = ("mesh", "data.pack_prompt", "model.remat", "model.attention_impl", "sampling.decode_tp")
 
 
 def identity_fields() -> tuple[str, ...]:

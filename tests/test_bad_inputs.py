@@ -20,6 +20,7 @@ def _config(**overrides):
         ({"sampling.temperature": 0.0}, r"config.sampling.temperature=0.0 must be > 0"),
         ({"sampling.top_p": 1.5}, r"config.sampling.top_p=1.5 must be in \(0, 1\]"),
         ({"sampling.top_k": -1}, r"config.sampling.top_k=-1 must be >= 0"),
+        ({"sampling.decode_tp": -2}, r"config.sampling.decode_tp=-2 must be >= 0"),
         ({"data.max_truncated_fraction": 0.0}, r"max_truncated_fraction=0.0 must be in \(0, 1\]"),
         ({"sft.patience": 0}, r"sft.patience=0 >= 1"),
         ({"loss.sft_weight": -0.5}, r"sft_weight=-0.5 must be >= 0"),

@@ -79,6 +79,25 @@ def test_decode_bound_is_the_weight_and_cache_read():
     assert weights <= seconds <= 1.01 * weights
 
 
+def test_decode_tp_bounds_list_every_group_and_name_a_faster_one(capsys):
+    # Mistral-7B's grouped KV heads keep the cache small: the weight read decides the bound.
+    cfg = preset_config("mistral-7b", compute_dtype="bfloat16")
+    s = plan.get_slice("v5p-8")
+    p = plan.Program(
+        "sampler", "sample", cfg, batch=256, prompt_len=512, new_tokens=256, batch_field="sampling.batch_size"
+    )
+    bounds = plan.decode_tp_bounds(p, s, (1, -1, 1))
+    assert list(bounds) == [1, 2, 4] and bounds[1] > bounds[2] > bounds[4]  # fewer weight bytes per chip
+    assert plan.time_bound(p, s, (1, -1, 1))[0] == bounds[1]  # the rule: one chip holds the bf16 7B weights
+    note = plan._decode_tp_note(p, s, (1, -1, 1))
+    assert "--config.sampling.decode_tp=4" in note and f"4: {bounds[4] * 1e3:.2f}" in note
+    assert plan._decode_tp_note(dataclasses.replace(p, decode_tp=4), s, (1, -1, 1)) is None
+    code, _, err = run_plan(
+        capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--only=sampler", "--config.sampling.decode_tp=3"
+    )
+    assert code == 2 and "decode_tp=3 must divide the mesh's fsdp size 4" in err
+
+
 def test_train_bound_is_compute_at_large_batch():
     cfg = preset_config("llama-2-7b", compute_dtype="bfloat16", remat="full")
     s = plan.get_slice("v5e-16")

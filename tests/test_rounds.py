@@ -134,7 +134,9 @@ def test_incompatible_workdir_is_refused_before_compiling(reference_run):
     _, workdir, _ = reference_run
     config = load_config()
     config.loss.T = 0.5
-    with pytest.raises(WorkdirConfigMismatch, match="'loss.T' was .*, now 0.5, and the saved work of the rounds stage depends on it"):
+    with pytest.raises(
+        WorkdirConfigMismatch, match="'loss.T' was .*, now 0.5, and the saved work of the rounds stage depends on it"
+    ):
         rounds.SelfPlay(config, workdir)
 
 

@@ -198,3 +198,64 @@ def test_sharded_model_generates_the_same_tokens(model):
     out = sampler.generate(sharded, tokens, valid, 7, cfg)
     np.testing.assert_array_equal(out.tokens_BxT, ref.tokens_BxT)
     np.testing.assert_allclose(out.logprobs_BxT, ref.logprobs_BxT, atol=1e-5)
+
+
+def _mixed_length_arrays(n: int, width: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """Left-padded prompts alternating short (2-5 tokens) and long (30-40 tokens)."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(rng.integers(2, 6)) if i % 2 else int(rng.integers(30, width + 1)) for i in range(n)]
+    valid = np.zeros((n, width), bool)
+    for i, length in enumerate(lengths):
+        valid[i, width - length :] = True
+    tokens = np.where(valid, rng.integers(3, VOCAB, (n, width)), 0).astype(np.int32)
+    return {"prompt_tokens_NxP": tokens, "prompt_valid_NxP": valid}
+
+
+def test_length_order_is_longest_first_and_stable():
+    valid = np.array([[0, 1, 1], [1, 1, 1], [0, 0, 1], [0, 1, 1]], bool)
+    np.testing.assert_array_equal(sampler.length_order(valid), [1, 0, 3, 2])
+    # Grouped by length, the batches pad to far fewer prompt positions than in dataset order.
+    from pl_dpo.data import prompt_batches
+
+    arrays = _mixed_length_arrays(64)
+    order = sampler.length_order(arrays["prompt_valid_NxP"])
+    grouped = {k: v[order] for k, v in arrays.items()}
+    width = lambda a: sum(b.prompt_tokens_BxP.size for b in prompt_batches(a, batch_size=8))
+    assert width(grouped) <= 0.7 * width(arrays)
+
+
+def test_a_prompts_sample_does_not_depend_on_its_batch(model):
+    """Keys come from the prompt's index (`prompt_keys`): batch size and length grouping leave each prompt's
+    sample as it is; another seed changes them."""
+    cfg = sampler.SamplingConfig(max_new_tokens=5, temperature=1.0, pad_id=0, eos_ids=(1,))
+    arrays = _mixed_length_arrays(12)
+    key = jax.random.key(3)
+    by4 = sampler.generate_responses(model, arrays, cfg, key, batch_size=4, eos_id=1)
+    counted = []  # the progress bar's updates: every real prompt once (the filler rows of the last batch not)
+    progress = type("Bar", (), {"update": lambda self, k: counted.append(k)})()
+    by8 = sampler.generate_responses(model, arrays, cfg, key, batch_size=8, eos_id=1, progress=progress)
+    assert counted == [8, 4]
+    assert by4 == by8 and all(r for r in by4)
+    # Row by row through `generate` with the prompt's own key gives the same sample.
+    for i in (0, 5, 11):
+        valid = arrays["prompt_valid_NxP"][i : i + 1]
+        n = int(valid.sum())
+        one = sampler.generate(
+            model,
+            arrays["prompt_tokens_NxP"][i : i + 1, -n:],
+            valid[:, -n:],
+            sampler.prompt_keys(key, np.array([i])),
+            cfg,
+        )
+        assert np.asarray(one.tokens_BxT)[0, : int(one.lengths_B[0])].tolist()[: len(by4[i])] == by4[i]
+    assert sampler.generate_responses(model, arrays, cfg, jax.random.key(4), batch_size=4, eos_id=1) != by4
+    # A prompt too long for the context is named by its index in the data, not its row in a reordered batch.
+    long_cfg = sampler.SamplingConfig(max_new_tokens=30, temperature=1.0, pad_id=0)
+    with pytest.raises(
+        ValueError, match=r"prompt 0 \(3 of 12 prompts in all\): \d+ prompt tokens \+ max_new_tokens=30"
+    ):
+        sampler.generate_responses(model, arrays, long_cfg, key, batch_size=4, eos_id=1)
+    keys = sampler.prompt_keys(key, np.array([7, -1, 7, 0]))
+    data = np.asarray(jax.random.key_data(keys))
+    np.testing.assert_array_equal(data[0], data[2])
+    np.testing.assert_array_equal(data[1], data[3])  # filler rows: prompt 0's key

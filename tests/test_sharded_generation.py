@@ -62,6 +62,21 @@ def test_sharded_generation_gives_one_devices_tokens(model, greedy, mesh, tp):
     np.testing.assert_allclose(np.asarray(out.model_logprobs_BxT), np.asarray(ref.model_logprobs_BxT), atol=1e-5)
 
 
+def test_generate_responses_on_the_mesh_gives_one_devices_responses(model):
+    """The whole pass (length grouping, a key per prompt, one gather at the end) with the weights in a chosen
+    tensor-parallel group (`sampling.decode_tp`) samples what one device samples; a group that does not divide
+    the fsdp size is refused."""
+    cfg = sampler.SamplingConfig(max_new_tokens=5, temperature=1.0, pad_id=0, eos_ids=(1,))
+    tokens, valid = _prompts(21)
+    arrays = {"prompt_tokens_NxP": tokens, "prompt_valid_NxP": valid}
+    key = jax.random.key(11)
+    ref = sampler.generate_responses(model, arrays, cfg, key, batch_size=8, eos_id=1)
+    sharded = _sharded(model)
+    assert sampler.generate_responses(sharded, arrays, cfg, key, batch_size=8, eos_id=1, tp=2) == ref
+    with pytest.raises(ValueError, match="decode_tp=3 must divide the mesh's fsdp size 8"):
+        sampler.generate_responses(sharded, arrays, cfg, key, batch_size=8, eos_id=1, tp=3)
+
+
 def test_decode_weights_are_per_layer_in_the_compute_dtype(model):
     sharded = _sharded(model, 1, -1, 1)
     weights = sampler.decode_weights(sharded, 8, 32, tp=2)
