@@ -182,6 +182,8 @@ class Report:
                 rows.append([f"{arm_label(c)} round {last}"] + [cell_fmt(k, c, last) for k in tasks])
             out.append("**exact match per task (last round)**\n\n" + _table(["policy"] + tasks, rows) + "\n")
         out.append(self.plot_vs_round(arms, "arms_vs_round.png", "arms vs round"))
+        if control is not None and len(arms) > 2:
+            out.append(self.plot_paired(arms, control))
         return "\n".join(out)
 
     def T_section(self) -> str:
@@ -493,6 +495,26 @@ class Report:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{title} (mean ± std over seeds)")
         return self._save(fig, name, title)
+
+    def plot_paired(self, arms: list[Cell], control: Cell) -> str:
+        """Each arm minus the control at the last round both have, per seed: mean ± std as horizontal bars."""
+        others = [c for c in arms if c != control]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(others) + 1.6), sharey=True)
+        for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
+            stats, labels = [], []
+            for c in others:
+                last = max(set(self.rounds(c)) & set(self.rounds(control)))
+                stats.append(self.paired(metric, c, last, control, last))
+                labels.append(f"{arm_label(c)}, round {last}")
+            y = range(len(others))
+            ax.barh(y, [s.mean for s in stats], xerr=[s.std for s in stats], capsize=3, color="tab:blue", alpha=0.7)
+            ax.axvline(0, color="gray", lw=1)
+            ax.set_yticks(list(y), labels, fontsize=8)
+            ax.set_xlabel(f"{metric}: arm − SFT control")
+            ax.grid(alpha=0.3, axis="x")
+        axes[0].invert_yaxis()  # the table's order, top down (the y axis is shared: invert it once)
+        fig.suptitle("paired by seed: each arm minus continued SFT at the same round (mean ± std over seeds)")
+        return self._save(fig, "paired_vs_control.png", "each arm minus continued SFT")
 
     def plot_vs_T(self, by_arm: dict[str, list[Cell]]) -> str:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
