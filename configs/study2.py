@@ -20,8 +20,9 @@ of its seed:
   verifier-ranked lists       ranked_samples, K samples of πθ(t) by score   2, 3, 4
   ... with LiPO-lambda        ranked_samples, loss.variant=lipo_lambda      4
 
-Equal gradient steps: every arm takes 125 steps of 32 lists per round at the same lr
-(rounds.max_steps caps the mixed arm, whose set is twice as large after round 1). The
+Equal gradient steps: every arm takes 124 steps of 32 lists per round at the same lr (2 epochs of
+62 full batches); rounds.max_steps=125 caps the mixed arm, whose set is twice as large after
+round 1, at one step more. The
 generation budget is *not* equal and the report says what each arm generates: SPIN samples
 each training prompt once per round, triplets once per round plus πθ(0)'s samples once,
 aSFT once per round plus the assistant's once, verifier-ranked lists K times per round.
@@ -47,7 +48,7 @@ T_VALUES = (0.1, 1.0, 25.0)  # besides the main arms' T=5
 # of seeds 0 and 1: triplets, the self-play arm with the largest gain over continued SFT in answer likelihood,
 # and the verifier-ranked lists at K=3, the listwise arm the issue's expectation is about.
 T_ARMS = ({"modes": "triplet"}, {"modes": "ranked_samples", "loss.K": 3})
-STEPS_PER_ROUND = 125  # 2 epochs of the 2000 training prompts at batch 32
+STEPS_PER_ROUND = 125  # a cap above the 124 steps of 2 epochs of 2000 prompts at batch 32 (62 full batches)
 
 
 def get_config(arg: str | None = None):

@@ -57,6 +57,10 @@ def arm_label(cell: Cell) -> str:
     return f"{cell.mode} ({'; '.join(settings)})"
 
 
+def mode_of(cell: Cell) -> modes.Mode:
+    return modes.get(cell.mode)
+
+
 def arm_key(cell: Cell) -> tuple:
     """Table order: the control, then modes in their table's order, plain arms before their variants."""
     return (
@@ -393,6 +397,23 @@ class Report:
             out.append(f"**{metric}**\n\n" + _table(["difference"] + [f"round {t}" for t in rounds], rows) + "\n")
         return "\n".join(out)
 
+    def switches_section(self) -> str:
+        """Each method switch against the same arm without it (round mixing, the SFT anchor, another loss)."""
+        arms = self.ref_arms()
+        plain = lambda c: dataclasses.replace(c, variant="pl", sft_weight=0.0, mix_previous=0, answer_on_top=False)
+        pairs = [(c, plain(c)) for c in arms if c != plain(c) and plain(c) in arms]
+        if not pairs:
+            return ""
+        rounds = sorted({t for c, _ in pairs for t in self.rounds(c)} - {0})
+        out = ["## Method switches against the same arm without them\n"]
+        for metric in ("exact_match", "answer_logp_per_token"):
+            rows = [
+                [f"{arm_label(c)} − {arm_label(b)}"] + [self.paired(metric, c, t, b, t).fmt() for t in rounds]
+                for c, b in pairs
+            ]
+            out.append(f"**{metric}**\n\n" + _table(["difference"] + [f"round {t}" for t in rounds], rows) + "\n")
+        return "\n".join(out)
+
     def diagnostics_section(self) -> str:
         cells = [c for c in self.all_cells if c.mode != "sft" and c.num_train == self.ref_n]
         has = lambda c, t: (c, t) in self.agg["own_sample_correct"] or (c, t) in self.agg["top_sample_correct"]
@@ -404,7 +425,9 @@ class Report:
             for t in rounds:
                 if not has(c, t):
                     continue
-                ranks = [self.fmt(f"rank{k}_correct", c, t) for k in (1, 2) if k < c.K - 1]
+                ranks = [
+                    self.fmt(f"rank{k}_correct", c, t) for k in (1, 2) if k < c.K - 1 and not mode_of(c).needs_verifier
+                ]
                 verifier = (
                     f"{self.fmt('top_sample_correct', c, t)} / {self.fmt('tied_lists', c, t)}"
                     if (c, t) in self.agg["top_sample_correct"]
@@ -627,6 +650,7 @@ def build(
         rep.arms_section(),
         rep.compute_section(),
         rep.K_section(),
+        rep.switches_section(),
         rep.T_section(),
         rep.size_section(),
         rep.sft_length_section(),

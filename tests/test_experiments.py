@@ -248,5 +248,6 @@ def test_quick_study2_end_to_end(tmp_path):
         assert heading in text
     assert "| ranked_samples (K=3) | 4 | 96 | 3 | 0 |" in text and "| triplet (K=3) | 4 | 96 | 1 | 1 |" in text
     assert "| triplet (K=3) − spin (K=2) |" in text
+    assert "## Method switches" not in text  # the quick form has no switch
     with open(tmp_path / "plots" / "paired_vs_control.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
