@@ -237,7 +237,7 @@ def test_a_prompts_sample_does_not_depend_on_its_batch(model):
     assert counted == [8, 4]
     assert by4 == by8 and all(r for r in by4)
     # Row by row through `generate` with the prompt's own key gives the same sample.
-    for i in (0, 5, 11):
+    for i in (5,):  # one row: each row length is another compile
         valid = arrays["prompt_valid_NxP"][i : i + 1]
         n = int(valid.sum())
         one = sampler.generate(
