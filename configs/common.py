@@ -160,6 +160,9 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
             mix_previous=0,
             mix_rescore=True,
             answer_on_top=False,  # mode ranked_samples: the dataset answer above the K-1 ranked samples
+            # Rank only this many training prompts per round (a random subset; 0: all): an arm's generation
+            # budget, e.g. K samples of N/K prompts against SPIN's one sample of N.
+            prompts_per_round=0,
         )
     )
     # decode_tp: chips per tensor-parallel group while sampling (0: the fewest that hold the weights,

@@ -140,6 +140,13 @@ def check_workdir_config(
             workdir_lib.atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True))
         return
     old = json.loads(path.read_text())
+    for field, value in workdir_lib.FIELDS_ADDED_LATER.items():  # what an older config.json ran with
+        *parents, leaf = field.split(".")
+        node = old
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
     for key in keys_that_must_match:
         a, b = _without_numerics(lookup(old, key), key), _without_numerics(lookup(new, key), key)
         if a != b:
@@ -287,6 +294,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.sft.eval_every={config.sft.eval_every} must be >= 0 and sft.patience={config.sft.patience} >= 1"
         )
+    if config.rounds.get("prompts_per_round", 0) < 0:
+        raise ConfigError(f"config.rounds.prompts_per_round={config.rounds.prompts_per_round} must be >= 0 (0: all)")
     if config.rounds.get("mix_previous", 0) < 0:
         raise ConfigError(f"config.rounds.mix_previous={config.rounds.mix_previous} must be >= 0")
     lrs = config.rounds.get("lr_per_round")

@@ -200,13 +200,17 @@ class SelfPlay:
         yield
         self.metric_log.write(f"timing/{work}", 0, {"stage": stage, "seconds": time.perf_counter() - start})
 
-    def samples(self, model: Decoder, label: str, desc: str) -> list[TokenIds]:
-        """One sampled response per training prompt, the key drawn from `label`."""
+    def samples(self, model: Decoder, label: str, desc: str, prompts: np.ndarray | None = None) -> list[TokenIds]:
+        """One sampled response per training prompt (or per prompt of the indices `prompts`), the key drawn
+        from `label`."""
         key = generation.stage_key(self.config.seed, label)
+        arrays = self.data.sft_arrays
+        if prompts is not None:
+            arrays = {name: a[prompts] for name, a in arrays.items()}
         with self.timed(label, "generation"):
             return generation.sample_responses(
                 model,
-                self.data.sft_arrays,
+                arrays,
                 self.config.sampling,
                 key,
                 eos_id=self.eos_id,
@@ -266,20 +270,37 @@ class SelfPlay:
             lambda out: stages.save_npz(path, stages.pack_responses(out, self.pad_id)),
         )
 
-    def _list_sources(self, mode: modes.Mode, t: int, policy_samples) -> modes.ListSources:
-        examples = self.data.train_examples
+    def round_prompts(self, mode: modes.Mode, t: int) -> np.ndarray | None:
+        """The training prompts round t of `mode` ranks: all of them (None), or with `rounds.prompts_per_round`
+        a random subset of that many, drawn from the seed, the mode and the round (sorted). It sets an arm's
+        generation budget, e.g. K samples of N/K prompts per round against SPIN's one sample of N."""
+        p = int(self.config.rounds.get("prompts_per_round", 0) or 0)
+        n = len(self.data.train_prompt_ids)
+        if not p or mode.one_set:
+            return None
+        if p > n:
+            raise config_lib.ConfigError(f"config.rounds.prompts_per_round={p} exceeds the {n} training prompts")
+        rng = np.random.default_rng(self.config.seed + zlib.crc32(f"{mode.name}/round_{t}/prompts".encode()))
+        return np.sort(rng.choice(n, p, replace=False))
 
-        def grade(n: int, ids: TokenIds) -> float:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            return grade_answer(examples[n].task, examples[n].meta, text)
+    def _list_sources(self, mode: modes.Mode, t: int, policy_samples, prompts: np.ndarray | None) -> modes.ListSources:
+        """What round t's lists are built from, for the training prompts `prompts` (None: all); `policy_samples`
+        already samples those prompts only."""
+        examples = self.data.train_examples
+        ids = np.arange(len(examples)) if prompts is None else prompts
+        pick = lambda xs: [xs[i] for i in ids]  # noqa: E731
+
+        def grade(n: int, response: TokenIds) -> float:
+            e = examples[ids[n]]
+            return grade_answer(e.task, e.meta, self.tokenizer.decode(response, skip_special_tokens=True))
 
         return modes.ListSources(
-            answers=self.data.train_answer_ids,
-            dataset_responses=self.data.train_response_ids,
-            assistant_samples=self.assistant_samples,
-            sft_samples=self.sft_samples,
+            answers=pick(self.data.train_answer_ids),
+            dataset_responses=pick(self.data.train_response_ids),
+            assistant_samples=lambda i: pick(self.assistant_samples(i)),
+            sft_samples=lambda: pick(self.sft_samples()),
             policy_samples=policy_samples,
-            dataset_scores=[e.scores for e in examples],
+            dataset_scores=pick([e.scores for e in examples]),
             grade=grade if self.config.data.source == "synthetic" else None,
             answer_on_top=bool(self.config.rounds.get("answer_on_top", False)),
             seed=self.config.seed + zlib.crc32(f"{mode.name}/round_{t}/ties".encode()),
@@ -288,16 +309,21 @@ class SelfPlay:
     def ranked_set(self, mode: modes.Mode, t: int, policy: Decoder, K: int) -> dict[str, np.ndarray]:
         """Round t's ranked lists of `mode` (modes.MODES) with the reference log-probs of its mode."""
         path = wd.ranked_set_path(self.workdir, mode.name, t, mode.one_set)
+        prompts = self.round_prompts(mode, t)
 
         def policy_samples(i: int) -> list[TokenIds]:
             # Sample 0 keeps the label self-play has always used; further draws get their own.
             label = f"{mode.name}/round_{t}/samples" + (f"_{i}" if i else "")
             # On screen rounds count from 1, as in the results table (files and metrics: round_<t>, from 0).
-            return self.samples(policy, label, f"{mode.name} round {t + 1} samples" + (f" {i}" if i else ""))
+            desc = f"{mode.name} round {t + 1} samples" + (f" {i}" if i else "")
+            return self.samples(policy, label, desc, prompts)
 
         def build() -> dict[str, np.ndarray]:
-            ranked = mode.build_lists(self._list_sources(mode, t, functools.cache(policy_samples)), K)
-            arrays = ranked_arrays(self.config, self.pad_id, self.data.train_prompt_ids, ranked.lists, k=K)
+            ranked = mode.build_lists(self._list_sources(mode, t, functools.cache(policy_samples), prompts), K)
+            prompt_ids = self.data.train_prompt_ids
+            if prompts is not None:
+                prompt_ids = [prompt_ids[i] for i in prompts]
+            arrays = ranked_arrays(self.config, self.pad_id, prompt_ids, ranked.lists, k=K)
             if mode.ranks_own_sample:  # a diagnostic: how often πθ(t) already gives the answer
                 arrays["policy_sample_correct_N"] = np.array([lst[-1] == lst[0] for lst in ranked.lists], bool)
             if ranked.labels is not None:  # ratings or verifier scores: the pairwise losses weigh pairs by them

@@ -57,8 +57,11 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "rounds.mix_previous",
         "rounds.mix_rescore",
         "rounds.answer_on_top",
+        "rounds.prompts_per_round",
     ),
 }
+# Fields added after workdirs were first written: an older config.json without one ran with this value.
+FIELDS_ADDED_LATER = {"rounds.prompts_per_round": 0}
 # Fields that change only the evaluation: a resumed run evaluates again (eval_<t>.json).
 EVAL_FIELDS = ("eval", "sampling.max_new_tokens")
 # Fields that change results in their last bits only (the reduction order, the attention kernel,

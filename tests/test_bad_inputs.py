@@ -21,6 +21,7 @@ def _config(**overrides):
         ({"sampling.top_p": 1.5}, r"config.sampling.top_p=1.5 must be in \(0, 1\]"),
         ({"sampling.top_k": -1}, r"config.sampling.top_k=-1 must be >= 0"),
         ({"sampling.decode_tp": -2}, r"config.sampling.decode_tp=-2 must be >= 0"),
+        ({"rounds.prompts_per_round": -1}, r"config.rounds.prompts_per_round=-1 must be >= 0"),
         ({"data.max_truncated_fraction": 0.0}, r"max_truncated_fraction=0.0 must be in \(0, 1\]"),
         ({"sft.patience": 0}, r"sft.patience=0 >= 1"),
         ({"loss.sft_weight": -0.5}, r"sft_weight=-0.5 must be >= 0"),
@@ -179,6 +180,15 @@ def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
         match="'rounds.optim.lr' was .*, now 0.1, and the saved work of the rounds stage depends on it .*use a new --workdir",
     ):
         config_lib.check_workdir_config(workdir, changed, config_lib.WORKDIR_KEYS)
+    # A field added after a workdir was written: absent from its config.json, it ran with the default.
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["rounds"]["prompts_per_round"]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'rounds.prompts_per_round' was 0, now 8"):
+        config_lib.check_workdir_config(
+            workdir, config_lib.apply_overrides(config, {"rounds.prompts_per_round": 8}), config_lib.WORKDIR_KEYS
+        )
     # A data file rewritten with the same content (a new mtime) is the same input ...
     train.write_text(train.read_text())
     config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)

@@ -186,3 +186,43 @@ def demo_examples(workdir):
     """The training examples of configs/demo.py:quick as the run read them (its built dataset)."""
     options = dict(demo.get_config("quick").data.options)
     return load_split("synthetic", "train", data_dir=str(workdir / "tfds"), **options)
+
+
+@pytest.mark.slow
+def test_prompts_per_round_ranks_a_new_subset_each_round(tmp_path, main_command):
+    """`rounds.prompts_per_round`: each round samples and ranks that many training prompts (a different random
+    subset per round), the generation budget the second study matches between arms."""
+    workdir = tmp_path / "subset"
+    flags = [
+        "--config.modes=ranked_samples",
+        "--config.loss.K=3",
+        "--config.rounds.prompts_per_round=48",
+        "--config.rounds.num=2",
+        "--config.rounds.max_steps=2",
+    ]
+    proc = main_command.run(workdir, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from pl_dpo.data import grade_answer
+    from pl_dpo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(workdir / "tokenizer")
+    examples = demo_examples(workdir)
+    chosen = []
+    for t in (0, 1):
+        ranked = load_ranked_set(workdir / "ranked_samples" / f"round_{t}" / "ranked.npz")
+        tokens, mask, labels = ranked["tokens_NxKxL"], ranked["loss_mask_NxKxL"], ranked["labels_NxK"]
+        assert tokens.shape[:2] == (48, 3)
+        rows = []
+        for n in range(48):  # which training prompt each row is: the one whose question its prompt holds
+            in_prompt = ranked["attn_valid_NxKxL"][n, 0] & ~mask[n, 0]
+            prompt = tok.decode(tokens[n, 0][in_prompt].tolist(), skip_special_tokens=True)
+            (index,) = [i for i, e in enumerate(examples) if e.prompt == prompt]
+            rows.append(index)
+            for k in range(3):  # the labels are the verifier's grades of that prompt's samples
+                text = tok.decode(tokens[n, k][mask[n, k]].tolist(), skip_special_tokens=True)
+                assert grade_answer(examples[index].task, examples[index].meta, text) == pytest.approx(labels[n, k])
+        assert rows == sorted(set(rows))  # 48 distinct prompts, in data order
+        chosen.append(set(rows))
+    assert chosen[0] != chosen[1]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert len([r for r in records if r["phase"] == "timing/generation" and "round_0" in r["stage"]]) == 3
