@@ -22,10 +22,11 @@ of its seed:
 
 Equal gradient steps: every arm takes 124 steps of 32 lists per round at the same lr (2 epochs of
 62 full batches); rounds.max_steps=125 caps the mixed arm, whose set is twice as large after
-round 1, at one step more. The
-generation budget is *not* equal and the report says what each arm generates: SPIN samples
-each training prompt once per round, triplets once per round plus πθ(0)'s samples once,
-aSFT once per round plus the assistant's once, verifier-ranked lists K times per round.
+round 1, at one step more. Generation: SPIN samples each training prompt once per round,
+triplets once per round plus πθ(0)'s samples once, aSFT once per round plus the assistant's
+once, verifier-ranked lists K times per round. For an equal generation budget, the verifier-
+ranked lists run again on 2000 // K prompts a round (`rounds.prompts_per_round`, a new random
+subset each round: K x 2000 / K samples, as many as SPIN), still at 124 steps a round.
 K=2 verifier-ranked lists are two samples of the policy, the better one on top (not the
 dataset answer: that is SPIN, `rounds.answer_on_top`).
 
@@ -48,6 +49,7 @@ T_VALUES = (0.1, 1.0, 25.0)  # besides the main arms' T=5
 # of seeds 0 and 1: triplets, the self-play arm with the largest gain over continued SFT in answer likelihood,
 # and the verifier-ranked lists at K=3, the listwise arm the issue's expectation is about.
 T_ARMS = ({"modes": "triplet"}, {"modes": "ranked_samples", "loss.K": 3})
+NUM_TRAIN = 2000
 STEPS_PER_ROUND = 125  # a cap above the 124 steps of 2 epochs of 2000 prompts at batch 32 (62 full batches)
 
 
@@ -74,10 +76,28 @@ def _main_arms(seed: int) -> list[dict]:
     ]
 
 
+def _equal_generation_arms(seed: int) -> list[dict]:
+    """Verifier-ranked lists at SPIN's generation budget: K samples of 2000 // K prompts a round (a new random
+    subset each round), still 124 steps a round (more epochs over the smaller set, capped)."""
+    return [
+        {
+            "seed": seed,
+            "modes": "ranked_samples",
+            "loss.K": k,
+            "rounds.prompts_per_round": NUM_TRAIN // k,
+            "rounds.epochs": 9,
+            "rounds.max_steps": 124,
+        }
+        for k in (2, 3, 4)
+    ]
+
+
 def sweep(arg: str | None = None) -> list[dict]:
     """Seed-major main arms first (an interrupted study has every arm of the first seeds), then T."""
     if parse_arg(arg, quick=False).quick:
         return [{"seed": 0}, {"seed": 0, "modes": "ranked_samples", "loss.K": 3}]
     jobs = [job for seed in SEEDS for job in _main_arms(seed)]
     jobs += [{"seed": seed, **arm, "loss.T": T} for seed in SEEDS for arm in T_ARMS for T in T_VALUES]
+    # Added after the first 39 jobs, for the issue's "equal generation budget" (run last, so the others stand).
+    jobs += [job for seed in SEEDS for job in _equal_generation_arms(seed)]
     return jobs

@@ -39,6 +39,7 @@ class Cell:
     sft_weight: float = 0.0  # config.loss.sft_weight (the SFT anchor)
     mix_previous: int = 0  # config.rounds.mix_previous (round mixing)
     answer_on_top: bool = False  # config.rounds.answer_on_top (ranked_samples)
+    prompts_per_round: int = 0  # config.rounds.prompts_per_round (0: every training prompt every round)
 
 
 @dataclasses.dataclass
@@ -174,6 +175,7 @@ def read_job(job: str) -> list[Record]:
             float(cfg["loss"].get("sft_weight", 0.0)),
             int(cfg["rounds"].get("mix_previous", 0)),
             bool(cfg["rounds"].get("answer_on_top", False)),
+            int(cfg["rounds"].get("prompts_per_round", 0) or 0),
         )
         records.append(Record(cell, seed, 0, dict(start), job))
         # Mode "sft" (the control arm) continues the SFT lineage: its policies are sft/eval_1.. .

@@ -54,6 +54,8 @@ def arm_label(cell: Cell) -> str:
         settings.append(f"SFT anchor {cell.sft_weight:g}")
     if cell.answer_on_top:
         settings.append("answer on top")
+    if cell.prompts_per_round:
+        settings.append(f"{cell.prompts_per_round} prompts/round")
     return f"{cell.mode} ({'; '.join(settings)})"
 
 
@@ -70,6 +72,7 @@ def arm_key(cell: Cell) -> tuple:
         cell.mix_previous,
         cell.sft_weight,
         cell.answer_on_top,
+        cell.prompts_per_round,
         cell.T or 0,
         cell.num_train,
         cell.sft_steps,
@@ -348,6 +351,7 @@ class Report:
                     ", ".join(f"{s.mean:.0f}" for s in steps) or "-",
                     str(lists_per_step * c.K),
                     str(mode.policy_samples_per_prompt(c.K, c.answer_on_top)),
+                    str(mode.policy_samples_per_prompt(c.K, c.answer_on_top) * (c.prompts_per_round or c.num_train)),
                     str(mode.cached_samples_per_prompt(c.K)),
                 ]
             )
@@ -355,10 +359,18 @@ class Report:
             "## Compute per round\n\n"
             "Gradient steps per round (measured from metrics.jsonl, rounds 1..), sequences per step (lists of "
             f"{lists_per_step} x K responses; the control arm's are dataset answers), and generation: samples of "
-            "πθ(t) per training prompt every round, and samples generated once (assistant's, πθ(0)'s) and reused "
+            "πθ(t) per ranked prompt and per round in all (an arm with `rounds.prompts_per_round` ranks that many "
+            "prompts a round), and samples per training prompt generated once (assistant's, πθ(0)'s) and reused "
             "by every round.\n\n"
             + _table(
-                ["arm", "steps per round", "sequences per step", "πθ(t) samples / prompt / round", "cached / prompt"],
+                [
+                    "arm",
+                    "steps per round",
+                    "sequences per step",
+                    "πθ(t) samples / prompt",
+                    "πθ(t) samples / round",
+                    "cached / prompt",
+                ],
                 rows,
             )
             + "\n"
@@ -367,10 +379,10 @@ class Report:
     def K_section(self) -> str:
         """Does ranking more than two responses help? Arms of one family at several K, paired with its K=2."""
         arms = self.ref_arms()
-        families: dict[tuple, list[Cell]] = {}
+        families: dict[Cell, list[Cell]] = {}  # arms that differ in K only
         for c in arms:
             if c.mode != "sft":
-                families.setdefault((c.mode, c.variant, c.mix_previous, c.sft_weight, c.answer_on_top), []).append(c)
+                families.setdefault(dataclasses.replace(c, K=0), []).append(c)
         comparisons = []
         for cells in families.values():
             base = next((c for c in cells if c.K == 2), None)
@@ -380,14 +392,16 @@ class Report:
         )
         if spin is not None:  # the K=3 self-play arms against SPIN (same lists plus a middle rank)
             comparisons += [(c, spin) for c in arms if c.mode in ("asft", "triplet", "ladder")]
+            # Verifier-ranked lists on a subset of prompts sized to SPIN's generation (K samples of N/K prompts).
+            comparisons += [(c, spin) for c in arms if c.prompts_per_round and mode_of(c).needs_verifier]
         if not comparisons:
             return ""
         rounds = sorted({t for c, _ in comparisons for t in self.rounds(c)} - {0})
         out = [
             "## More than two ranks at the same number of steps\n\n"
             "Per seed, the arm minus its K=2 counterpart (verifier-ranked lists: K samples against two; "
-            "self-play triplets and aSFT: against SPIN, whose lists they extend by a middle rank), then mean ± std "
-            "over seeds.\n"
+            "self-play triplets and aSFT: against SPIN, whose lists they extend by a middle rank; verifier-ranked lists "
+            "on N/K prompts a round: against SPIN, which generates as many samples), then mean ± std over seeds.\n"
         ]
         for metric in ("exact_match", "answer_logp_per_token"):
             rows = [

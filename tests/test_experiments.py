@@ -72,6 +72,17 @@ def test_study2_sweep_has_every_arm_at_equal_steps_and_a_T_sweep():
         for arm in study2.T_ARMS:  # four temperatures over two orders of magnitude
             ts = sorted(temps[(arm["modes"], arm.get("loss.K", 0), "pl", 0, 0.0)])
             assert len(ts) == 4 and ts[-1] / ts[0] >= 100
+    # Equal generation: verifier-ranked lists on 2000 // K prompts a round generate as many samples as SPIN.
+    subset = [c for c in resolved if c.rounds.prompts_per_round]
+    assert sorted({(c.loss.K, c.loss.K * c.rounds.prompts_per_round) for c in subset}) == [
+        (2, 2000),
+        (3, 1998),
+        (4, 2000),
+    ]
+    assert len(subset) == 3 * len(study2.SEEDS) and all(c.rounds.max_steps == 124 for c in subset)
+    # ... and enough epochs over the subset for the full 124 steps.
+    assert all(c.rounds.epochs * (c.rounds.prompts_per_round // c.rounds.batch_size) >= 124 for c in subset)
+    resolved = [c for c in resolved if not c.rounds.prompts_per_round]
     # Equal gradient steps: one step cap, three rounds, the converged (early-stopped) SFT start everywhere.
     assert {
         (c.rounds.max_steps, c.rounds.num, c.rounds.batch_size, c.sft.steps, c.sft.eval_every) for c in resolved
