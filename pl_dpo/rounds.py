@@ -207,6 +207,7 @@ class SelfPlay:
         arrays = self.data.sft_arrays
         if prompts is not None:
             arrays = {name: a[prompts] for name, a in arrays.items()}
+            arrays["example_ids_N"] = np.arange(len(prompts))  # responses come back in the subset's order
         with self.timed(label, "generation"):
             return generation.sample_responses(
                 model,
