@@ -396,20 +396,25 @@ class Report:
             comparisons += [(c, spin) for c in arms if c.prompts_per_round and mode_of(c).needs_verifier]
         if not comparisons:
             return ""
-        rounds = sorted({t for c, _ in comparisons for t in self.rounds(c)} - {0})
         out = [
             "## More than two ranks at the same number of steps\n\n"
             "Per seed, the arm minus its K=2 counterpart (verifier-ranked lists: K samples against two; "
             "self-play triplets and aSFT: against SPIN, whose lists they extend by a middle rank; verifier-ranked lists "
             "on N/K prompts a round: against SPIN, which generates as many samples), then mean ± std over seeds.\n"
         ]
+        return "\n".join(out + self.difference_tables(comparisons))
+
+    def difference_tables(self, pairs: list[tuple[Cell, Cell]]) -> list[str]:
+        """Per metric, a table of `arm − base` paired by seed at every round both have run."""
+        rounds = sorted({t for c, _ in pairs for t in self.rounds(c)} - {0})
+        out = []
         for metric in ("exact_match", "answer_logp_per_token"):
             rows = [
                 [f"{arm_label(c)} − {arm_label(b)}"] + [self.paired(metric, c, t, b, t).fmt() for t in rounds]
-                for c, b in comparisons
+                for c, b in pairs
             ]
             out.append(f"**{metric}**\n\n" + _table(["difference"] + [f"round {t}" for t in rounds], rows) + "\n")
-        return "\n".join(out)
+        return out
 
     def switches_section(self) -> str:
         """Each method switch against the same arm without it (round mixing, the SFT anchor, another loss)."""
@@ -418,15 +423,7 @@ class Report:
         pairs = [(c, plain(c)) for c in arms if c != plain(c) and plain(c) in arms]
         if not pairs:
             return ""
-        rounds = sorted({t for c, _ in pairs for t in self.rounds(c)} - {0})
-        out = ["## Method switches against the same arm without them\n"]
-        for metric in ("exact_match", "answer_logp_per_token"):
-            rows = [
-                [f"{arm_label(c)} − {arm_label(b)}"] + [self.paired(metric, c, t, b, t).fmt() for t in rounds]
-                for c, b in pairs
-            ]
-            out.append(f"**{metric}**\n\n" + _table(["difference"] + [f"round {t}" for t in rounds], rows) + "\n")
-        return "\n".join(out)
+        return "\n".join(["## Method switches against the same arm without them\n", *self.difference_tables(pairs)])
 
     def diagnostics_section(self) -> str:
         cells = [c for c in self.all_cells if c.mode != "sft" and c.num_train == self.ref_n]
