@@ -257,7 +257,10 @@ def test_quick_study2_end_to_end(tmp_path):
     text = report.build(sweep_dir, out)
     for heading in ("## The SFT start", "## Compute per round", "## More than two ranks", "## Training diagnostics"):
         assert heading in text
-    assert "| ranked_samples (K=3) | 4 | 96 | 3 | 0 |" in text and "| triplet (K=3) | 4 | 96 | 1 | 1 |" in text
+    assert (
+        "| ranked_samples (K=3) | 4 | 96 | 3 | 1200 | 0 |" in text
+        and "| triplet (K=3) | 4 | 96 | 1 | 400 | 1 |" in text
+    )
     assert "| triplet (K=3) − spin (K=2) |" in text
     assert "## Method switches" not in text  # the quick form has no switch
     with open(tmp_path / "plots" / "paired_vs_control.png", "rb") as f:
