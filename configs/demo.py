@@ -10,15 +10,15 @@ answer > assistant sample > own sample). The run ends with a table of held-out e
 (greedy decoding checked by the task checker), answer log-likelihood, implicit-reward
 accuracy and win rate against the SFT policy.
 
-Expected (measured, seed 0): exact match 0.160 (SFT) -> 0.203 / 0.217 / 0.250 (SPIN
-rounds 1-3) and 0.180 / 0.213 / 0.243 (aSFT), answer log-likelihood -5.64 -> -5.11 / -5.15.
+Expected (measured, seed 0): exact match 0.160 (SFT) -> 0.220 / 0.220 / 0.240 (SPIN
+rounds 1-3) and 0.187 / 0.193 / 0.233 (aSFT), answer log-likelihood -5.64 -> -5.12 / -5.15.
 Add `--config.modes=spin,asft,sft` for the control arm (the same steps spent on more SFT
 epochs): it reaches 0.340, more than either self-play arm, because 300 SFT steps are far
 from converged (experiments/RESULTS_study1.md studies this; the second study,
 experiments/RESULTS.md, starts from a converged SFT).
 
 T=5 rather than the paper's 0.1: on this task T <= 0.1 *lowers* exact match and answer
-likelihood (0.157 -> 0.057 -> 0.010 over two SPIN rounds at T=0.1, lr 1e-4): at small T the
+likelihood (0.160 -> 0.040 -> 0.017 over two SPIN rounds at T=0.1, lr 1e-4): at small T the
 push-down of the policy's own samples does not saturate and drags the answers' likelihood
 down with it (both share most tokens). `get_config("quick")` is the shortened form used by
 the tests.
