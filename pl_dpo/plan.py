@@ -374,6 +374,11 @@ def _oom_summary(text: str) -> str:
 # ----------------------------------------------------------------------------- analytic bounds
 
 
+def _fsdp_size(s: Slice, mesh_axes: tuple[int, int, int]) -> int:
+    """The "fsdp" axis of the mesh `mesh_axes` (data, fsdp, tensor; fsdp -1: the rest) on the chips of `s`."""
+    return mesh_axes[1] if mesh_axes[1] > 0 else s.num_chips // max(mesh_axes[0] * mesh_axes[2], 1)
+
+
 def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[float, str, str]:
     """A lower bound on the program's time from FLOPs, HBM bytes and ICI bytes at the chip's peaks.
 
@@ -392,7 +397,7 @@ def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[f
     n = cfg.num_params()
     cdt = 2 if cfg.compute_dtype == "bfloat16" else 4
     pdt = 2 if cfg.param_dtype == "bfloat16" else 4
-    fsdp = mesh_axes[1] if mesh_axes[1] > 0 else chips // max(mesh_axes[0] * mesh_axes[2], 1)
+    fsdp = _fsdp_size(s, mesh_axes)
     gather = (fsdp - 1) / fsdp
     attn_per_token = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # QK^T and PV per context position
     if p.kind in ("train", "score"):
@@ -536,8 +541,7 @@ def programs_of(config, notes: list[str]) -> list[Program]:
 def decode_tp_bounds(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> dict[int, float]:
     """The sampler's time bound per token for every tensor-parallel group it can take on `s` (the divisors of
     the fsdp size), without compiling: what `sampling.decode_tp` would give by bandwidth alone."""
-    chips = s.num_chips
-    fsdp = mesh_axes[1] if mesh_axes[1] > 0 else chips // max(mesh_axes[0] * mesh_axes[2], 1)
+    fsdp = _fsdp_size(s, mesh_axes)
     return {
         tp: time_bound(dataclasses.replace(p, decode_tp=tp), s, mesh_axes)[0]
         for tp in range(1, fsdp + 1)
