@@ -92,11 +92,20 @@ def _check_prompts(
         ids = tokens[b, -n:]
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise ValueError(f"prompt row {b} has a token id outside [0, {vocab_size})")
-        if n + sampling.max_new_tokens > max_positions:
-            raise ValueError(
-                f"prompt row {b}: {n} prompt tokens + max_new_tokens={sampling.max_new_tokens} exceed the "
-                f"model's context (max_position_embeddings={max_positions})"
-            )
+    _check_context(valid, max_positions, sampling)
+
+
+def _check_context(valid: np.ndarray, max_positions: int, sampling: SamplingConfig) -> None:
+    """Every row's prompt plus `max_new_tokens` within the model's context; the error names the first row that is
+    not, and how many are not."""
+    plen = np.asarray(valid).sum(-1)
+    too_long = np.flatnonzero(plen + sampling.max_new_tokens > max_positions)
+    if too_long.size:
+        b = int(too_long[0])
+        raise ValueError(
+            f"prompt row {b}: {plen[b]} prompt tokens + max_new_tokens={sampling.max_new_tokens} exceed the "
+            f"model's context (max_position_embeddings={max_positions}); {too_long.size} of {len(plen)} rows do"
+        )
 
 
 def _typed_key(rng) -> jax.Array:
@@ -464,15 +473,7 @@ def generate_responses(
     `group_by_length=False`: batches in dataset order (what length grouping is measured against)."""
     n, longest = arrays["prompt_tokens_NxP"].shape
     # Checked here, before batching reorders the prompts, so that the error names the prompt's own index.
-    plen_N = np.asarray(arrays["prompt_valid_NxP"]).sum(-1)
-    context = model.config.max_position_embeddings
-    too_long = np.flatnonzero(plen_N + sampling.max_new_tokens > context)
-    if too_long.size:
-        i = int(too_long[0])
-        raise ValueError(
-            f"prompt {i} ({too_long.size} of {n} prompts in all): {plen_N[i]} prompt tokens + max_new_tokens="
-            f"{sampling.max_new_tokens} exceed the model's context (max_position_embeddings={context})"
-        )
+    _check_context(arrays["prompt_valid_NxP"], model.config.max_position_embeddings, sampling)
     order_N = length_order(arrays["prompt_valid_NxP"]) if group_by_length else np.arange(n)
     grouped = {k: arrays[k][order_N] for k in ("prompt_tokens_NxP", "prompt_valid_NxP")}
     grouped["example_ids_N"] = order_N
