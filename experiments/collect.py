@@ -110,19 +110,19 @@ def _train_summary(metrics_path: str) -> dict[tuple[str, int], dict[str, float]]
     return out
 
 
-def _rank_correct(job: str, mode: str, t: int) -> dict[str, float]:
+def _rank_correct(job: str, cell: Cell, t: int) -> dict[str, float]:
     """Round t's ranked set: the fraction of prompts whose rank-k response equals the answer (rank 0),
     for k = 1..K-1 (assistant samples, then the policy's own sample last). Verifier-ranked lists
     (graded labels, no answer on top): the fraction whose best sample is fully correct (grade 1) and
     the fraction whose K samples all tie (no preference to learn)."""
-    path = wd.ranked_set_path(job, mode, t)
+    path = wd.ranked_set_path(job, cell.mode, t)
     if not os.path.exists(path):
         return {}
     with np.load(path) as z:
         tokens, mask = z["tokens_NxKxL"], z["loss_mask_NxKxL"].astype(bool)
         labels = z["labels_NxK"] if "labels_NxK" in z.files else None
     K = tokens.shape[1]
-    if labels is not None and modes.get(mode).needs_verifier and float(labels[:, 0].max()) <= 1.0:
+    if labels is not None and modes.get(cell.mode).needs_verifier and not cell.answer_on_top:
         return {
             "top_sample_correct": float(np.mean(labels[:, 0] >= 1.0)),
             "tied_lists": float(np.mean(np.all(labels == labels[:, :1], axis=1))),
@@ -185,7 +185,7 @@ def read_job(job: str) -> list[Record]:
                 continue
             metrics = dict(_read_json(path)["metrics"])
             metrics.update(train.get((mode, t - 1), {}))
-            metrics.update(_rank_correct(job, mode, t - 1))
+            metrics.update(_rank_correct(job, cell, t - 1))
             records.append(Record(cell, seed, t, metrics, job))
     return records
 
