@@ -104,20 +104,24 @@ def parse_flag_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]
     return out
 
 
+def _parent(tree: Any, dotted: str) -> tuple[dict | None, str]:
+    """The dict holding the last part of `dotted` in a JSON tree (None: a part on the way is missing), and that part."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return (tree if isinstance(tree, dict) else None), leaf
+
+
 def _without_numerics(value: Any, key: str) -> Any:
     """`value` (found at dotted `key`) without the NUMERICS_FIELDS below it: a resumed run may change those."""
     if not isinstance(value, dict):
         return value
     value = copy.deepcopy(value)
     for field in workdir_lib.NUMERICS_FIELDS:
-        if not field.startswith(key + "."):
-            continue
-        *parents, leaf = field[len(key) + 1 :].split(".")
-        node = value
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        if field.startswith(key + "."):
+            node, leaf = _parent(value, field[len(key) + 1 :])
+            if node is not None:
+                node.pop(leaf, None)
     return value
 
 
@@ -141,11 +145,8 @@ def check_workdir_config(
         return
     old = json.loads(path.read_text())
     for field, value in workdir_lib.FIELDS_ADDED_LATER.items():  # what an older config.json ran with
-        *parents, leaf = field.split(".")
-        node = old
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _parent(old, field)
+        if node is not None:
             node.setdefault(leaf, value)
     for key in keys_that_must_match:
         a, b = _without_numerics(lookup(old, key), key), _without_numerics(lookup(new, key), key)
