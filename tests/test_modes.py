@@ -168,18 +168,24 @@ def test_verifier_ranked_samples_end_to_end(tmp_path, main_command):
     ranked = load_ranked_set(workdir / "ranked_samples" / "round_0" / "ranked.npz")
     labels = ranked["labels_NxK"]
     assert labels.shape[1] == 3 and (labels[:, 0] == 2.0).all() and (np.diff(labels, axis=1) <= 0).all()
-    from pl_dpo.data import grade_answer
     from pl_dpo.tokenizer import load_tokenizer
 
     tok = load_tokenizer(workdir / "tokenizer")
     sp_examples = demo_examples(workdir)
     for n in range(0, len(labels), 37):
         for k in (1, 2):
-            ids = ranked["tokens_NxKxL"][n, k][ranked["loss_mask_NxKxL"][n, k]].tolist()
-            text = tok.decode(ids, skip_special_tokens=True)
-            assert grade_answer(sp_examples[n].task, sp_examples[n].meta, text) == pytest.approx(labels[n, k])
+            assert_label_is_the_grade(ranked, tok, n, k, sp_examples[n])
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert len([r for r in records if r["phase"] == "ranked_samples/round_0"]) == 4
+
+
+def assert_label_is_the_grade(ranked, tok, n: int, k: int, example) -> None:
+    """Response k of row n of a verifier-ranked set carries the verifier's grade of it as its label."""
+    from pl_dpo.data import grade_answer
+
+    ids = ranked["tokens_NxKxL"][n, k][ranked["loss_mask_NxKxL"][n, k]].tolist()
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert grade_answer(example.task, example.meta, text) == pytest.approx(ranked["labels_NxK"][n, k])
 
 
 def demo_examples(workdir):
@@ -202,7 +208,6 @@ def test_prompts_per_round_ranks_a_new_subset_each_round(tmp_path, main_command)
     ]
     proc = main_command.run(workdir, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from pl_dpo.data import grade_answer
     from pl_dpo.tokenizer import load_tokenizer
 
     tok = load_tokenizer(workdir / "tokenizer")
@@ -210,7 +215,7 @@ def test_prompts_per_round_ranks_a_new_subset_each_round(tmp_path, main_command)
     chosen = []
     for t in (0, 1):
         ranked = load_ranked_set(workdir / "ranked_samples" / f"round_{t}" / "ranked.npz")
-        tokens, mask, labels = ranked["tokens_NxKxL"], ranked["loss_mask_NxKxL"], ranked["labels_NxK"]
+        tokens, mask = ranked["tokens_NxKxL"], ranked["loss_mask_NxKxL"]
         assert tokens.shape[:2] == (48, 3)
         rows = []
         for n in range(48):  # which training prompt each row is: the one whose question its prompt holds
@@ -219,8 +224,7 @@ def test_prompts_per_round_ranks_a_new_subset_each_round(tmp_path, main_command)
             (index,) = [i for i, e in enumerate(examples) if e.prompt == prompt]
             rows.append(index)
             for k in range(3):  # the labels are the verifier's grades of that prompt's samples
-                text = tok.decode(tokens[n, k][mask[n, k]].tolist(), skip_special_tokens=True)
-                assert grade_answer(examples[index].task, examples[index].meta, text) == pytest.approx(labels[n, k])
+                assert_label_is_the_grade(ranked, tok, n, k, examples[index])
         assert rows == sorted(set(rows))  # 48 distinct prompts, in data order
         chosen.append(set(rows))
     assert chosen[0] != chosen[1]
