@@ -289,8 +289,6 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
     chip = next((c for c in CHIPS.values() if c.device_kind == mesh.devices.flat[0].device_kind), None)
     mesh_shape = tuple(int(mesh.shape[a]) for a in sharding.MESH_AXES)
     max_len = p.prompt_len + p.new_tokens
-    if p.decode_tp and mesh_shape[1] % p.decode_tp:
-        raise ValueError(f"config.sampling.decode_tp={p.decode_tp} must divide the mesh's fsdp size {mesh_shape[1]}")
     tp = p.decode_tp or sampler.decode_tp_split(p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None)
     layout = sampler.decode_layout(mesh.devices, mesh_shape, tp)
     batch = -(-p.batch // layout.groups) * layout.groups

@@ -237,6 +237,8 @@ def training_mesh_shape(state) -> tuple[tuple[int, int, int], np.ndarray]:
 
 def decode_layout(devices: np.ndarray, mesh_shape: tuple[int, int, int], tp: int) -> DecodeLayout:
     d, f, t = mesh_shape
+    if tp < 1 or f % tp:  # a group size set by hand (config.sampling.decode_tp); decode_tp_split's always divide
+        raise ValueError(f"config.sampling.decode_tp={tp} must divide the mesh's fsdp size {f}")
     mesh = Mesh(np.asarray(devices).reshape(d, f // tp, tp, t), DECODE_AXES, axis_types=(AxisType.Auto,) * 4)
     return DecodeLayout(mesh)
 
@@ -310,8 +312,6 @@ def decode_weights(model: Decoder, batch: int, max_len: int, *, tp: int | None =
     if tp is None:
         hbm = hbm_bytes if hbm_bytes is not None else _chip_memory(devices)
         tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm)
-    elif tp < 1 or mesh_shape[1] % tp:
-        raise ValueError(f"config.sampling.decode_tp={tp} must divide the mesh's fsdp size {mesh_shape[1]}")
     layout = decode_layout(devices, mesh_shape, tp)
     rest, layers = _relayout(layers_state, rest_state, **relayout_settings(cfg, layers_state, rest_state, layout))
     return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)
