@@ -196,10 +196,13 @@ def test_other_url_schemes_are_refused_in_one_line(tmp_path, main_command, url):
     assert os.listdir(tmp_path) == []
 
 
-# Checkpoints every 2 steps: round 0 (4 steps) has a committed mid-round state to be killed after.
+# Checkpoints every 2 steps: round 0 has a committed mid-round state to be killed after. Its 12
+# steps leave five more bucket saves (seconds) between the step-2 commit the test waits for and
+# round 0's policy: the test's polling of the bucket lags behind the run, more so on a loaded machine.
 OVERRIDES = [
     "--config.modes=spin",
     "--config.sft.steps=8",
+    "--config.rounds.max_steps=12",
     "--config.checkpoint.save_every_steps=2",
     "--config.export_hf=True",
 ]
@@ -233,19 +236,22 @@ def test_killed_bucket_run_resumes_to_the_results_of_a_local_run(gcs, tmp_path, 
     cwd.mkdir()
     env = dict(main_command.env(), **gcs.env, PYTHONPATH=REPO, PL_DPO_CACHE=str(tmp_path / "cache"))
     argv = main_command.argv(workdir, *OVERRIDES, config=f"{REPO}/configs/demo.py:quick")
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    mid_round = wd.train_state_dir(wd.round_dir(workdir, "spin", 0)) + "/2"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if wd.step_committed(mid_round, ("params", "opt_state", "extra")):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed_log = tmp_path / "killed_run.log"  # what the killed run printed, for a failure's message
+    with open(killed_log, "w") as log:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        mid_round = wd.train_state_dir(wd.round_dir(workdir, "spin", 0)) + "/2"
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if wd.step_committed(mid_round, ("params", "opt_state", "extra")):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    printed = killed_log.read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}):\n{printed}"
     # Killed mid-round: round 0's ranked set is committed, its policy (πθ(1)) is not; the lock is left behind.
-    assert stages.exists(wd.ranked_set_path(workdir, "spin", 0))
-    assert not wd.policy_committed(workdir, "spin", 1)
+    assert stages.exists(wd.ranked_set_path(workdir, "spin", 0)), printed
+    assert not wd.policy_committed(workdir, "spin", 1), "killed too late: round 0 had already ended"
     assert epath.Path(workdir, wd.LOCK_NAME).exists()
 
     resumed = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

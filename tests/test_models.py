@@ -100,7 +100,9 @@ def test_bf16_compute_close_to_f32_and_remat_and_xla_attention_equal():
         m = create_model(cfg.replace(remat=remat), seed=0)
         nnx.update(m, state)
         for a, b in zip(g_ref, jax.tree.leaves(jax.jit(nnx.grad(loss))(m))):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=remat)
+            # Jitted against eager: XLA fuses and orders the sums differently (gradients up to ~3 here;
+            # a remat bug would be off by O(1), not by float32 rounding).
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=remat)
 
 
 def test_param_paths_and_preset_sizes():

@@ -50,7 +50,8 @@ def test_values_and_gradients_match_einsum(padding, window):
     (la, out_a), grads_a = jax.value_and_grad(lambda *x: loss(einsum, *x), argnums=(0, 1, 2), has_aux=True)(q, k, v)
     (lb, out_b), grads_b = jax.value_and_grad(lambda *x: loss(splash, *x), argnums=(0, 1, 2), has_aux=True)(q, k, v)
     np.testing.assert_allclose(np.where(real, out_b, 0), np.where(real, out_a, 0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    # A sum of ~4600 float32 terms of either sign: its rounding error is absolute, not relative to the sum.
+    np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-4)
     for ga, gb in zip(grads_a, grads_b):
         np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-5)
 
