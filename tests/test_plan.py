@@ -172,7 +172,7 @@ def test_cli_plans_the_demo_config_and_every_program_fits(capsys):
     assert result["fits"] and all(p["fits"] and p["compiler_total_bytes"] > 0 for p in result["programs"])
 
 
-@pytest.mark.slow  # 1-3 min: a 1B step compiled at several micro-batch sizes
+@pytest.mark.slow  # ~55 s on a slow 2-core machine: a 1B step compiled at several micro-batch sizes
 def test_a_step_that_does_not_fit_gets_the_nearest_setting_that_does(capsys):
     # A 1B model at 1024 lists of 2 x 512 tokens on a v5e-4: the activations do not fit 16 GiB chips;
     # the planner compiles micro-batches with gradient accumulation until one fits and names its flags.
