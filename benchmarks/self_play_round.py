@@ -5,7 +5,7 @@ and with the plain layout, twice each in turn (once on a GPU); the last pass is 
 read their programs from the same warm persistent compilation cache. Every run after the first resumes the same
 workdir after its SPIN lineage is deleted (SFT and its evaluation are shared; `data.pack_prompt` is a
 numerics-only field), so every round starts from the same πθ(0). The split comes from the `timing/*`
-records `pl_dpo.rounds.SelfPlay` writes to `metrics.jsonl`; `round_s` is their sum for round 0.
+records `pl_dpo.selfplay.rounds.SelfPlay` writes to `metrics.jsonl`; `round_s` is their sum for round 0.
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ import jax
 import numpy as np
 
 from benchmarks.common import Profile, compiled_bytes, median_seconds, peaks, row
-from pl_dpo import losses, phase, sharding, train
+from pl_dpo import losses, sharding
 from pl_dpo.data import BatchIterator, assemble_ranked
 from pl_dpo.models import DecoderConfig, create_model, preset_config, save_pretrained
+from pl_dpo.training import phase, train
 
 
 @dataclasses.dataclass(frozen=True)

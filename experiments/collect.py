@@ -20,8 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import yaml  # PyYAML: a dependency of ml-collections
 
-from pl_dpo import modes
-from pl_dpo import workdir as wd
+from pl_dpo.selfplay import modes
+from pl_dpo.workdir import layout as wd
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import Cell, Record, aggregate, read_config, read_sweep, stat  # noqa: E402
 
-from pl_dpo import modes  # noqa: E402
+from pl_dpo.selfplay import modes  # noqa: E402
 
 # The control arm first, then the modes in the order of their table.
 ARM_ORDER = {"sft": 0, **{name: i + 1 for i, name in enumerate(m for m in modes.MODES if m != "sft")}}

@@ -41,13 +41,13 @@ if REPO not in sys.path:
 
 from tqdm import tqdm  # noqa: E402
 
-from pl_dpo import workdir as wd  # noqa: E402
 from pl_dpo.config_lib import apply_overrides, lookup, plain  # noqa: E402
+from pl_dpo.workdir import layout as wd  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import read_config  # noqa: E402
 
-# Config fields each deterministic stage depends on (pl_dpo.workdir.STAGE_FIELDS): a stage is copied
+# Config fields each deterministic stage depends on (pl_dpo.workdir.layout.STAGE_FIELDS): a stage is copied
 # only when all of them agree, the mesh too (shared work must be bit-identical), and for πθ(0),
 # copied with its evaluation, the evaluation settings.
 STAGE_KEYS = {

@@ -19,9 +19,11 @@ import jax
 import ml_collections
 from etils import epath
 
-from pl_dpo import losses, modes, sampler, train
-from pl_dpo import workdir as workdir_lib
+from pl_dpo import losses, sampler
 from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
+from pl_dpo.selfplay import modes
+from pl_dpo.training import train
+from pl_dpo.workdir import layout as workdir_lib
 
 # Keys that must not change between runs on one workdir: every stage's (workdir.STAGE_FIELDS).
 # Not there: rounds.num (more rounds continue a run), eval.* (a change re-evaluates), mesh,

@@ -52,11 +52,13 @@ def main(argv: list[str]) -> None:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    from pl_dpo import config_lib, evaluate, plots, rounds  # after distributed init: they touch devices
+    from pl_dpo import config_lib, evaluate  # after distributed init: they touch devices
+    from pl_dpo.selfplay import rounds
     from pl_dpo.data import DataError
     from pl_dpo.models.hf_io import TensorFileError
-    from pl_dpo.preemption import Preempted
-    from pl_dpo.workdir import WorkdirLock, WorkdirLocked, compilation_cache_dir
+    from pl_dpo.training.preemption import Preempted
+    from pl_dpo.workdir import plots
+    from pl_dpo.workdir.layout import WorkdirLock, WorkdirLocked, compilation_cache_dir
 
     # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
     user_errors = (config_lib.ConfigError, config_lib.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)
@@ -96,8 +98,8 @@ def main(argv: list[str]) -> None:
 
 def workdir_error(path: str) -> str | None:
     """Why `path` cannot be a workdir, or None. Every file of a run goes through etils.epath, which
-    speaks gs:// (pl_dpo.bucket); any other URL would become a local folder named after its scheme."""
-    from pl_dpo import bucket
+    speaks gs:// (pl_dpo.workdir.bucket); any other URL would become a local folder named after its scheme."""
+    from pl_dpo.workdir import bucket
 
     scheme = bucket.unsupported_scheme(path)
     if scheme:

@@ -21,8 +21,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from sharded_state import create_sharded_optimizer
 
-from pl_dpo import checkpoint as ckpt_lib
 from pl_dpo import sharding as shd
+from pl_dpo.training import checkpoint as ckpt_lib
 
 D, F = 8, 16
 

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from configs import demo
-from pl_dpo import config_lib, run_data
-from pl_dpo.metric_log import MetricLog
-from pl_dpo.phase import epochs_for_steps
+from pl_dpo import config_lib
+from pl_dpo.selfplay import run_data
+from pl_dpo.training.phase import epochs_for_steps
+from pl_dpo.workdir.metric_log import MetricLog
 
 
 def _config(**overrides):
@@ -121,7 +122,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, main_command):
     assert last == "error: config.sampling.temperature=0.0 must be > 0 (or set greedy=True)"
     assert "Traceback" not in proc.stderr
     # A second run on a workdir in use is refused the same way, before any work.
-    from pl_dpo.workdir import WorkdirLock
+    from pl_dpo.workdir.layout import WorkdirLock
 
     (tmp_path / "busy").mkdir()
     with WorkdirLock(tmp_path / "busy"):
@@ -135,7 +136,7 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
     import subprocess
     import sys
 
-    from pl_dpo.workdir import WorkdirLock, WorkdirLocked
+    from pl_dpo.workdir.layout import WorkdirLock, WorkdirLocked
 
     with WorkdirLock(tmp_path):
         with pytest.raises(WorkdirLocked, match=f"is in use by pid {os.getpid()} on .* since"):
@@ -234,7 +235,7 @@ def test_a_file_as_workdir_is_refused(tmp_path, main_command):
 def test_more_steps_than_the_data_gives_says_how_many_run(tmp_path, caplog):
     from test_train import LOSS, ranked_arrays, train_tiny_phase
 
-    from pl_dpo import train
+    from pl_dpo.training import train
 
     objective = train.pl_dpo_objective(LOSS, chunk_size=8)
     with caplog.at_level("WARNING"):

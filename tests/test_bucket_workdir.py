@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from etils import epath
 
-from pl_dpo import bucket, stages
-from pl_dpo import workdir as wd
 from pl_dpo.data import load_ranked_set
+from pl_dpo.selfplay import stages
+from pl_dpo.workdir import bucket
+from pl_dpo.workdir import layout as wd
 
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
@@ -67,7 +68,7 @@ def test_layout_and_stage_files_in_a_bucket(gcs, tmp_path, monkeypatch):
     epath.Path(step, wd.CHECKPOINT_METADATA).write_text(json.dumps({"commit_timestamp_nsecs": 12}))
     assert wd.policy_committed(w, "sft", 0) and not wd.step_committed(step, ("params", "opt_state"))
     # A step a killed save left uncommitted is moved aside (a copy and a delete in a bucket), never deleted.
-    from pl_dpo import checkpoint
+    from pl_dpo.training import checkpoint
 
     train = epath.Path(wd.train_state_dir(wd.round_dir(w, "spin", 0)))
     (train / "4" / "params" / "x").write_text("x")
@@ -100,7 +101,7 @@ def test_folders_are_uploaded_with_their_marker_last(gcs, tmp_path):
 
 
 def test_metric_log_reaches_the_bucket_at_commit_points(gcs):
-    from pl_dpo.metric_log import MetricLog
+    from pl_dpo.workdir.metric_log import MetricLog
 
     w = f"{gcs.url}/metrics"
     path = epath.Path(w, "metrics.jsonl")

@@ -22,9 +22,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from sharded_state import create_sharded_optimizer
 
-from pl_dpo import checkpoint as ck
 from pl_dpo import config_lib
 from pl_dpo import sharding as shd
+from pl_dpo.training import checkpoint as ck
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multiprocess_ckpt_worker.py"

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from configs import demo
-from pl_dpo import config_lib, evaluate, run_data, scoring
+from pl_dpo import config_lib, evaluate, scoring
 from pl_dpo.data import check_answer
-from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import create_model
+from pl_dpo.selfplay import run_data
+from pl_dpo.workdir.metric_log import MetricLog
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from configs import common, demo, offline, spin
-from pl_dpo import config_lib, losses, modes, train
+from pl_dpo import config_lib, losses
+from pl_dpo.selfplay import modes
+from pl_dpo.training import train
 
 
 def _sources(n=3, calls=None, **fields):

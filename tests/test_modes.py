@@ -109,7 +109,8 @@ def test_offline_ladder_and_sft_modes(offline_run):
     assert len(mixed["tokens_NxKxL"]) == 2 * n and not os.path.exists(workdir / "triplet" / "round_0" / "mixed.npz")
     np.testing.assert_array_equal(mixed["tokens_NxKxL"][:n], round0["tokens_NxKxL"])
     np.testing.assert_array_equal(mixed["ref_logps_NxK"][n:], ranked["ref_logps_NxK"])
-    from pl_dpo import rounds, scoring
+    from pl_dpo import scoring
+    from pl_dpo.selfplay import rounds
 
     sp = rounds.SelfPlay(_config(workdir), str(workdir))
     policy1 = sp.restore_policy("triplet", sp.config.model, 1)
@@ -139,7 +140,7 @@ def test_exported_policy_loads_in_transformers(offline_run):
 
     import jax.numpy as jnp
 
-    from pl_dpo import rounds
+    from pl_dpo.selfplay import rounds
 
     config = _config(workdir)
     sp = rounds.SelfPlay(config, str(workdir))

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from pl_dpo import rounds, scoring
+from pl_dpo import scoring
 from pl_dpo.data import load_ranked_set
+from pl_dpo.selfplay import rounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["--config.modes=spin", "--config.mesh.num_devices=0", "--config.rounds.max_steps=4"]

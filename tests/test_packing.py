@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pl_dpo import losses, scoring, sharding, train
+from pl_dpo import losses, scoring, sharding
 from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, assemble_ranked
 from pl_dpo.data.packing import gather_packed, packed_buckets, packed_lengths, scored_slots
 from pl_dpo.models import create_model, preset_config
+from pl_dpo.training import train
 
 VOCAB = 96
 

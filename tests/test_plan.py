@@ -13,8 +13,10 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the TPU compiler comes with the `tpu` extra: pip install -e '.[tpu]'")
 
-from pl_dpo import losses, plan, sharding, train  # noqa: E402
+from pl_dpo import losses, sharding  # noqa: E402
 from pl_dpo.models import preset_config  # noqa: E402
+from pl_dpo.plan import planner as plan  # noqa: E402
+from pl_dpo.training import train  # noqa: E402
 
 
 def run_plan(capsys, *args: str) -> tuple[int, str, str]:

@@ -146,7 +146,7 @@ def _while_bodies(hlo: str) -> dict[str, str]:
 
 def test_aot_v5e16_decode_splits_the_batch_and_gathers_no_weights_in_the_loop():
     pytest.importorskip("libtpu")
-    from pl_dpo import plan
+    from pl_dpo.plan import planner as plan
 
     s = plan.get_slice("v5e-16")
     mesh = sharding.make_mesh(1, -1, 1, devices=plan.abstract_devices(s))

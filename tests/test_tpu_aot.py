@@ -15,7 +15,8 @@ pytest.importorskip("libtpu", reason="the TPU compiler comes with the `tpu` extr
 
 from jax.experimental import topologies  # noqa: E402
 
-from pl_dpo import losses, sharding, train  # noqa: E402
+from pl_dpo import losses, sharding  # noqa: E402
+from pl_dpo.training import train  # noqa: E402
 from pl_dpo.data import RankedBatch  # noqa: E402
 from pl_dpo.models import create_model, preset_config  # noqa: E402
 from pl_dpo.models.splash import splash_attention  # noqa: E402

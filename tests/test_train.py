@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from configs.common import optimizer
-from pl_dpo import config_lib, losses, phase, scoring, sharding, train
+from pl_dpo import config_lib, losses, scoring, sharding
 from pl_dpo.data import BatchIterator, assemble_ranked
-from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import create_model, preset_config
+from pl_dpo.training import phase, train
+from pl_dpo.workdir.metric_log import MetricLog
 
 OPTIM = config_lib.optimizer(optimizer(1e-3, warmup=2, decay="cosine", weight_decay=0.01))
 LOSS = losses.LossConfig(T=0.5, variant="pl", top_m=0)
@@ -170,7 +171,7 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
     batches = [next(it) for _ in range(step + 1)]
     assert bad_example in batches[step].example_ids_B
     # The named checkpoint exists, holds no NaN, and is older than the bad step.
-    from pl_dpo import checkpoint
+    from pl_dpo.training import checkpoint
 
     ckpt_dir = message.split("last good checkpoint: ")[1].strip()
     saved_step = int(os.path.basename(ckpt_dir)) if ckpt_dir != "none" else None

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from pl_dpo import config_lib
-from pl_dpo import workdir as wd
+from pl_dpo.workdir import layout as wd
 
 
 def test_layout():
@@ -45,5 +45,5 @@ def test_step_committed(tmp_path):
 
 
 def test_workdir_module_imports_no_jax():
-    code = "import sys, pl_dpo.workdir; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
+    code = "import sys, pl_dpo.workdir.layout; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
     subprocess.run([sys.executable, "-c", code], check=True)

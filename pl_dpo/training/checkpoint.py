@@ -34,10 +34,10 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pl_dpo import bucket
-from pl_dpo.preemption import Preemption
 from pl_dpo.sharding import path_to_str
-from pl_dpo.workdir import step_committed
+from pl_dpo.training.preemption import Preemption
+from pl_dpo.workdir import bucket
+from pl_dpo.workdir.layout import step_committed
 
 log = logging.getLogger(__name__)
 

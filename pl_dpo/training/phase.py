@@ -20,12 +20,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from pl_dpo import checkpoint, sharding, train
-from pl_dpo import workdir as wd
+from pl_dpo import sharding
 from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch
-from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder
-from pl_dpo.preemption import Preempted
+from pl_dpo.training import checkpoint, train
+from pl_dpo.training.preemption import Preempted
+from pl_dpo.workdir import layout as wd
+from pl_dpo.workdir.metric_log import MetricLog
 
 log = logging.getLogger(__name__)
 

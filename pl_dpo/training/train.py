@@ -7,7 +7,7 @@ loss comes from `pl_dpo.losses`. Reference log-probs arrive precomputed with the
 batch, so no second copy of the weights is held while training.
 
 The step is `(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted
-with explicit shardings and donated state. The loop that drives it is `pl_dpo.phase`.
+with explicit shardings and donated state. The loop that drives it is `pl_dpo.training.phase`.
 """
 
 from __future__ import annotations

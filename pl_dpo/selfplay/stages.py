@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from pl_dpo import bucket
 from pl_dpo.data import save_ranked_set
-from pl_dpo.workdir import atomic_write_text
+from pl_dpo.workdir import bucket
+from pl_dpo.workdir.layout import atomic_write_text
 
 T = TypeVar("T")
 TokenIds = list[int]

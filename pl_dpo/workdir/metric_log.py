@@ -25,8 +25,8 @@ from typing import Any
 import jax
 from etils import epath
 
-from pl_dpo import bucket
-from pl_dpo.workdir import atomic_write_text
+from pl_dpo.workdir import bucket
+from pl_dpo.workdir.layout import atomic_write_text
 
 SYNC_SECONDS = 60.0  # a bucket workdir's metric log is uploaded at least this often while it is written
 

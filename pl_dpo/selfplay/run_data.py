@@ -15,12 +15,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from pl_dpo import bucket, config_lib, evaluate, sharding
-from pl_dpo import workdir as wd
+from pl_dpo import config_lib, evaluate, sharding
 from pl_dpo.data import Example, TokenizeConfig, assemble_ranked, load_split
 from pl_dpo.data.tokenize import encode_examples
-from pl_dpo.metric_log import MetricLog
 from pl_dpo.tokenizer import build_tiny_tokenizer, load_tokenizer
+from pl_dpo.workdir import bucket
+from pl_dpo.workdir import layout as wd
+from pl_dpo.workdir.metric_log import MetricLog
 
 log = logging.getLogger(__name__)
 

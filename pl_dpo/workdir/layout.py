@@ -4,7 +4,7 @@
 `WorkdirLock` is held by process 0 for the whole run: a second run on the same workdir is
 refused at once, naming the run that holds it, instead of both training SFT and one dying
 later. A lock left by a killed run (its process is gone) is taken over with a warning. A bucket
-workdir (gs://, `pl_dpo.bucket`) has its own lock object with a heartbeat (`bucket.BucketLock`).
+workdir (gs://, `pl_dpo.workdir.bucket`) has its own lock object with a heartbeat (`bucket.BucketLock`).
 
 `input_fingerprints` names every file a run reads besides its config (data files, model and
 tokenizer folders), so that a resumed run can refuse data edited in place.
@@ -13,7 +13,7 @@ The layout (paths of every stage's output), the "is this committed" check, and o
 the config fields each stage depends on live here: the workdir check of a resumed run
 (config_lib.WORKDIR_KEYS) and the sweep's stage sharing (experiments/sweep.py) derive from it.
 Paths are strings that etils.epath reads and writes: a local path, or a gs:// URL whose files go
-to a bucket (`pl_dpo.bucket` says what differs there).
+to a bucket (`pl_dpo.workdir.bucket` says what differs there).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from pl_dpo import bucket
+from pl_dpo.workdir import bucket
 
 log = logging.getLogger(__name__)
 

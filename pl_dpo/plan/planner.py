@@ -256,7 +256,8 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
     import jax
     import jax.numpy as jnp
 
-    from pl_dpo import sampler, scoring, sharding, train
+    from pl_dpo import sampler, scoring, sharding
+    from pl_dpo.training import train
 
     graphdef, params, param_sh = _abstract_model(p.model, mesh)
     bsh = sharding.batch_sharding(mesh)
@@ -466,7 +467,8 @@ def model_section_config(section, vocab_size: int, notes: list[str], where: str)
 
 def programs_of(config, notes: list[str]) -> list[Program]:
     """Every program a run of `config` compiles, at its largest shapes."""
-    from pl_dpo import config_lib, modes, sampler
+    from pl_dpo import config_lib, sampler
+    from pl_dpo.selfplay import modes
 
     data = config.data
     prompt = int(data.max_prompt_len)

@@ -1,10 +1,10 @@
 """The self-play loop (docs/ARCHITECTURE.md): SFT -> assistants -> rounds of generate, rank, score, train.
 
-What each mode ranks and against which reference is data (`pl_dpo.modes`); this file
+What each mode ranks and against which reference is data (`pl_dpo.selfplay.modes`); this file
 runs every stage once. Every stage is skipped when its output is already committed
 (`stages.load_or_make`), so a killed run resumes where it stopped and ends with the same parameters.
 
-Workdir layout (the paths are functions of pl_dpo.workdir):
+Workdir layout (the paths are functions of pl_dpo.workdir.layout):
 
     config.json                  the first run's config (later runs must agree, config_lib.WORKDIR_KEYS)
     tokenizer/                   built once when no tokenizer path is configured
@@ -23,7 +23,7 @@ Workdir layout (the paths are functions of pl_dpo.workdir):
     results.md, results.png      the evaluation table and its plot (pl_dpo.main)
     jax_cache/                   compiled programs, reused by later rounds and resumed runs
 
-The workdir may be a gs:// bucket path: every file goes through etils.epath (pl_dpo.bucket).
+The workdir may be a gs:// bucket path: every file goes through etils.epath (pl_dpo.workdir.bucket).
 """
 
 from __future__ import annotations
@@ -43,15 +43,18 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from pl_dpo import bucket, config_lib, evaluate, generation, modes, phase, scoring, sharding, stages, train
-from pl_dpo import workdir as wd
+from pl_dpo import config_lib, evaluate, scoring, sharding
 from pl_dpo.data import concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
-from pl_dpo.metric_log import MetricLog
 from pl_dpo.models import Decoder, save_pretrained
-from pl_dpo.phase import PhaseSpec, train_phase
-from pl_dpo.policies import PolicyStore
-from pl_dpo.run_data import RunData, TokenIds, prepare_data, ranked_arrays, run_tokenizer
+from pl_dpo.selfplay import generation, modes, stages
+from pl_dpo.selfplay.policies import PolicyStore
+from pl_dpo.selfplay.run_data import RunData, TokenIds, prepare_data, ranked_arrays, run_tokenizer
 from pl_dpo.tokenizer import load_tokenizer
+from pl_dpo.training import phase, train
+from pl_dpo.training.phase import PhaseSpec, train_phase
+from pl_dpo.workdir import bucket
+from pl_dpo.workdir import layout as wd
+from pl_dpo.workdir.metric_log import MetricLog
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ import jax
 import ml_collections
 from flax import nnx
 
-from pl_dpo import checkpoint, config_lib, sharding
-from pl_dpo import workdir as wd
+from pl_dpo import config_lib, sharding
 from pl_dpo.models import Decoder, create_model, from_pretrained
+from pl_dpo.training import checkpoint
+from pl_dpo.workdir import layout as wd
 
 
 class PolicyStore:

@@ -1,0 +1,1 @@
+"""The workdir and its I/O: layout and locks (no jax), gs:// buckets, the metric log, the results plot."""
