@@ -32,6 +32,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from helpers import jax_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +49,7 @@ class MainCommand:
     @staticmethod
     def env(devices: int = 1) -> dict[str, str]:
         """The test environment with `devices` CPU devices (1: as on a user's machine)."""
-        flags = "" if devices == 1 else f"--xla_force_host_platform_device_count={devices}"
-        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+        return jax_env(devices)
 
     def run(
         self, workdir, *flags: str, config: str = "configs/demo.py:quick", devices: int = 1, timeout: float = 600, **kw

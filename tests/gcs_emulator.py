@@ -18,13 +18,14 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+
+from helpers import free_port
 
 BUCKET = "pl-dpo-test"  # TensorStore checks GCS's naming rules (3-63 characters, lower case)
 
@@ -36,15 +37,9 @@ class Emulator:
     env: dict[str, str]  # what a subprocess needs on top of its environment
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_emulator(bucket: str = BUCKET, timeout: float = 30.0) -> Iterator[Emulator]:
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://localhost:{port}"
     # Its log goes to a file: a pipe nobody reads would fill up and stop the server mid-run.
     log = tempfile.TemporaryFile(mode="w+")

@@ -8,7 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import json
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import free_port, jax_env
 from jax.sharding import PartitionSpec as P
 from sharded_state import create_sharded_optimizer
 
-from pl_dpo import config_lib
 from pl_dpo import sharding as shd
 from pl_dpo.training import checkpoint as ck
+from pl_dpo.workdir import agreement
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multiprocess_ckpt_worker.py"
@@ -173,13 +173,7 @@ def test_half_written_checkpoints_are_never_latest(tmp_path):
 
 
 def _env(n_devices: int) -> dict:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-        PYTHONPATH=str(REPO),
-    )
-    return env
+    return jax_env(n_devices, PYTHONPATH=str(REPO))  # the worker runs as a script, from tests/
 
 
 def _worker(*args, n_devices=2):
@@ -304,15 +298,9 @@ def test_sigterm_saves_at_next_step_and_exits_cleanly(tmp_path):
     tc.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two JAX processes (~7 s)
 def test_two_jax_processes_save_and_restore_sharded_state(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             _worker("dist", "--dir", tmp_path, "--port", port, "--process-id", i),
@@ -346,15 +334,15 @@ def test_two_jax_processes_save_and_restore_sharded_state(tmp_path):
 def test_check_workdir_config(tmp_path):
     cfg = {"mode": "spin", "loss": {"K": 2, "T": 0.1}, "model": "tiny", "lr": 1e-3, "mesh": (1, -1, 1)}
     keys = ["mode", "loss.K", "model", "mesh"]
-    config_lib.check_workdir_config(tmp_path, cfg, keys)
+    agreement.check_workdir_config(tmp_path, cfg, keys)
     assert json.loads((tmp_path / "config.json").read_text())["loss"]["K"] == 2
-    config_lib.check_workdir_config(tmp_path, {**cfg, "lr": 5e-4, "mesh": [1, -1, 1]}, keys)  # lr may change
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'loss.K' was 2, now 3"):
-        config_lib.check_workdir_config(tmp_path, {**cfg, "loss": {"K": 3, "T": 0.1}}, keys)
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'mode' was 'spin', now 'asft'"):
-        config_lib.check_workdir_config(tmp_path, {**cfg, "mode": "asft"}, keys)
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'model' was 'tiny', now '<missing>'"):
-        config_lib.check_workdir_config(tmp_path, {k: v for k, v in cfg.items() if k != "model"}, keys)
+    agreement.check_workdir_config(tmp_path, {**cfg, "lr": 5e-4, "mesh": [1, -1, 1]}, keys)  # lr may change
+    with pytest.raises(agreement.WorkdirConfigMismatch, match="'loss.K' was 2, now 3"):
+        agreement.check_workdir_config(tmp_path, {**cfg, "loss": {"K": 3, "T": 0.1}}, keys)
+    with pytest.raises(agreement.WorkdirConfigMismatch, match="'mode' was 'spin', now 'asft'"):
+        agreement.check_workdir_config(tmp_path, {**cfg, "mode": "asft"}, keys)
+    with pytest.raises(agreement.WorkdirConfigMismatch, match="'model' was 'tiny', now '<missing>'"):
+        agreement.check_workdir_config(tmp_path, {k: v for k, v in cfg.items() if k != "model"}, keys)
 
 
 def _largest_file(folder):

@@ -1,13 +1,13 @@
 """The self-play job as 2 real JAX processes (2 CPU devices each) against 1 process with 4 devices."""
 
 import os
-import socket
 import subprocess
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import free_port
 
 from configs import demo
 from pl_dpo import scoring
@@ -18,19 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["--config.modes=spin", "--config.mesh.num_devices=0", "--config.rounds.max_steps=4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, main_command):
     root = tmp_path_factory.mktemp("multihost")
-    port = _free_port()
+    port = free_port()
     two = [
         subprocess.Popen(
             main_command.argv(
