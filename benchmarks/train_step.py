@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from benchmarks.common import Profile, compiled_bytes, median_seconds, peaks, row
-from pl_dpo import losses, sharding
+from configs import common
+from pl_dpo import config_lib, losses, sharding
 from pl_dpo.data import BatchIterator, assemble_ranked
 from pl_dpo.models import DecoderConfig, create_model, preset_config, save_pretrained
 from pl_dpo.training import phase, train
@@ -100,7 +101,7 @@ def ranked_arrays(w: Workload, vocab: int) -> dict[str, np.ndarray]:
 def jax_step(model, batch, profile: Profile) -> dict:
     """Median step time and compiled memory of pl_dpo's jitted step on one device."""
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tx = train.OptimizerConfig(lr=1e-5, name="adamw").build(100)
+    tx = config_lib.optimizer(common.optimizer(1e-5, name="adamw")).build(100)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
     objective = train.pl_dpo_objective(losses.LossConfig(T=0.1, variant="pl", top_m=0), chunk_size=256)
     step = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))

@@ -17,26 +17,17 @@ from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
 
-from pl_dpo import losses, sampler
+from pl_dpo import losses, sampler, sharding
+from pl_dpo.data import TokenizeConfig
 from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
 from pl_dpo.selfplay import modes
+from pl_dpo.settings import PhaseSettings, RunSettings
 from pl_dpo.training import train
-from pl_dpo.workdir import layout as workdir_lib
-
-# Keys that must not change between runs on one workdir: every stage's (workdir.STAGE_FIELDS).
-# Not there: rounds.num (more rounds continue a run), eval.* (a change re-evaluates), mesh,
-# checkpoint, export_hf.
-WORKDIR_KEYS = workdir_lib.identity_fields()
 
 
 class ConfigError(ValueError):
     """A config value out of range or inconsistent with another one."""
-
-
-class WorkdirConfigMismatch(ValueError):
-    """A workdir's saved work was made under another value of a key that must not change."""
 
 
 # ----------------------------------------------------------------------------- plain values
@@ -52,7 +43,6 @@ def plain(value: Any) -> Any:
 
 
 MISSING = "<missing>"
-INPUTS_KEY = "_inputs"  # config.json: {config field: {file: fingerprint}} (workdir.input_fingerprints)
 
 
 def lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -106,92 +96,6 @@ def parse_flag_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]
     return out
 
 
-def _parent(tree: Any, dotted: str) -> tuple[dict | None, str]:
-    """The dict holding the last part of `dotted` in a JSON tree (None: a part on the way is missing), and that part."""
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return (tree if isinstance(tree, dict) else None), leaf
-
-
-def _without_numerics(value: Any, key: str) -> Any:
-    """`value` (found at dotted `key`) without the NUMERICS_FIELDS below it: a resumed run may change those."""
-    if not isinstance(value, dict):
-        return value
-    value = copy.deepcopy(value)
-    for field in workdir_lib.NUMERICS_FIELDS:
-        if field.startswith(key + "."):
-            node, leaf = _parent(value, field[len(key) + 1 :])
-            if node is not None:
-                node.pop(leaf, None)
-    return value
-
-
-def check_workdir_config(
-    workdir: str | os.PathLike, config: Mapping[str, Any], keys_that_must_match: Sequence[str]
-) -> None:
-    """Write `workdir/config.json` on the first run; later runs must agree on the given keys.
-
-    Keys may be dotted (`loss.K`). Values are compared after a JSON round trip, so a
-    tuple and a list with the same items match. Raises WorkdirConfigMismatch naming
-    the key, the old and the new value.
-    """
-    new = json.loads(json.dumps(plain(config), default=str, sort_keys=True))
-    if isinstance(config, ml_collections.ConfigDict):  # the files it names, by content
-        new[INPUTS_KEY] = workdir_lib.input_fingerprints(config)
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        if jax.process_index() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            workdir_lib.atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True))
-        return
-    old = json.loads(path.read_text())
-    for field, value in workdir_lib.FIELDS_ADDED_LATER.items():  # what an older config.json ran with
-        node, leaf = _parent(old, field)
-        if node is not None:
-            node.setdefault(leaf, value)
-    for key in keys_that_must_match:
-        a, b = _without_numerics(lookup(old, key), key), _without_numerics(lookup(new, key), key)
-        if a != b:
-            field, was, now = _first_difference(a, b, key)
-            raise WorkdirConfigMismatch(
-                f"workdir {workdir} was written by an incompatible config: {field!r} was {was!r}, now {now!r}, "
-                f"and the saved work of {_stages_of(field)} depends on it (see {path}); use a new --workdir or "
-                "restore the old value"
-            )
-    for field, files in (old.get(INPUTS_KEY) or {}).items():
-        now = new.get(INPUTS_KEY, {}).get(field, {})
-        for file in sorted(set(files) | set(now)):
-            if files.get(file) != now.get(file):
-                state = "is gone" if file not in now else "is new" if file not in files else "changed"
-                raise WorkdirConfigMismatch(
-                    f"workdir {workdir}: {file} (config.{field}) {state} since the workdir's saved work "
-                    f"({_stages_of(field)}) was made from it; use a new --workdir, or the file as it was"
-                )
-
-
-def _first_difference(old: Any, new: Any, key: str) -> tuple[str, Any, Any]:
-    """The first dotted field under `key` where two JSON values differ, with its two values."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for name in sorted(set(old) | set(new)):
-            if old.get(name) != new.get(name):
-                return _first_difference(old.get(name), new.get(name), f"{key}.{name}")
-    return key, old, new
-
-
-def _stages_of(field: str) -> str:
-    """The stages (workdir.STAGE_FIELDS) whose output depends on `field`, e.g. "the sft and rounds stages"."""
-    names = [
-        stage
-        for stage, fields in workdir_lib.STAGE_FIELDS.items()
-        if any(field == f or field.startswith(f + ".") or f.startswith(field + ".") for f in fields)
-    ]
-    if not names:
-        return "every stage"
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"the {listed} stage{'s' if len(names) > 1 else ''}"
-
-
 # ----------------------------------------------------------------------------- modes
 
 
@@ -234,18 +138,80 @@ def optimizer(section: ml_collections.ConfigDict) -> train.OptimizerConfig:
 
 def loss(section: ml_collections.ConfigDict) -> losses.LossConfig:
     return losses.LossConfig(
-        T=float(section.T),
-        variant=section.variant,
-        top_m=section.get("top_m"),
-        sft_weight=float(section.get("sft_weight", 0.0)),
+        T=float(section.T), variant=section.variant, top_m=section.top_m, sft_weight=float(section.sft_weight)
     )
+
+
+def sampling(
+    section: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...] = (), pad_id: int = 0
+) -> sampler.SamplingConfig:
+    """The sampling section as the sampler's SamplingConfig (EOS and padding come from the tokenizer)."""
+    return sampler.SamplingConfig(
+        max_new_tokens=section.max_new_tokens,
+        temperature=section.temperature,
+        top_k=section.top_k,
+        top_p=section.top_p,
+        eos_ids=tuple(eos_ids),
+        pad_id=pad_id,
+    )
+
+
+def sft_phase(section: ml_collections.ConfigDict) -> PhaseSettings:
+    """config.sft, or an assistant's section (its own `sft_steps`, no early stopping)."""
+    if "sft_steps" in section:
+        return PhaseSettings(batch_size=section.batch_size, optim=optimizer(section.optim), steps=section.sft_steps)
+    return PhaseSettings(
+        batch_size=section.batch_size,
+        optim=optimizer(section.optim),
+        steps=section.steps,
+        eval_every=section.eval_every,
+        patience=section.patience,
+    )
+
+
+def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
+    """The typed settings the stages of a run read (pl_dpo.settings); defaults live in configs/common.py:base()."""
+    c, r = config, config.rounds
+    return RunSettings(
+        seed=int(c.seed),
+        tokenize=TokenizeConfig(max_prompt_len=c.data.max_prompt_len, max_response_len=c.data.max_response_len),
+        max_truncated_fraction=float(c.data.max_truncated_fraction),
+        pack_prompt=bool(c.data.pack_prompt),
+        length_buckets=tuple(c.data.length_buckets) or None,
+        logprob_chunk=int(c.logprob_chunk),
+        eval_batch_size=int(c.eval.batch_size),
+        sampling_batch_size=int(c.sampling.batch_size),
+        decode_tp=int(c.sampling.decode_tp) or None,
+        save_every_steps=int(c.checkpoint.save_every_steps),
+        keep_train_state=bool(c.checkpoint.keep_train_state),
+        export_hf=bool(c.export_hf),
+        sft=sft_phase(c.sft),
+        rounds=PhaseSettings(
+            batch_size=r.batch_size,
+            optim=optimizer(r.optim),
+            epochs=r.epochs,
+            max_steps=r.max_steps or None,
+            lr_per_round=tuple(float(lr) for lr in r.lr_per_round),
+        ),
+        num_rounds=int(r.num),
+        prompts_per_round=int(r.prompts_per_round),
+        mix_previous=int(r.mix_previous),
+        mix_rescore=bool(r.mix_rescore),
+        answer_on_top=bool(r.answer_on_top),
+    )
+
+
+def foreign_tokenizer(assistant: ml_collections.ConfigDict) -> str:
+    """An assistant's own tokenizer folder, or "" when it shares the policy's (configs/asft.py sets the field;
+    assistant sections of configs/common.py:assistant() have none)."""
+    return assistant.get("tokenizer_path") or ""
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_size: int) -> None:
     """Every model the run trains must have an embedding row for every id of the tokenizer."""
     sections = [("model", config.model)]
     sections += [
-        (f"assistants[{i}].model", a.model) for i, a in enumerate(config.assistants) if not a.get("tokenizer_path")
+        (f"assistants[{i}].model", a.model) for i, a in enumerate(config.assistants) if not foreign_tokenizer(a)
     ]
     for name, section in sections:
         vocab = model_config(section, tokenizer_size).vocab_size
@@ -273,8 +239,9 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> Decod
     return preset_config(model_cfg.preset, **{**overrides, **numerics})
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Every check that can be made from the config alone."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Every check that can be made from the config alone, for a mesh over `num_devices` devices (default: this
+    host's, at most config.mesh.num_devices, as the run builds it; the planner passes the slice's chips)."""
     arms = modes_of(config)
     for mode in arms:
         list_size(config, mode)
@@ -282,7 +249,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.K={config.loss.K} must be >= 2 (or 0: from the mode)")
     if not config.loss.T > 0:
         raise ConfigError(f"config.loss.T={config.loss.T} must be > 0")
-    if not config.loss.get("sft_weight", 0.0) >= 0:
+    if not config.loss.sft_weight >= 0:
         raise ConfigError(f"config.loss.sft_weight={config.loss.sft_weight} must be >= 0")
     if config.loss.variant not in losses.VARIANTS:
         raise ConfigError(f"config.loss.variant={config.loss.variant!r}; valid variants: {', '.join(losses.VARIANTS)}")
@@ -293,25 +260,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.rounds.num={config.rounds.num} and rounds.epochs={config.rounds.epochs} must be >= 1"
         )
-    if config.sft.get("eval_every", 0) < 0 or config.sft.get("patience", 1) < 1:
+    if config.sft.eval_every < 0 or config.sft.patience < 1:
         raise ConfigError(
             f"config.sft.eval_every={config.sft.eval_every} must be >= 0 and sft.patience={config.sft.patience} >= 1"
         )
-    if config.rounds.get("prompts_per_round", 0) < 0:
+    if config.rounds.prompts_per_round < 0:
         raise ConfigError(f"config.rounds.prompts_per_round={config.rounds.prompts_per_round} must be >= 0 (0: all)")
-    if config.rounds.get("mix_previous", 0) < 0:
+    if config.rounds.mix_previous < 0:
         raise ConfigError(f"config.rounds.mix_previous={config.rounds.mix_previous} must be >= 0")
-    lrs = config.rounds.get("lr_per_round")
+    lrs = config.rounds.lr_per_round
     if lrs and len(lrs) < config.rounds.num:
         raise ConfigError(f"config.rounds.lr_per_round has {len(lrs)} values for {config.rounds.num} rounds")
     s = config.sampling
     try:  # the sampler's own checks, before SFT has trained
-        sampler.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        sampling(s)
     except ValueError as e:
         raise ConfigError(str(e).replace("SamplingConfig.", "config.sampling.")) from None
-    if s.get("decode_tp", 0) < 0:
+    if s.decode_tp < 0:
         raise ConfigError(f"config.sampling.decode_tp={s.decode_tp} must be >= 0 (0: the sampler's rule)")
-    if not 0 < config.data.get("max_truncated_fraction", 0.5) <= 1:
+    if not 0 < config.data.max_truncated_fraction <= 1:
         raise ConfigError(f"config.data.max_truncated_fraction={config.data.max_truncated_fraction} must be in (0, 1]")
     if config.sampling.max_new_tokens > config.data.max_response_len:
         raise ConfigError(
@@ -330,9 +297,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"mode {needs_ranked_data[0]!r} needs ranked lists from data (ultrafeedback / ranked_jsonl), "
             "not the synthetic source (one answer per prompt)"
         )
-    num_devices = config.mesh.get("num_devices", 0) or jax.device_count()
-    fsdp = config.mesh.fsdp if config.mesh.fsdp > 0 else num_devices // max(config.mesh.data * config.mesh.tensor, 1)
-    batch_shards = max(config.mesh.data * fsdp, 1)
+    m = config.mesh
+    try:
+        n = num_devices or len(jax.devices()[: m.num_devices or None])
+        data, fsdp, _ = sharding.mesh_shape(m.data, m.fsdp, m.tensor, n)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    batch_shards = data * fsdp
     for name in ("sft.batch_size", "rounds.batch_size", "sampling.batch_size", "eval.batch_size"):
         section, field = name.split(".")
         value = config[section][field]
@@ -343,9 +314,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if name in ("sft.batch_size", "rounds.batch_size") and value % batch_shards:
             raise ConfigError(f"config.{name}={value} must be divisible by mesh data*fsdp={batch_shards}")
     for i, assistant in enumerate(config.assistants):
-        if assistant.sft_steps < 1 and not assistant.model.get("hf_path"):
+        if assistant.sft_steps < 1 and not assistant.model.hf_path:
             raise ConfigError(f"config.assistants[{i}] needs sft_steps >= 1 or a model.hf_path")
-        if assistant.get("tokenizer_path") and (assistant.sft_steps > 0 or not assistant.model.get("hf_path")):
+        if foreign_tokenizer(assistant) and (assistant.sft_steps > 0 or not assistant.model.hf_path):
             raise ConfigError(
                 f"config.assistants[{i}] has its own tokenizer: it must be a pretrained "
                 "model.hf_path used as is (sft_steps=0)"

@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
+    skip_absent_tpu()
     if FLAGS.distributed:
         if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
             # Cross-process collectives on CPU (the 2-process tests) go through gloo.
@@ -53,15 +54,15 @@ def main(argv: list[str]) -> None:
             process_id=FLAGS.process_id,
         )
     from pl_dpo import config_lib, evaluate  # after distributed init: they touch devices
-    from pl_dpo.selfplay import rounds
     from pl_dpo.data import DataError
     from pl_dpo.models.hf_io import TensorFileError
+    from pl_dpo.selfplay import rounds
     from pl_dpo.training.preemption import Preempted
-    from pl_dpo.workdir import plots
+    from pl_dpo.workdir import agreement, plots
     from pl_dpo.workdir.layout import WorkdirLock, WorkdirLocked, compilation_cache_dir
 
     # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
-    user_errors = (config_lib.ConfigError, config_lib.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)
+    user_errors = (config_lib.ConfigError, agreement.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
@@ -94,6 +95,53 @@ def main(argv: list[str]) -> None:
         print("\nHeld-out evaluation (" + FLAGS.workdir + "/results.md):\n" + text)
         if plots.plot_rounds(table, os.path.join(FLAGS.workdir, "results.png")):
             print(f"Plot: {FLAGS.workdir}/results.png")
+
+
+def skip_absent_tpu() -> None:
+    """Keeps JAX from loading libtpu (the `tpu` extra) on a machine without TPUs.
+
+    Left to choose, JAX tries every backend it knows, TPU included: libtpu loads, takes
+    /tmp/libtpu_lockfile, looks for chips and prints a screen of errors on stderr before JAX falls
+    back to the CPU. On a TPU VM JAX itself sets jax_platforms="tpu,cpu" when it is imported, and
+    an explicit JAX_PLATFORMS (even empty: let JAX choose) or --jax_platforms is kept as it is. So
+    JAX_PLATFORMS=cpu is set here only where JAX chose nothing and no accelerator can be seen: no TPU
+    chip or NVIDIA / AMD GPU, and no other PJRT plugin installed (which could name hardware of its own).
+    """
+    import jax
+
+    if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    try:
+        from jax._src import hardware_utils, xla_bridge
+    except ImportError:  # JAX moved its internals: let it choose
+        return
+    if xla_bridge.backends_are_initialized():
+        return
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu():
+        return
+    amd_gpus = getattr(hardware_utils, "num_available_amd_gpus", None)
+    if amd_gpus is None or amd_gpus(stop_at=1):
+        return
+    if _pjrt_plugins() - {"cuda", "rocm"}:
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
+def _pjrt_plugins() -> set[str]:
+    """The installed JAX PJRT plugins (jax_plugins modules and entry points), named by the hardware
+    they are for where their name says it ("jax_plugins.xla_cuda12" -> "cuda")."""
+    import importlib.metadata
+    import pkgutil
+
+    names = set()
+    try:
+        import jax_plugins  # a namespace package, absent when no plugin is installed
+
+        names |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+    except ImportError:
+        pass
+    names |= {e.value for e in importlib.metadata.entry_points(group="jax_plugins")}
+    return {next((kind for kind in ("cuda", "rocm") if kind in name), name) for name in names}
 
 
 def workdir_error(path: str) -> str | None:

@@ -52,21 +52,14 @@ DEFAULT_DECODER_RULES: tuple[tuple[str, P], ...] = (
 # ----------------------------------------------------------------------------- mesh
 
 
-def make_mesh(
-    data: int = 1,
-    fsdp: int = -1,
-    tensor: int = 1,
-    devices: Sequence[jax.Device] | None = None,
-) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh; at most one size may be -1 ("the rest").
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes on `num_devices` devices, where at most one size may be -1 ("the rest").
 
-    Raises ValueError naming the sizes and the device count when they do not fit,
-    before anything is compiled.
+    The one place a -1 axis is resolved (the run's mesh, the config's batch checks, the planner). Raises
+    ValueError naming the sizes and the device count when they do not fit, before anything is compiled.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    desc = f"mesh data={data} fsdp={fsdp} tensor={tensor} with {n} devices"
+    desc = f"mesh data={data} fsdp={fsdp} tensor={tensor} with {num_devices} devices"
     for name, s in sizes.items():
         if not isinstance(s, (int, np.integer)) or (s < 1 and s != -1):
             raise ValueError(f"{desc}: axis {name!r} size must be a positive int or -1, got {s!r}")
@@ -75,12 +68,25 @@ def make_mesh(
         raise ValueError(f"{desc}: at most one axis may be -1, got {rest}")
     known = math.prod(s for s in sizes.values() if s != -1)
     if rest:
-        if n % known:
-            raise ValueError(f"{desc}: the fixed axes ({known} devices) do not divide the device count {n}")
-        sizes[rest[0]] = n // known
-    if math.prod(sizes.values()) != n:
-        raise ValueError(f"{desc}: sizes multiply to {math.prod(sizes.values())}, not to the device count {n}")
-    shape = tuple(int(sizes[a]) for a in MESH_AXES)
+        if num_devices % known:
+            raise ValueError(f"{desc}: the fixed axes ({known} devices) do not divide the device count {num_devices}")
+        sizes[rest[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"{desc}: sizes multiply to {math.prod(sizes.values())}, not to the device count {num_devices}"
+        )
+    return tuple(int(sizes[a]) for a in MESH_AXES)
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh of `devices` (default: all), sizes as `mesh_shape` resolves them."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

@@ -8,6 +8,7 @@ from configs import demo
 from pl_dpo import config_lib
 from pl_dpo.selfplay import run_data
 from pl_dpo.training.phase import epochs_for_steps
+from pl_dpo.workdir import agreement
 from pl_dpo.workdir.metric_log import MetricLog
 
 
@@ -162,47 +163,47 @@ def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):
     config = offline.get_config("tiny")
     config.data.files = dict(train=str(train), test=str(test))
     workdir = tmp_path / "run"
-    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
-    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)  # same again: fine
+    agreement.check_workdir_config(workdir, config, agreement.WORKDIR_KEYS)
+    agreement.check_workdir_config(workdir, config, agreement.WORKDIR_KEYS)  # same again: fine
     # Packing changes the last bits only: a resumed run may switch it (data's other fields may not).
     unpacked = config_lib.apply_overrides(config, {"data.pack_prompt": False})
-    config_lib.check_workdir_config(workdir, unpacked, config_lib.WORKDIR_KEYS)
+    agreement.check_workdir_config(workdir, unpacked, agreement.WORKDIR_KEYS)
     with pytest.raises(
-        config_lib.WorkdirConfigMismatch,
+        agreement.WorkdirConfigMismatch,
         match="'data.max_response_len' was 16, now 9, and the saved work of the sft and assistant stages depends",
     ):
-        config_lib.check_workdir_config(
-            workdir, config_lib.apply_overrides(unpacked, {"data.max_response_len": 9}), config_lib.WORKDIR_KEYS
+        agreement.check_workdir_config(
+            workdir, config_lib.apply_overrides(unpacked, {"data.max_response_len": 9}), agreement.WORKDIR_KEYS
         )
     # Training settings the saved work depends on, rounds.optim among them.
     changed = config_lib.apply_overrides(config, {"rounds.optim.lr": 0.1})
     with pytest.raises(
-        config_lib.WorkdirConfigMismatch,
+        agreement.WorkdirConfigMismatch,
         match="'rounds.optim.lr' was .*, now 0.1, and the saved work of the rounds stage depends on it .*use a new --workdir",
     ):
-        config_lib.check_workdir_config(workdir, changed, config_lib.WORKDIR_KEYS)
+        agreement.check_workdir_config(workdir, changed, agreement.WORKDIR_KEYS)
     # A field added after a workdir was written: absent from its config.json, it ran with the default.
     saved = json.loads((workdir / "config.json").read_text())
     del saved["rounds"]["prompts_per_round"]
     (workdir / "config.json").write_text(json.dumps(saved))
-    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="'rounds.prompts_per_round' was 0, now 8"):
-        config_lib.check_workdir_config(
-            workdir, config_lib.apply_overrides(config, {"rounds.prompts_per_round": 8}), config_lib.WORKDIR_KEYS
+    agreement.check_workdir_config(workdir, config, agreement.WORKDIR_KEYS)
+    with pytest.raises(agreement.WorkdirConfigMismatch, match="'rounds.prompts_per_round' was 0, now 8"):
+        agreement.check_workdir_config(
+            workdir, config_lib.apply_overrides(config, {"rounds.prompts_per_round": 8}), agreement.WORKDIR_KEYS
         )
     # A data file rewritten with the same content (a new mtime) is the same input ...
     train.write_text(train.read_text())
-    config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+    agreement.check_workdir_config(workdir, config, agreement.WORKDIR_KEYS)
     # ... one edited in place is refused, naming the file and the field.
     train.write_text('{"prompt": "1 + 1?", "responses": ["2", "11"]}\n')
     with pytest.raises(
-        config_lib.WorkdirConfigMismatch,
+        agreement.WorkdirConfigMismatch,
         match=f"{train} \\(config.data.files.train\\) changed since .* \\(the tfds, sft and assistant stages\\)",
     ):
-        config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+        agreement.check_workdir_config(workdir, config, agreement.WORKDIR_KEYS)
     train.unlink()
-    with pytest.raises(config_lib.WorkdirConfigMismatch, match="is gone"):
-        config_lib.check_workdir_config(workdir, config, config_lib.WORKDIR_KEYS)
+    with pytest.raises(agreement.WorkdirConfigMismatch, match="is gone"):
+        agreement.check_workdir_config(workdir, config, agreement.WORKDIR_KEYS)
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pl_dpo import losses, scoring, sharding
+from configs import common
+from pl_dpo import config_lib, losses, scoring, sharding
 from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, assemble_ranked
 from pl_dpo.data.packing import gather_packed, packed_buckets, packed_lengths, scored_slots
 from pl_dpo.models import create_model, preset_config
@@ -132,7 +133,7 @@ def test_sharded_packed_step_matches_plain_on_8_devices():
     plain batches give the same gradients, and the jitted training step the same loss and gradient norm."""
     _, _, arrays = ranked_lists(n=8, seed=4)
     mesh = sharding.make_mesh(2, 2, 2)
-    tx = train.OptimizerConfig(lr=1e-2, name="adamw").build(10)
+    tx = config_lib.optimizer(common.optimizer(1e-2, name="adamw")).build(10)
     objective = train.pl_dpo_objective(losses.LossConfig(T=0.5, variant="pl", top_m=0), chunk_size=8)
     results = []
     for batch in both_layouts(arrays):

@@ -13,7 +13,12 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the TPU compiler comes with the `tpu` extra: pip install -e '.[tpu]'")
 
-from pl_dpo import losses, sharding  # noqa: E402
+from configs import common  # noqa: E402
+from pl_dpo import (  # noqa: E402
+    config_lib,  # noqa: E402
+    losses,
+    sharding,
+)
 from pl_dpo.models import preset_config  # noqa: E402
 from pl_dpo.plan import planner as plan  # noqa: E402
 from pl_dpo.training import train  # noqa: E402
@@ -103,7 +108,7 @@ def test_decode_tp_bounds_list_every_group_and_name_a_faster_one(capsys):
 def test_train_bound_is_compute_at_large_batch():
     cfg = preset_config("llama-2-7b", compute_dtype="bfloat16", remat="full")
     s = plan.get_slice("v5e-16")
-    optim = train.OptimizerConfig(lr=1e-6, name="rmsprop")
+    optim = config_lib.optimizer(common.optimizer(1e-6, name="rmsprop"))
     p = plan.Program("step", "train", cfg, batch=64, k=2, length=1024, prompt_len=512, optim=optim)
     seconds, unit, by = plan.time_bound(p, s, (1, -1, 1))
     tokens = 64 * 2 * 1024
@@ -122,7 +127,7 @@ def test_planner_figures_are_memory_analysis_of_the_same_step():
     from pl_dpo.models import create_model
 
     cfg = preset_config("tiny-llama", vocab_size=512, compute_dtype="bfloat16", remat="full")
-    optim = train.OptimizerConfig(lr=1e-5, name="adamw")
+    optim = config_lib.optimizer(common.optimizer(1e-5, name="adamw"))
     program = plan.Program("step", "train", cfg, batch=8, k=2, length=128, prompt_len=64, optim=optim)
     s = plan.get_slice("v5e-4")
     devices = plan.abstract_devices(s)

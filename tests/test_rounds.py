@@ -12,11 +12,11 @@ import pytest
 
 from configs import demo
 from pl_dpo import config_lib, scoring, sharding
-from pl_dpo.config_lib import WorkdirConfigMismatch
 from pl_dpo.data import load_ranked_set
 from pl_dpo.selfplay import rounds
 from pl_dpo.training import checkpoint, train
 from pl_dpo.workdir import plots
+from pl_dpo.workdir.agreement import WorkdirConfigMismatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shortened demo: 2 rounds of SPIN and aSFT, 2 epochs = 24 steps a round, a checkpoint every 3 steps.

@@ -15,11 +15,16 @@ pytest.importorskip("libtpu", reason="the TPU compiler comes with the `tpu` extr
 
 from jax.experimental import topologies  # noqa: E402
 
-from pl_dpo import losses, sharding  # noqa: E402
-from pl_dpo.training import train  # noqa: E402
+from configs import common  # noqa: E402
+from pl_dpo import (  # noqa: E402
+    config_lib,  # noqa: E402
+    losses,
+    sharding,
+)
 from pl_dpo.data import RankedBatch  # noqa: E402
 from pl_dpo.models import create_model, preset_config  # noqa: E402
 from pl_dpo.models.splash import splash_attention  # noqa: E402
+from pl_dpo.training import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def test_train_step_with_splash_attention_compiles_for_v5e(v5e_mesh):
     graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, seed=0)))
     rules = sharding.DEFAULT_DECODER_RULES
     param_sh = sharding.logical_to_shardings(params, v5e_mesh, rules)
-    tx = train.OptimizerConfig(lr=1e-5, name="rmsprop").build(10)
+    tx = config_lib.optimizer(common.optimizer(1e-5, name="rmsprop")).build(10)
     opt = jax.eval_shape(tx.init, params)
     opt_sh = sharding.logical_to_shardings(opt, v5e_mesh, rules, rank_mismatch="replicate")
     objective = train.pl_dpo_objective(losses.LossConfig(T=0.1), chunk_size=128)

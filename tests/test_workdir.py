@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from pl_dpo import config_lib
+from pl_dpo.workdir import agreement
 from pl_dpo.workdir import layout as wd
 
 
@@ -18,10 +18,10 @@ def test_layout():
 
 
 def test_one_stage_table_serves_the_resume_check_and_the_sweep():
-    assert config_lib.WORKDIR_KEYS == wd.identity_fields()
+    assert agreement.WORKDIR_KEYS == wd.identity_fields()
     for fields in wd.STAGE_FIELDS.values():
-        assert set(fields) <= set(config_lib.WORKDIR_KEYS)
-    assert not set(wd.EVAL_FIELDS) & set(config_lib.WORKDIR_KEYS)  # evaluation settings re-evaluate
+        assert set(fields) <= set(agreement.WORKDIR_KEYS)
+    assert not set(wd.EVAL_FIELDS) & set(agreement.WORKDIR_KEYS)  # evaluation settings re-evaluate
     sys.path.insert(0, "experiments")
     import sweep
 

@@ -6,7 +6,7 @@ runs every stage once. Every stage is skipped when its output is already committ
 
 Workdir layout (the paths are functions of pl_dpo.workdir.layout):
 
-    config.json                  the first run's config (later runs must agree, config_lib.WORKDIR_KEYS)
+    config.json                  the first run's config (later runs must agree, agreement.WORKDIR_KEYS)
     tokenizer/                   built once when no tokenizer path is configured
     tfds/                        the built datasets (array_record)
     sft/policies/0               πθ(0)  (sft/train: its mid-phase state)
@@ -52,7 +52,7 @@ from pl_dpo.selfplay.run_data import RunData, TokenIds, prepare_data, ranked_arr
 from pl_dpo.tokenizer import load_tokenizer
 from pl_dpo.training import phase, train
 from pl_dpo.training.phase import PhaseSpec, train_phase
-from pl_dpo.workdir import bucket
+from pl_dpo.workdir import agreement, bucket
 from pl_dpo.workdir import layout as wd
 from pl_dpo.workdir.metric_log import MetricLog
 
@@ -69,7 +69,7 @@ class SelfPlay:
         devices = jax.devices()[: config.mesh.get("num_devices", 0) or None]
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
         self.rules = sharding.DEFAULT_DECODER_RULES
-        config_lib.check_workdir_config(self.workdir, config, config_lib.WORKDIR_KEYS)
+        agreement.check_workdir_config(self.workdir, config, agreement.WORKDIR_KEYS)
         self.tokenizer = run_tokenizer(config, self.workdir)
         config_lib.check_vocab(config, len(self.tokenizer))
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id

@@ -79,18 +79,19 @@ class OptimizerConfig:
     """AdamW or RMSprop with linear warmup, then `decay` to `lr * final_lr_fraction`, global-norm
     clipping (0: off) and gradient accumulation over `grad_accum_steps` micro-batches."""
 
+    # No defaults here: configs/common.py:optimizer() is their one home (config_lib.optimizer builds this).
     lr: float
-    name: str = "adamw"
-    warmup_steps: int = 0
-    decay: str = "constant"  # "constant" | "linear" | "cosine"
-    final_lr_fraction: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: float = 0.0
-    grad_accum_steps: int = 1
-    rms_decay: float = 0.9
+    name: str  # "adamw" | "rmsprop"
+    warmup_steps: int
+    decay: str  # "constant" | "linear" | "cosine"
+    final_lr_fraction: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_norm: float  # 0: no clipping
+    grad_accum_steps: int
+    rms_decay: float
 
     def schedule(self, total_steps: int) -> optax.Schedule:
         """The learning rate against the optimizer update (`total_steps` updates in all)."""

@@ -11,7 +11,7 @@ tokenizer folders), so that a resumed run can refuse data edited in place.
 
 The layout (paths of every stage's output), the "is this committed" check, and one table of
 the config fields each stage depends on live here: the workdir check of a resumed run
-(config_lib.WORKDIR_KEYS) and the sweep's stage sharing (experiments/sweep.py) derive from it.
+(agreement.WORKDIR_KEYS) and the sweep's stage sharing (experiments/sweep.py) derive from it.
 Paths are strings that etils.epath reads and writes: a local path, or a gs:// URL whose files go
 to a bucket (`pl_dpo.workdir.bucket` says what differs there).
 """

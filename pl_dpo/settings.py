@@ -1,0 +1,65 @@
+"""What a run's stages read from the config, typed once at the config boundary (`config_lib.run_settings`).
+
+The ConfigDict stops at `config_lib`: the self-play stages, the generation helpers and the planner read
+these frozen dataclasses instead, so a field has one default (configs/common.py:base()) and one reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pl_dpo.data import PackedBatch, RankedBatch, TokenizeConfig
+from pl_dpo.training.train import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSettings:
+    """One kind of training phase: SFT of πθ(0) or an assistant (`steps`), or a self-play round (`epochs`)."""
+
+    batch_size: int
+    optim: OptimizerConfig
+    steps: int = 0  # SFT: the number of steps (0: the model as loaded); with eval_every > 0 a maximum
+    epochs: int = 1  # rounds: epochs over the round's training set
+    max_steps: int | None = None  # rounds: a cap on the steps of a round (None: all epochs)
+    eval_every: int = 0  # SFT: early stopping on the held-out answers' log-likelihood every this many steps
+    patience: int = 1  # SFT: readings in a row without a new best before it stops
+    lr_per_round: tuple[float, ...] = ()  # rounds: one learning rate per round (empty: optim.lr)
+
+    def round_optim(self, t: int) -> OptimizerConfig:
+        """The optimizer of round t: `optim`, with round t's own learning rate when `lr_per_round` gives one."""
+        return dataclasses.replace(self.optim, lr=float(self.lr_per_round[t])) if self.lr_per_round else self.optim
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The run-wide settings of a config (configs/common.py:base() has their defaults and meanings)."""
+
+    seed: int
+    tokenize: TokenizeConfig  # data.max_prompt_len / max_response_len: the fixed layout of every array
+    max_truncated_fraction: float
+    pack_prompt: bool  # data.pack_prompt: the K responses of a list behind one copy of its prompt
+    length_buckets: tuple[int, ...] | None  # data.length_buckets (None: powers of two)
+    logprob_chunk: int
+    eval_batch_size: int
+    sampling_batch_size: int
+    decode_tp: int | None  # sampling.decode_tp (None: the sampler's rule, sampler.decode_tp_split)
+    save_every_steps: int
+    keep_train_state: bool
+    export_hf: bool
+    sft: PhaseSettings
+    rounds: PhaseSettings
+    num_rounds: int
+    prompts_per_round: int  # 0: every training prompt each round
+    mix_previous: int
+    mix_rescore: bool
+    answer_on_top: bool
+
+    @property
+    def batch_type(self) -> type[RankedBatch] | type[PackedBatch]:
+        """The batch layout of training, reference scoring and evaluation (`pack_prompt`)."""
+        return PackedBatch if self.pack_prompt else RankedBatch
+
+    @property
+    def seq_len(self) -> int:
+        """L of every ranked array: the longest prompt plus the longest response."""
+        return self.tokenize.max_prompt_len + self.tokenize.max_response_len
