@@ -105,7 +105,8 @@ def skip_absent_tpu() -> None:
     back to the CPU. On a TPU VM JAX itself sets jax_platforms="tpu,cpu" when it is imported, and
     an explicit JAX_PLATFORMS (even empty: let JAX choose) or --jax_platforms is kept as it is. So
     JAX_PLATFORMS=cpu is set here only where JAX chose nothing and no accelerator can be seen: no TPU
-    chip or NVIDIA / AMD GPU, and no other PJRT plugin installed (which could name hardware of its own).
+    (on the PCI bus or as a device file) or NVIDIA / AMD GPU, and no other PJRT plugin installed (which
+    could name hardware of its own). A GPU machine with the `tpu` extra is left to JAX, libtpu and all.
     """
     import jax
 
@@ -119,12 +120,21 @@ def skip_absent_tpu() -> None:
         return
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu():
         return
+    if _tpu_device_files():  # a container may show TPUs as device files and not on the PCI bus
+        return
     amd_gpus = getattr(hardware_utils, "num_available_amd_gpus", None)
     if amd_gpus is None or amd_gpus(stop_at=1):
         return
     if _pjrt_plugins() - {"cuda", "rocm"}:
         return
     jax.config.update("jax_platforms", "cpu")
+
+
+def _tpu_device_files() -> list[str]:
+    """The device files libtpu opens: /dev/accel* (TPU v2 to v4), /dev/vfio/<group> (v5e and later)."""
+    import glob
+
+    return glob.glob("/dev/accel*") + [p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()]
 
 
 def _pjrt_plugins() -> set[str]:

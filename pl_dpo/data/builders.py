@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ from pl_dpo.data.files import BadRowPolicy, expand_paths, files_fingerprint, ite
 from pl_dpo.data.schemas import Example
 
 tfds.disable_progress_bar()
+log = logging.getLogger(__name__)
 
 _VERSION = tfds.core.Version("1.0.0")
 SOURCES = ("synthetic", "ultrachat", "ultrafeedback", "ranked_jsonl")
@@ -100,6 +102,22 @@ class _Base(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, features=_features(), metadata=tfds.core.MetadataDict())
 
+    # TFDS speaks of downloads that never happen here. Every config is a `LocalConfig` made for
+    # the call (never one of BUILDER_CONFIGS), and TFDS warns "Using custom data configuration:"
+    # with the whole config each time a builder is made for it; it prints (to stdout, whatever the
+    # log level) "Downloading and preparing dataset Unknown size ..." and "Dataset ... downloaded
+    # and prepared to ..." around each build. A debug log line says the same.
+    def _create_builder_config(self, builder_config, version):
+        if isinstance(builder_config, LocalConfig):
+            return builder_config
+        return super()._create_builder_config(builder_config, version)
+
+    def _log_download_bytes(self) -> None:
+        log.debug("building %s into %s", self.info.full_name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.debug("built %s into %s", self.info.full_name, self.data_dir)
+
 
 class _LocalBuilder(_Base, skip_registration=True):
     """Shared machinery: one split per configured file group, converter per row."""
@@ -131,6 +149,8 @@ class _LocalBuilder(_Base, skip_registration=True):
             yield ex.example_id, _to_record(ex)
         if n == 0:
             raise schemas.DataError(",".join(cfg.splits[split]), None, None, f"split {split!r} has no usable rows")
+        if policy.n_skipped > len(policy.examples):  # more than the rows already logged one by one
+            log.warning("%s split %r (%s): %s", self.name, split, ", ".join(cfg.splits[split]), policy.summary())
         self.info.metadata[f"skipped_{split}"] = dict(policy.skipped)
         self.info.metadata[f"rows_{split}"] = n
 

@@ -17,6 +17,9 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+log = logging.getLogger(__name__)
+MAX_LOGGED_ROWS = 5  # bad rows logged one by one (and kept in BadRowPolicy.examples) before only counting
+
 
 class DataError(ValueError):
     """A bad input row or file; the message names file, row and field.
@@ -44,13 +47,20 @@ class BadRowPolicy:
         if not self.skip_bad_rows:
             raise err
         self.skipped[f"{err.field}: {err.problem}"] += 1
-        if len(self.examples) < 5:
+        # The first few rows one line each; the rest only in the counts (`summary`), which the
+        # builder logs once per split: a large file with many bad rows is not a screen of warnings.
+        if len(self.examples) < MAX_LOGGED_ROWS:
             self.examples.append(str(err))
-        logging.warning("Skipping bad row: %s", err)
+            log.warning("Skipping bad row: %s", err)
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        """'N bad rows skipped (reason: count, ...)', most frequent reason first."""
+        reasons = ", ".join(f"{why}: {n}" for why, n in self.skipped.most_common())
+        return f"{self.n_skipped} bad rows skipped ({reasons})"
 
 
 def _suffix(path: str) -> str:
