@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.common import Profile, compiled_bytes, median_seconds, peaks, row
 from configs import common
 from pl_dpo import config_lib, losses, sharding
-from pl_dpo.data import BatchIterator, assemble_ranked
+from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, RankedSet, assemble_ranked
 from pl_dpo.models import DecoderConfig, create_model, preset_config, save_pretrained
 from pl_dpo.training import phase, train
 
@@ -89,13 +89,12 @@ def workloads(profile: Profile) -> list[Workload]:
     ]
 
 
-def ranked_arrays(w: Workload, vocab: int) -> dict[str, np.ndarray]:
+def ranked_arrays(w: Workload, vocab: int) -> RankedSet:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, w.prompt_len).tolist() for _ in range(w.lists)]
     lists = [[rng.integers(3, vocab, w.response_len).tolist() for _ in range(w.K)] for _ in range(w.lists)]
-    arrays = assemble_ranked(prompts, lists, pad_id=0, k=w.K)
-    arrays["ref_logps_NxK"] = np.full((w.lists, w.K), -100.0, np.float32)
-    return arrays
+    ref = np.full((w.lists, w.K), -100.0, np.float32)
+    return assemble_ranked(prompts, lists, pad_id=0, k=w.K, ref_logps=ref)
 
 
 def jax_step(model, batch, profile: Profile) -> dict:
@@ -181,8 +180,9 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
         n_params = cfg.num_params()
         arrays = ranked_arrays(w, cfg.vocab_size)
         kw = {"batch_size": w.lists, "shuffle": False}
-        plain = next(iter(BatchIterator(arrays, length_buckets=(w.prompt_len + w.response_len,), **kw)))
-        packed = next(iter(BatchIterator(arrays, pack_prompt=True, **kw)))
+        plain_len = (w.prompt_len + w.response_len,)
+        plain = next(iter(BatchIterator(arrays, batch_type=RankedBatch, length_buckets=plain_len, **kw)))
+        packed = next(iter(BatchIterator(arrays, batch_type=PackedBatch, **kw)))
         model_tokens = {
             "plain": phase.model_tokens(plain),
             "packed": phase.model_tokens(packed),

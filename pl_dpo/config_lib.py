@@ -24,6 +24,7 @@ from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
 from pl_dpo.selfplay import modes
 from pl_dpo.settings import PhaseSettings, RunSettings
 from pl_dpo.training import train
+from pl_dpo.workdir import layout
 
 
 class ConfigError(ValueError):
@@ -157,15 +158,17 @@ def sampling(
 
 
 def sft_phase(section: ml_collections.ConfigDict) -> PhaseSettings:
-    """config.sft, or an assistant's section (its own `sft_steps`, no early stopping)."""
-    if "sft_steps" in section:
-        return PhaseSettings(batch_size=section.batch_size, optim=optimizer(section.optim), steps=section.sft_steps)
+    """config.sft, or an assistant's section (its own `sft_steps`; no early stopping)."""
+    assistant = "sft_steps" in section
     return PhaseSettings(
         batch_size=section.batch_size,
         optim=optimizer(section.optim),
-        steps=section.steps,
-        eval_every=section.eval_every,
-        patience=section.patience,
+        steps=section.sft_steps if assistant else section.steps,
+        epochs=1,  # SFT counts steps; epochs_for_steps derives the epochs that hold them
+        max_steps=None,
+        eval_every=0 if assistant else section.eval_every,
+        patience=1 if assistant else section.patience,  # unread without eval_every
+        lr_per_round=(),
     )
 
 
@@ -174,12 +177,16 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     c, r = config, config.rounds
     return RunSettings(
         seed=int(c.seed),
+        arms=tuple((mode, list_size(c, mode)) for mode in modes_of(c)),
+        loss=loss(c.loss),
         tokenize=TokenizeConfig(max_prompt_len=c.data.max_prompt_len, max_response_len=c.data.max_response_len),
         max_truncated_fraction=float(c.data.max_truncated_fraction),
         pack_prompt=bool(c.data.pack_prompt),
         length_buckets=tuple(c.data.length_buckets) or None,
         logprob_chunk=int(c.logprob_chunk),
         eval_batch_size=int(c.eval.batch_size),
+        # {"eval": ..., "max_new_tokens": ...}: the last part of each field names it (the eval_<t>.json format).
+        eval_record={field.rsplit(".", 1)[-1]: plain(lookup(c, field)) for field in layout.EVAL_FIELDS},
         sampling_batch_size=int(c.sampling.batch_size),
         decode_tp=int(c.sampling.decode_tp) or None,
         save_every_steps=int(c.checkpoint.save_every_steps),
@@ -189,8 +196,11 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
         rounds=PhaseSettings(
             batch_size=r.batch_size,
             optim=optimizer(r.optim),
+            steps=0,  # rounds count epochs (and max_steps)
             epochs=r.epochs,
             max_steps=r.max_steps or None,
+            eval_every=0,  # a round trains its epochs: no early stopping
+            patience=1,  # unread without eval_every
             lr_per_round=tuple(float(lr) for lr in r.lr_per_round),
         ),
         num_rounds=int(r.num),

@@ -18,9 +18,11 @@ import jax
 import numpy as np
 
 from pl_dpo import sampler
-from pl_dpo.data import Example, assemble_ranked, check_answer
+from pl_dpo.data import Example, PackedBatch, RankedBatch, RankedSet, assemble_ranked, check_answer
 from pl_dpo.models import Decoder
 from pl_dpo.scoring import score_ranked
+
+BatchType = type[RankedBatch] | type[PackedBatch]  # the layout log-probs are scored in (pl_dpo.data.packing)
 
 # ----------------------------------------------------------------------------- held-out set
 
@@ -30,7 +32,7 @@ class HeldOut:
     """The held-out split, tokenised once per run."""
 
     examples: list[Example]
-    arrays: dict[str, np.ndarray]  # K=1: prompt + dataset answer
+    answers: RankedSet  # K=1: prompt + dataset answer
     prompt_ids: list[list[int]]
     answer_ids: list[list[int]]
     checkable: bool  # every example has a task checker (synthetic)
@@ -45,7 +47,7 @@ class SftBaseline:
     """πθ(0)'s held-out greedy answers, their correctness, and the reference lists."""
 
     correct: np.ndarray | None
-    lists: dict[str, np.ndarray] | None  # [answer, πθ(0) answer] where they differ, with ref log-probs
+    lists: RankedSet | None  # [answer, πθ(0) answer] where they differ, with ref log-probs
 
 
 def evaluate_policy(
@@ -56,12 +58,12 @@ def evaluate_policy(
     batch_size: int,
     max_new_tokens: int,
     baseline: SftBaseline | None,
-    pack_prompt: bool = False,
+    batch_type: BatchType,
 ) -> tuple[dict[str, Any], list[list[int]], np.ndarray | None]:
     """Metrics of one policy; also returns its greedy responses and their correctness.
-    `pack_prompt`: log-probs scored in the shared-prompt layout (`pl_dpo.data.packing`)."""
+    `batch_type`: the layout its log-probs are scored in."""
     metrics: dict[str, Any] = {}
-    logps_N = score_ranked(model, heldout.arrays, batch_size, pack_prompt=pack_prompt)[:, 0]
+    logps_N = score_ranked(model, heldout.answers, batch_size, batch_type=batch_type)[:, 0]
     metrics["answer_logp"] = float(logps_N.mean())
     metrics["answer_logp_per_token"] = _per_token(logps_N, heldout)
 
@@ -69,7 +71,7 @@ def evaluate_policy(
         max_new_tokens=max_new_tokens, greedy=True, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id
     )
     responses = sampler.generate_responses(
-        model, heldout.arrays, greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id
+        model, heldout.answers.prompts(), greedy, jax.random.key(0), batch_size, tokenizer.eos_token_id
     )
     correct = None
     if heldout.checkable:
@@ -84,19 +86,19 @@ def evaluate_policy(
             wins = correct.astype(float) - baseline.correct.astype(float)
             metrics["win_rate_vs_sft"] = float(np.mean(np.where(wins == 0, 0.5, wins > 0)))
     if baseline is not None and baseline.lists is not None:
-        logps = score_ranked(model, baseline.lists, batch_size, pack_prompt=pack_prompt)
-        reward = logps - baseline.lists["ref_logps_NxK"]
+        logps = score_ranked(model, baseline.lists, batch_size, batch_type=batch_type)
+        reward = logps - baseline.lists.ref_logps_NxK
         metrics["reward_accuracy"] = float(np.mean(reward[:, 0] > reward[:, 1]))
     return metrics, responses, correct
 
 
 def _per_token(logps_N: np.ndarray, heldout: HeldOut) -> float:
-    return float(logps_N.sum() / max(heldout.arrays["loss_mask_NxKxL"][:, 0].sum(), 1))
+    return float(logps_N.sum() / max(heldout.answers.loss_mask_NxKxL[:, 0].sum(), 1))
 
 
-def answer_logp_per_token(model: Decoder, heldout: HeldOut, batch_size: int, *, pack_prompt: bool = False) -> float:
+def answer_logp_per_token(model: Decoder, heldout: HeldOut, batch_size: int, *, batch_type: BatchType) -> float:
     """The held-out answers' log-likelihood per token (what SFT's early stopping reads)."""
-    return _per_token(score_ranked(model, heldout.arrays, batch_size, pack_prompt=pack_prompt)[:, 0], heldout)
+    return _per_token(score_ranked(model, heldout.answers, batch_size, batch_type=batch_type)[:, 0], heldout)
 
 
 def sft_baseline(
@@ -107,7 +109,7 @@ def sft_baseline(
     *,
     pad_id: int,
     batch_size: int,
-    pack_prompt: bool = False,
+    batch_type: BatchType,
 ) -> SftBaseline:
     """Reference lists [dataset answer, πθ(0)'s greedy answer] for the reward accuracy."""
     keep = [i for i, r in enumerate(responses) if r and r != heldout.answer_ids[i]]
@@ -119,7 +121,7 @@ def sft_baseline(
             pad_id=pad_id,
             k=2,
         )
-        lists["ref_logps_NxK"] = score_ranked(model, lists, batch_size, pack_prompt=pack_prompt)
+        lists = lists.replace(ref_logps_NxK=score_ranked(model, lists, batch_size, batch_type=batch_type))
     return SftBaseline(correct=correct, lists=lists)
 
 

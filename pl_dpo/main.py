@@ -59,7 +59,8 @@ def main(argv: list[str]) -> None:
     from pl_dpo.selfplay import rounds
     from pl_dpo.training.preemption import Preempted
     from pl_dpo.workdir import agreement, plots
-    from pl_dpo.workdir.layout import WorkdirLock, WorkdirLocked, compilation_cache_dir
+    from pl_dpo.workdir.layout import compilation_cache_dir
+    from pl_dpo.workdir.lock import WorkdirLock, WorkdirLocked
 
     # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
     user_errors = (config_lib.ConfigError, agreement.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)

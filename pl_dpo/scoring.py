@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from pl_dpo import logprobs, sharding
-from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch
+from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, RankedSet
 from pl_dpo.models import Decoder
 
 
@@ -93,19 +93,19 @@ def _score_batch(graphdef, params, batch):
 
 def score_ranked(
     model: Decoder,
-    arrays: dict[str, np.ndarray],
+    ranked: RankedSet,
     batch_size: int,
     length_buckets: tuple[int, ...] | None = None,
     *,
-    pack_prompt: bool = False,
+    batch_type: type[RankedBatch] | type[PackedBatch],
 ) -> np.ndarray:
     """Summed response log-probs [N, K] of a ranked set under `model` (0 where invalid).
 
     These are the reference log-probs of a round when `model` is πθ(t). One length
-    bucket (the arrays' L) by default: scoring is not a hot path, a compile is.
-    `pack_prompt`: score the K responses of a list behind one copy of its prompt."""
+    bucket (the set's L) by default: scoring is not a hot path, a compile is.
+    `batch_type=PackedBatch`: the K responses of a list scored behind one copy of its prompt."""
     graphdef, params = nnx.split(model)
-    n, k, _ = arrays["tokens_NxKxL"].shape
+    n, k, seq_len = ranked.tokens_NxKxL.shape
     # The batch is split over the weights' mesh's ("data", "fsdp") axes, as in training: each chip scores its own
     # rows and XLA gathers each layer's weights (FSDP) as the forward reaches it. Every process passes the same
     # rows; the log-probs stay on the devices until the end and are gathered once.
@@ -114,13 +114,13 @@ def score_ranked(
     rows = sharding.batch_sharding(mesh) if mesh is not None else None
     shards = sharding.batch_shards(mesh) if mesh is not None else 1
     it = BatchIterator(
-        {**arrays, "example_ids_N": np.arange(n, dtype=np.int64)},
+        ranked.replace(example_ids_N=np.arange(n, dtype=np.int64)),  # rows come back by their index
         batch_size=-(-batch_size // shards) * shards,
+        batch_type=batch_type,
         shuffle=False,
         drop_remainder=False,
         num_epochs=1,
-        length_buckets=length_buckets or (arrays["tokens_NxKxL"].shape[-1],),
-        pack_prompt=pack_prompt,
+        length_buckets=length_buckets or (seq_len,),
     )
     ids, scored = [], []
     for batch in it:
@@ -135,4 +135,4 @@ def score_ranked(
         example_ids = np.concatenate(ids)
         real = example_ids >= 0
         out[example_ids[real]] = sharding.to_host(jnp.concatenate(scored) if len(scored) > 1 else scored[0])[real]
-    return np.where(arrays["valid_NxK"], out, 0.0).astype(np.float32)
+    return np.where(ranked.valid_NxK, out, 0.0).astype(np.float32)

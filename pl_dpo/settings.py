@@ -7,8 +7,11 @@ these frozen dataclasses instead, so a field has one default (configs/common.py:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from pl_dpo.data import PackedBatch, RankedBatch, TokenizeConfig
+from pl_dpo.losses import LossConfig
+from pl_dpo.selfplay.modes import Mode
 from pl_dpo.training.train import OptimizerConfig
 
 
@@ -18,12 +21,12 @@ class PhaseSettings:
 
     batch_size: int
     optim: OptimizerConfig
-    steps: int = 0  # SFT: the number of steps (0: the model as loaded); with eval_every > 0 a maximum
-    epochs: int = 1  # rounds: epochs over the round's training set
-    max_steps: int | None = None  # rounds: a cap on the steps of a round (None: all epochs)
-    eval_every: int = 0  # SFT: early stopping on the held-out answers' log-likelihood every this many steps
-    patience: int = 1  # SFT: readings in a row without a new best before it stops
-    lr_per_round: tuple[float, ...] = ()  # rounds: one learning rate per round (empty: optim.lr)
+    steps: int  # SFT: the number of steps (0: the model as loaded); with eval_every > 0 a maximum
+    epochs: int  # rounds: epochs over the round's training set
+    max_steps: int | None  # rounds: a cap on the steps of a round (None: all epochs)
+    eval_every: int  # early stopping on the held-out answers' log-likelihood every this many steps (0: none)
+    patience: int  # readings in a row without a new best before it stops
+    lr_per_round: tuple[float, ...]  # rounds: one learning rate per round (empty: optim.lr)
 
     def round_optim(self, t: int) -> OptimizerConfig:
         """The optimizer of round t: `optim`, with round t's own learning rate when `lr_per_round` gives one."""
@@ -35,12 +38,16 @@ class RunSettings:
     """The run-wide settings of a config (configs/common.py:base() has their defaults and meanings)."""
 
     seed: int
+    arms: tuple[tuple[Mode, int], ...]  # config.modes in order, each with its K (config_lib.list_size)
+    loss: LossConfig
     tokenize: TokenizeConfig  # data.max_prompt_len / max_response_len: the fixed layout of every array
     max_truncated_fraction: float
     pack_prompt: bool  # data.pack_prompt: the K responses of a list behind one copy of its prompt
     length_buckets: tuple[int, ...] | None  # data.length_buckets (None: powers of two)
     logprob_chunk: int
     eval_batch_size: int
+    # What a policy's held-out evaluation depends on (workdir.layout.EVAL_FIELDS), recorded in eval_<t>.json.
+    eval_record: dict[str, Any]
     sampling_batch_size: int
     decode_tp: int | None  # sampling.decode_tp (None: the sampler's rule, sampler.decode_tp_split)
     save_every_steps: int

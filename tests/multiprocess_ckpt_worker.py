@@ -109,7 +109,7 @@ def run_dist(args) -> None:
         ref = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(TinyMlp(nnx.Rngs(0)), nnx.Param)))
 
     # Round policy: save from all processes, restore onto a different layout.
-    rounds = ckpt_lib.RoundCheckpoints(args.dir)
+    rounds = ckpt_lib.PolicyCheckpoints(os.path.join(args.dir, "policies"))
     rounds.save(0, params, {"round": 0, "mode": "spin"})
     other_mesh = shd.make_mesh(1, 4, 1)
     target = shd.with_shardings(params, shd.logical_to_shardings(params, other_mesh, rules))

@@ -90,7 +90,7 @@ def test_truncating_most_prompts_is_refused_with_the_counts(tmp_path):
     # Accepting it is one setting away.
     config = config_lib.apply_overrides(config, {"data.max_truncated_fraction": 1.0})
     data = run_data.prepare_data(config, tokenizer, str(tmp_path), log)
-    assert data.sft_arrays["prompt_tokens_NxP"].shape[1] == 4
+    assert data.sft_set.prompt_tokens_NxP.shape[1] == 4
     log.close()
 
 
@@ -123,7 +123,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, main_command):
     assert last == "error: config.sampling.temperature=0.0 must be > 0 (or set greedy=True)"
     assert "Traceback" not in proc.stderr
     # A second run on a workdir in use is refused the same way, before any work.
-    from pl_dpo.workdir.layout import WorkdirLock
+    from pl_dpo.workdir.lock import WorkdirLock
 
     (tmp_path / "busy").mkdir()
     with WorkdirLock(tmp_path / "busy"):
@@ -137,7 +137,7 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
     import subprocess
     import sys
 
-    from pl_dpo.workdir.layout import WorkdirLock, WorkdirLocked
+    from pl_dpo.workdir.lock import WorkdirLock, WorkdirLocked
 
     with WorkdirLock(tmp_path):
         with pytest.raises(WorkdirLocked, match=f"is in use by pid {os.getpid()} on .* since"):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from etils import epath
 
-from pl_dpo.data import load_ranked_set
+from pl_dpo.data import assemble_ranked, load_ranked_set
 from pl_dpo.selfplay import stages
 from pl_dpo.workdir import bucket
 from pl_dpo.workdir import layout as wd
+from pl_dpo.workdir import lock as workdir_lock
 
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
@@ -50,12 +51,16 @@ def test_layout_and_stage_files_in_a_bucket(gcs, tmp_path, monkeypatch):
     assert stages.exists(path) and stages.read_json(path) == {"metrics": {"exact_match": 0.5}}
     wd.atomic_write_text(path, json.dumps({"metrics": {}}))  # an object is replaced whole
     assert stages.read_json(path) == {"metrics": {}}
-    # A ranked set: one .npz object, exact arrays back.
-    arrays = {"tokens_NxKxL": np.arange(24, dtype=np.int32).reshape(2, 3, 4), "valid_NxK": np.ones((2, 3), bool)}
-    stages.save_npz(wd.samples_path(w, "sft"), arrays)
-    back = load_ranked_set(wd.samples_path(w, "sft"))
-    assert back.keys() == arrays.keys() and all(np.array_equal(back[k], arrays[k]) for k in arrays)
-    with pytest.raises(FileNotFoundError, match="ranked set not found"):
+    # Cached samples and a ranked set: one .npz object each, exact arrays back.
+    responses = [[5, 6, 2], [7, 2], [9]]
+    stages.save_samples(wd.samples_path(w, "sft"), responses, pad_id=0)
+    assert stages.load_samples(wd.samples_path(w, "sft")) == responses
+    ranked = assemble_ranked([[1, 3], [4]], [[[5, 2], [6]], [[7, 8, 2]]], pad_id=0, k=2)
+    stages.save_ranked(wd.ranked_set_path(w, "spin", 1), ranked)
+    back = load_ranked_set(wd.ranked_set_path(w, "spin", 1))
+    assert back.arrays().keys() == ranked.arrays().keys()
+    assert all(np.array_equal(getattr(back, k), v) for k, v in ranked.arrays().items())
+    with pytest.raises(FileNotFoundError, match="npz file not found"):
         load_ranked_set(wd.ranked_set_path(w, "spin", 0))
     assert sorted(p.name for p in epath.Path(wd.lineage_dir(w, "sft")).iterdir()) == ["eval_0.json", "samples.npz"]
     # An Orbax step is committed by its metadata's timestamp, with every item present.
@@ -127,41 +132,41 @@ def test_metric_log_reaches_the_bucket_at_commit_points(gcs):
 
 def test_bucket_lock(gcs, monkeypatch):
     w = f"{gcs.url}/locked"
-    lock_path = epath.Path(w, wd.LOCK_NAME)
-    with wd.WorkdirLock(w):
+    lock_path = epath.Path(w, workdir_lock.LOCK_NAME)
+    with workdir_lock.WorkdirLock(w):
         holder = json.loads(lock_path.read_text())
         assert holder["pid"] == os.getpid() and holder["token"]
         # The lock object is created with if-generation-match=0: a second create is refused.
         with pytest.raises(FileExistsError):
             bucket.filesystem(os.fspath(lock_path)).pipe_file(os.fspath(lock_path), b"{}", mode="create")
-        with pytest.raises(wd.WorkdirLocked, match=f"is in use by pid {os.getpid()} on .* since"):
-            wd.WorkdirLock(w).acquire()
+        with pytest.raises(workdir_lock.WorkdirLocked, match=f"is in use by pid {os.getpid()} on .* since"):
+            workdir_lock.WorkdirLock(w).acquire()
     assert not lock_path.exists()  # released
     # A run killed on this host without releasing: its process is gone, the lock is taken over.
     lock_path.write_text(json.dumps({"pid": 2**22 + 1, "host": os.uname().nodename, "heartbeat": time.time()}))
-    with wd.WorkdirLock(w):
+    with workdir_lock.WorkdirLock(w):
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     # Another host's lock whose heartbeat stopped long ago: taken over at once.
     lock_path.write_text(json.dumps({"pid": 1, "host": "tpu-worker-7", "heartbeat": time.time() - 3600}))
-    with wd.WorkdirLock(w):
+    with workdir_lock.WorkdirLock(w):
         pass
     # Another host's live run (its heartbeat moves): refused once the next heartbeat is seen.
     monkeypatch.setattr(bucket.socket, "gethostname", lambda: "tpu-worker-7")
     other = bucket.BucketLock(w, heartbeat_s=0.2)
-    other.acquire(wd.WorkdirLock(w)._locked)
+    other.acquire(workdir_lock.WorkdirLock(w)._locked)
     monkeypatch.undo()
     try:
         start = time.time()
         mine = bucket.BucketLock(w, stale_s=30)
-        with pytest.raises(wd.WorkdirLocked, match="on tpu-worker-7 .* or delete .*.lock if it is gone"):
-            mine.acquire(wd.WorkdirLock(w)._locked)
+        with pytest.raises(workdir_lock.WorkdirLocked, match="on tpu-worker-7 .* or delete .*.lock if it is gone"):
+            mine.acquire(workdir_lock.WorkdirLock(w)._locked)
         assert time.time() - start < 10
     finally:
         other.release()
     # Another host's lock that sends no heartbeat for `stale_s`: that run is gone, taken over.
     lock_path.write_text(json.dumps({"pid": 1, "host": "tpu-worker-7", "token": "t", "heartbeat": time.time()}))
     mine = bucket.BucketLock(w, stale_s=1.0)
-    mine.acquire(wd.WorkdirLock(w)._locked)
+    mine.acquire(workdir_lock.WorkdirLock(w)._locked)
     assert json.loads(lock_path.read_text())["token"] == mine._me["token"]
     mine.release()
 
@@ -253,7 +258,7 @@ def test_killed_bucket_run_resumes_to_the_results_of_a_local_run(gcs, tmp_path, 
     # Killed mid-round: round 0's ranked set is committed, its policy (πθ(1)) is not; the lock is left behind.
     assert stages.exists(wd.ranked_set_path(workdir, "spin", 0)), printed
     assert not wd.policy_committed(workdir, "spin", 1), "killed too late: round 0 had already ended"
-    assert epath.Path(workdir, wd.LOCK_NAME).exists()
+    assert epath.Path(workdir, workdir_lock.LOCK_NAME).exists()
 
     resumed = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -269,5 +274,5 @@ def test_killed_bucket_run_resumes_to_the_results_of_a_local_run(gcs, tmp_path, 
     export = epath.Path(wd.export_dir(workdir, "spin", 1))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in export.iterdir()}
     assert epath.Path(workdir, "tokenizer", "tokenizer.json").exists()
-    assert not epath.Path(workdir, wd.LOCK_NAME).exists()  # taken over from the killed run, released
+    assert not epath.Path(workdir, workdir_lock.LOCK_NAME).exists()  # taken over from the killed run, released
     assert os.listdir(cwd) == [] and not os.path.exists(os.path.join(REPO, "gs:"))

@@ -57,7 +57,7 @@ def test_round_policy_restores_bit_identically_onto_new_shardings(tmp_path):
     mesh8 = shd.make_mesh(2, 2, 2)
     model = shd.create_sharded_module(lambda: Small(nnx.Rngs(1)), mesh8, RULES)
     params = nnx.state(model, nnx.Param)
-    rounds = ck.RoundCheckpoints(tmp_path)
+    rounds = ck.PolicyCheckpoints(tmp_path / "policies")
     assert rounds.latest_round() is None and rounds.all_rounds() == []
     rounds.save(0, params, {"round": 0, "mode": "spin", "T": 0.1})
     bumped = jax.tree.map(lambda x: x + 1, params)
@@ -67,7 +67,7 @@ def test_round_policy_restores_bit_identically_onto_new_shardings(tmp_path):
         rounds.save(1, bumped, {})
 
     # A fresh manager (a new run on the same workdir) restores onto another mesh.
-    again = ck.RoundCheckpoints(tmp_path)
+    again = ck.PolicyCheckpoints(tmp_path / "policies")
     mesh4 = shd.make_mesh(1, 4, 1, devices=jax.devices()[:4])
     target = _abstract(nnx.state(nnx.eval_shape(lambda: Small(nnx.Rngs(1))), nnx.Param), mesh4)
     r0 = again.restore(0, target)
@@ -86,7 +86,7 @@ def test_round_policy_restores_bit_identically_onto_new_shardings(tmp_path):
 
 
 def test_restore_target_without_sharding_is_a_clear_error(tmp_path):
-    rounds = ck.RoundCheckpoints(tmp_path)
+    rounds = ck.PolicyCheckpoints(tmp_path / "policies")
     rounds.save(0, {"w": jnp.ones((4, 4))}, {})
     with pytest.raises(ValueError, match="round 0.*'w' has no sharding"):
         rounds.restore(0, {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)})

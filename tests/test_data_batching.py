@@ -8,13 +8,15 @@ import pytest
 from pl_dpo.data import (
     BatchIterator,
     RankedBatch,
+    RankedSet,
     assemble_ranked,
     concat_ranked_sets,
+    load_arrays,
     load_ranked_set,
     prompt_batches,
+    save_arrays,
     save_ranked_set,
 )
-from pl_dpo.data.batching import validate_arrays
 
 
 def _arrays(n=23, k=3, seed=0, with_ref=True):
@@ -40,7 +42,7 @@ def _fields(b: RankedBatch):
 
 def test_batch_layout_and_buckets():
     arrays = _arrays()
-    it = BatchIterator(arrays, batch_size=4, seed=1, length_buckets=(16, 32, 64))
+    it = BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=1, length_buckets=(16, 32, 64))
     for _ in range(it.steps_per_epoch):
         b = next(it)
         l = b.tokens_BxKxL.shape[-1]
@@ -48,19 +50,19 @@ def test_batch_layout_and_buckets():
         lens = b.attn_valid_BxKxL.sum(-1).max()
         assert lens <= l and (l == 16 or lens > {32: 16, 64: 32}[l])  # Smallest bucket that fits.
         rows = b.example_ids_B - 100
-        np.testing.assert_array_equal(b.tokens_BxKxL, arrays["tokens_NxKxL"][rows, :, :l])
-        np.testing.assert_array_equal(b.loss_mask_BxKxL, arrays["loss_mask_NxKxL"][rows, :, :l])
-        np.testing.assert_array_equal(b.valid_BxK, arrays["valid_NxK"][rows])
+        np.testing.assert_array_equal(b.tokens_BxKxL, arrays.tokens_NxKxL[rows, :, :l])
+        np.testing.assert_array_equal(b.loss_mask_BxKxL, arrays.loss_mask_NxKxL[rows, :, :l])
+        np.testing.assert_array_equal(b.valid_BxK, arrays.valid_NxK[rows])
         assert b.positions_BxKxL[1, 2].tolist() == list(range(l))
-        assert (b.ref_logps_BxK[b.valid_BxK] == arrays["ref_logps_NxK"][rows][b.valid_BxK]).all()
+        assert (b.ref_logps_BxK[b.valid_BxK] == arrays.ref_logps_NxK[rows][b.valid_BxK]).all()
         assert not b.loss_mask_BxKxL[..., 0].any()
     with pytest.raises(StopIteration):
-        BatchIterator(arrays, batch_size=4, num_epochs=0).__next__()
+        BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, num_epochs=0).__next__()
 
 
 def test_epochs_cover_everything_once_with_padding_rows():
     arrays = _arrays(n=10, with_ref=False)
-    it = BatchIterator(arrays, batch_size=4, seed=2, drop_remainder=False, num_epochs=2)
+    it = BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=2, drop_remainder=False, num_epochs=2)
     assert it.steps_per_epoch == 3
     batches = list(it)
     assert len(batches) == 6
@@ -77,15 +79,15 @@ def test_epochs_cover_everything_once_with_padding_rows():
     assert e0 != [b.example_ids_B.tolist() for b in batches[3:]]
     assert e0 == [
         b.example_ids_B.tolist()
-        for b in list(BatchIterator(arrays, batch_size=4, seed=2, drop_remainder=False, num_epochs=1))
+        for b in list(BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=2, drop_remainder=False, num_epochs=1))
     ]
 
 
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_slices_disjoint_and_covering(count):
     arrays = _arrays()
-    iters = [BatchIterator(arrays, batch_size=8, seed=5, process_index=p, process_count=count) for p in range(count)]
-    ref = BatchIterator(arrays, batch_size=8, seed=5)
+    iters = [BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=5, process_index=p, process_count=count) for p in range(count)]
+    ref = BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=5)
     for _ in range(2 * ref.steps_per_epoch):
         g = next(ref)
         parts = [next(i) for i in iters]
@@ -95,19 +97,19 @@ def test_process_slices_disjoint_and_covering(count):
         assert len(set(flat)) == len(flat) and flat == g.example_ids_B.tolist()
         np.testing.assert_array_equal(np.concatenate([p.tokens_BxKxL for p in parts]), g.tokens_BxKxL)
     with pytest.raises(ValueError, match="divisible"):
-        BatchIterator(arrays, batch_size=6, process_count=4)
+        BatchIterator(arrays, batch_size=6, batch_type=RankedBatch, process_count=4)
     with pytest.raises(ValueError, match="process_index"):
-        BatchIterator(arrays, batch_size=8, process_index=4, process_count=4)
+        BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, process_index=4, process_count=4)
 
 
 def test_state_restore_resumes_exactly_across_epochs():
     arrays = _arrays()
-    it = BatchIterator(arrays, batch_size=4, seed=9)  # 5 steps per epoch.
+    it = BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=9)  # 5 steps per epoch.
     for _ in range(7):
         next(it)
     state = dict(it.state())
     expected = [next(it) for _ in range(6)]
-    fresh = BatchIterator(arrays, batch_size=4, seed=9)
+    fresh = BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=9)
     fresh.restore(state)
     for want in expected:
         got = next(fresh)
@@ -115,85 +117,89 @@ def test_state_restore_resumes_exactly_across_epochs():
             np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
     assert fresh.state() == it.state()
     with pytest.raises(ValueError, match="seed"):
-        BatchIterator(arrays, batch_size=4, seed=8).restore(state)
+        BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=8).restore(state)
     with pytest.raises(ValueError, match="num_examples"):
-        BatchIterator(_arrays(n=22), batch_size=4, seed=9).restore(state)
+        BatchIterator(_arrays(n=22), batch_size=4, batch_type=RankedBatch, seed=9).restore(state)
 
 
 def test_prompt_batches_left_padded():
     arrays = _arrays(n=5)
-    batches = list(prompt_batches(arrays, batch_size=2, length_buckets=(4, 8)))
+    batches = list(prompt_batches(arrays.prompts(), batch_size=2, length_buckets=(4, 8)))
     assert len(batches) == 3 and batches[-1].example_ids_B.tolist() == [104, -1]
     for b in batches:
         p = b.prompt_tokens_BxP.shape[1]
         assert p in (4, 8) and b.prompt_valid_BxP[:, -1].all()  # Generation continues at the last column.
         for row in range(2):
             n = b.example_ids_B[row] - 100 if b.example_ids_B[row] >= 0 else 4
-            real = arrays["prompt_tokens_NxP"][n][arrays["prompt_valid_NxP"][n]]
+            real = arrays.prompt_tokens_NxP[n][arrays.prompt_valid_NxP[n]]
             assert b.prompt_tokens_BxP[row][b.prompt_valid_BxP[row]].tolist() == real.tolist()
             assert b.positions_BxP[row][b.prompt_valid_BxP[row]].tolist() == list(range(len(real)))
-    halves = [list(prompt_batches(arrays, batch_size=2, process_index=i, process_count=2)) for i in range(2)]
+    halves = [list(prompt_batches(arrays.prompts(), batch_size=2, process_index=i, process_count=2)) for i in range(2)]
     assert [h0.example_ids_B.tolist() + h1.example_ids_B.tolist() for h0, h1 in zip(*halves)] == [
         b.example_ids_B.tolist() for b in batches
     ]
 
 
 def test_validation_errors():
-    arrays = _arrays(n=4)
+    arrays = _arrays(n=4).arrays()
     bad = dict(arrays, loss_mask_NxKxL=arrays["loss_mask_NxKxL"].copy())
     bad["loss_mask_NxKxL"][0, 0, 0] = True
     with pytest.raises(ValueError, match="position 0"):
-        validate_arrays(bad)
+        RankedSet.from_arrays(bad)
     bad = dict(arrays, loss_mask_NxKxL=arrays["loss_mask_NxKxL"] | True)
     with pytest.raises(ValueError, match="position 0|padding"):
-        validate_arrays(bad)
+        RankedSet.from_arrays(bad)
     with pytest.raises(ValueError, match="lack"):
-        validate_arrays({k: v for k, v in arrays.items() if k != "valid_NxK"})
+        RankedSet.from_arrays({k: v for k, v in arrays.items() if k != "valid_NxK"})
+    with pytest.raises(ValueError, match="unknown arrays \\['scores'\\]"):
+        RankedSet.from_arrays(dict(arrays, scores=arrays["valid_NxK"]))
     with pytest.raises(ValueError, match="valid_NxK has shape"):
-        validate_arrays(dict(arrays, valid_NxK=arrays["valid_NxK"][:, :2]))
+        RankedSet.from_arrays(dict(arrays, valid_NxK=arrays["valid_NxK"][:, :2]))
     ref = arrays["ref_logps_NxK"].copy()
     ref[0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
-        validate_arrays(dict(arrays, ref_logps_NxK=ref))
+        RankedSet.from_arrays(dict(arrays, ref_logps_NxK=ref))
     with pytest.raises(ValueError, match="< batch_size"):
-        BatchIterator(arrays, batch_size=8)
+        BatchIterator(RankedSet.from_arrays(arrays), batch_size=8, batch_type=RankedBatch)
+    with pytest.raises(TypeError, match="takes a RankedSet"):
+        BatchIterator(arrays, batch_size=2, batch_type=RankedBatch)
 
 
 def test_ranked_set_roundtrip_atomic_no_pickle(tmp_path):
-    arrays = _arrays(n=6)
+    ranked = _arrays(n=6)
     path = tmp_path / "round_3" / "ranked.npz"
-    save_ranked_set(path, arrays)
+    save_ranked_set(path, ranked)
     back = load_ranked_set(path)
-    assert sorted(back) == sorted(arrays)
-    for k, v in arrays.items():
-        assert back[k].dtype == v.dtype
-        np.testing.assert_array_equal(back[k], v)
+    assert sorted(back.arrays()) == sorted(ranked.arrays())
+    for k, v in ranked.arrays().items():
+        assert getattr(back, k).dtype == v.dtype
+        np.testing.assert_array_equal(getattr(back, k), v)
     assert os.listdir(path.parent) == ["ranked.npz"]  # No temporary file left behind.
-    # The loaded arrays batch exactly like the in-memory ones.
-    a = next(BatchIterator(arrays, batch_size=2, seed=0))
-    b = next(BatchIterator(back, batch_size=2, seed=0))
+    # The loaded set batches exactly like the in-memory one.
+    a = next(BatchIterator(ranked, batch_size=2, batch_type=RankedBatch, seed=0))
+    b = next(BatchIterator(back, batch_size=2, batch_type=RankedBatch, seed=0))
     np.testing.assert_array_equal(a.tokens_BxKxL, b.tokens_BxKxL)
     # Overwrite is all-or-nothing: a failed write leaves the old file intact.
     with pytest.raises(ValueError, match="dtype object"):
-        save_ranked_set(path, {"tokens_NxKxL": np.array([{"x": 1}], dtype=object)})
-    assert sorted(load_ranked_set(path)) == sorted(arrays)
+        save_arrays(path, {"tokens_NxKxL": np.array([{"x": 1}], dtype=object)})
+    assert sorted(load_ranked_set(path).arrays()) == sorted(ranked.arrays())
     # A file holding pickled objects is refused on load.
     evil = tmp_path / "evil.npz"
     np.savez(evil, obj=np.array([{"x": 1}], dtype=object))
     with pytest.raises(ValueError, match="pickle"):
-        load_ranked_set(evil)
+        load_arrays(evil)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_ranked_set(tmp_path / "nope.npz")
 
 
 def test_concat_ranked_sets_joins_common_arrays_in_order():
     a, b = _arrays(n=5, seed=1), _arrays(n=7, seed=2)
-    b["policy_sample_correct_N"] = np.ones(7, bool)  # only in one set: left out
+    b = b.replace(policy_sample_correct_N=np.ones(7, bool))  # only in one set: left out
     both = concat_ranked_sets([a, b])
-    assert sorted(both) == sorted(a)
-    for k in a:
-        np.testing.assert_array_equal(both[k][:5], a[k])
-        np.testing.assert_array_equal(both[k][5:], b[k])
-    assert validate_arrays(both) == 12
+    assert sorted(both.arrays()) == sorted(a.arrays())
+    for k, v in a.arrays().items():
+        np.testing.assert_array_equal(getattr(both, k)[:5], v)
+        np.testing.assert_array_equal(getattr(both, k)[5:], getattr(b, k))
+    assert both.num_lists == 12
     with pytest.raises(ValueError, match="different layouts"):
         concat_ranked_sets([a, _arrays(n=5, k=2)])

@@ -33,8 +33,8 @@ def test_chat_layout_and_mask_convention(tok):
     ex = [Example("e0", "What is 12 + 30?", ("42", "41 or so")), Example("e1", "Sort: 312", ("123",))]
     cfg = TokenizeConfig(max_prompt_len=20, max_response_len=8)
     arrays, stats = tokenize_examples(tok, ex, cfg)
-    assert arrays["tokens_NxKxL"].shape == (2, 2, 28) and arrays["tokens_NxKxL"].dtype == np.int32
-    assert arrays["valid_NxK"].tolist() == [[True, True], [True, False]]
+    assert arrays.tokens_NxKxL.shape == (2, 2, 28) and arrays.tokens_NxKxL.dtype == np.int32
+    assert arrays.valid_NxK.tolist() == [[True, True], [True, False]]
     assert stats.boundary_merges == 0 and stats.prompts_truncated == 0 and stats.responses_truncated == 0
     for n, e in enumerate(ex):
         ptxt = tok.apply_chat_template(
@@ -42,7 +42,7 @@ def test_chat_layout_and_mask_convention(tok):
         )
         pids = _ids(tok, ptxt)
         for k, r in enumerate(e.responses):
-            row, mask, attn = (arrays[key][n, k] for key in ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL"))
+            row, mask, attn = (getattr(arrays, key)[n, k] for key in ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL"))
             full = _ids(tok, ptxt + r) + [tok.eos_token_id]
             assert row[: len(full)].tolist() == full  # Exactly the tokenisation of the whole text.
             assert (row[len(full) :] == tok.pad_token_id).all() and attn.sum() == len(full)
@@ -50,8 +50,8 @@ def test_chat_layout_and_mask_convention(tok):
             assert not mask[: len(pids)].any() and mask[len(pids) : len(full)].all() and not mask[len(full) :].any()
             assert tok.decode(row[mask]) == r + tok.eos_token
         # Prompt-only view: left padded, ends where the response starts.
-        pv = arrays["prompt_valid_NxP"][n]
-        assert arrays["prompt_tokens_NxP"][n][pv].tolist() == pids and pv[-1] and pv.sum() == len(pids)
+        pv = arrays.prompt_valid_NxP[n]
+        assert arrays.prompt_tokens_NxP[n][pv].tolist() == pids and pv[-1] and pv.sum() == len(pids)
         assert not pv[: 20 - len(pids)].any()
 
 
@@ -114,18 +114,18 @@ def test_assemble_ranked_and_trim():
         ref_logps=np.zeros((2, 3)),
         example_ids=[10, 11],
     )
-    assert arrays["tokens_NxKxL"].shape == (2, 3, 5)
-    assert arrays["tokens_NxKxL"][0, 1].tolist() == [1, 5, 9, 9, 2]
-    assert arrays["loss_mask_NxKxL"][1, 0].tolist() == [False, False, False, True, False]
-    assert arrays["valid_NxK"].tolist() == [[True, True, False], [True, False, False]]
+    assert arrays.tokens_NxKxL.shape == (2, 3, 5)
+    assert arrays.tokens_NxKxL[0, 1].tolist() == [1, 5, 9, 9, 2]
+    assert arrays.loss_mask_NxKxL[1, 0].tolist() == [False, False, False, True, False]
+    assert arrays.valid_NxK.tolist() == [[True, True, False], [True, False, False]]
     # A missing response holds the prompt alone: attended to, never in the loss.
-    assert arrays["tokens_NxKxL"][1, 2].tolist() == [1, 6, 7, 0, 0]
-    assert arrays["attn_valid_NxKxL"][1, 2].tolist() == [True, True, True, False, False]
-    assert not arrays["loss_mask_NxKxL"][~arrays["valid_NxK"]].any()
+    assert arrays.tokens_NxKxL[1, 2].tolist() == [1, 6, 7, 0, 0]
+    assert arrays.attn_valid_NxKxL[1, 2].tolist() == [True, True, True, False, False]
+    assert not arrays.loss_mask_NxKxL[~arrays.valid_NxK].any()
     with pytest.raises(ValueError, match="empty prompt"):
         assemble_ranked([[]], [[[2]]], pad_id=0)
-    assert arrays["prompt_tokens_NxP"].tolist() == [[0, 1, 5], [1, 6, 7]]
-    assert arrays["example_ids_N"].tolist() == [10, 11] and arrays["ref_logps_NxK"].dtype == np.float32
+    assert arrays.prompt_tokens_NxP.tolist() == [[0, 1, 5], [1, 6, 7]]
+    assert arrays.example_ids_N.tolist() == [10, 11] and arrays.ref_logps_NxK.dtype == np.float32
     with pytest.raises(ValueError, match="need L>=5"):
         assemble_ranked([[1, 5]], [[[8, 2, 2]]], pad_id=0, seq_len=4)
     with pytest.raises(ValueError, match="empty"):

@@ -5,7 +5,7 @@ import pytest
 
 from configs import demo
 from pl_dpo import config_lib, evaluate, scoring
-from pl_dpo.data import check_answer
+from pl_dpo.data import RankedBatch, check_answer
 from pl_dpo.models import create_model
 from pl_dpo.selfplay import run_data
 from pl_dpo.workdir.metric_log import MetricLog
@@ -30,13 +30,13 @@ def test_prepare_data_tokenises_both_splits_once_in_the_round_layout(prepared):
     config, tokenizer, data, _, workdir = prepared
     L = config.data.max_prompt_len + config.data.max_response_len
     assert len(data.train_examples) == 20  # data.num_train
-    assert data.sft_arrays["tokens_NxKxL"].shape == (20, 1, L)
-    assert data.heldout.arrays["tokens_NxKxL"].shape == (12, 1, L) and data.heldout.checkable
+    assert data.sft_set.tokens_NxKxL.shape == (20, 1, L)
+    assert data.heldout.answers.tokens_NxKxL.shape == (12, 1, L) and data.heldout.checkable
     for example, answer in zip(data.train_examples, data.train_answer_ids):
         assert tokenizer.decode(answer, skip_special_tokens=True).strip() == example.responses[0]
         assert answer[-1] == tokenizer.eos_token_id
     # Every response token of the layout is the answer (mask), every prompt token precedes it.
-    row, mask = data.sft_arrays["tokens_NxKxL"][3, 0], data.sft_arrays["loss_mask_NxKxL"][3, 0]
+    row, mask = data.sft_set.tokens_NxKxL[3, 0], data.sft_set.loss_mask_NxKxL[3, 0]
     assert row[mask].tolist() == data.train_answer_ids[3]
     records = [line for line in open(f"{workdir}/metrics.jsonl")]
     assert any('"data/train"' in r for r in records) and any('"data/test"' in r for r in records)
@@ -45,11 +45,12 @@ def test_prepare_data_tokenises_both_splits_once_in_the_round_layout(prepared):
 def test_evaluate_policy_metrics(prepared):
     config, tokenizer, data, model, _ = prepared
     metrics, responses, correct = evaluate.evaluate_policy(
-        model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens, baseline=None
+        model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens, baseline=None,
+        batch_type=RankedBatch,
     )
-    logps_N = scoring.score_ranked(model, data.heldout.arrays, 8)[:, 0]
+    logps_N = scoring.score_ranked(model, data.heldout.answers, 8, batch_type=RankedBatch)[:, 0]
     np.testing.assert_allclose(metrics["answer_logp"], logps_N.mean(), rtol=1e-6)
-    tokens = data.heldout.arrays["loss_mask_NxKxL"].sum()
+    tokens = data.heldout.answers.loss_mask_NxKxL.sum()
     np.testing.assert_allclose(metrics["answer_logp_per_token"], logps_N.sum() / tokens, rtol=1e-6)
     # Exact match is the task checker on the decoded greedy answers, overall and per task.
     want = [
@@ -65,10 +66,11 @@ def test_evaluate_policy_metrics(prepared):
     # Against itself as the SFT baseline: every prompt ties (win rate 0.5) and every implicit
     # reward is 0, so no list is ranked right (ties are not wins).
     baseline = evaluate.sft_baseline(
-        model, data.heldout, responses, correct, pad_id=tokenizer.pad_token_id, batch_size=8
+        model, data.heldout, responses, correct, pad_id=tokenizer.pad_token_id, batch_size=8, batch_type=RankedBatch
     )
     again, _, _ = evaluate.evaluate_policy(
-        model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens, baseline=baseline
+        model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens, baseline=baseline,
+        batch_type=RankedBatch,
     )
     assert baseline.lists is not None  # a random policy's greedy answers differ from the dataset's
     assert again["win_rate_vs_sft"] == 0.5 and again["reward_accuracy"] == 0.0

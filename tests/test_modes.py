@@ -8,7 +8,7 @@ import pytest
 
 from configs import asft, demo, offline, spin
 from pl_dpo import config_lib
-from pl_dpo.data import SyntheticConfig, generate_examples, load_ranked_set, load_split
+from pl_dpo.data import SyntheticConfig, generate_examples, load_arrays, load_ranked_set, load_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,26 +99,26 @@ def test_offline_ladder_and_sft_modes(offline_run):
     assert "| triplet round 2 |" in stdout and len(triplet[0]["scores_K"]) == 3
     assert os.path.exists(workdir / "sft" / "samples.npz")
     ranked = load_ranked_set(workdir / "triplet" / "round_1" / "ranked.npz")
-    samples = load_ranked_set(workdir / "sft" / "samples.npz")
+    samples = load_arrays(workdir / "sft" / "samples.npz")
     n = int(samples["lengths"][0])
-    assert ranked["tokens_NxKxL"][0, 1][ranked["loss_mask_NxKxL"][0, 1]].tolist() == samples["tokens"][0, :n].tolist()
+    assert ranked.tokens_NxKxL[0, 1][ranked.loss_mask_NxKxL[0, 1]].tolist() == samples["tokens"][0, :n].tolist()
     # Round mixing: round 1 trains on round 0's set (re-scored with πθ(1)) followed by its own.
     mixed = load_ranked_set(workdir / "triplet" / "round_1" / "mixed.npz")
     round0 = load_ranked_set(workdir / "triplet" / "round_0" / "ranked.npz")
-    n = len(ranked["tokens_NxKxL"])
-    assert len(mixed["tokens_NxKxL"]) == 2 * n and not os.path.exists(workdir / "triplet" / "round_0" / "mixed.npz")
-    np.testing.assert_array_equal(mixed["tokens_NxKxL"][:n], round0["tokens_NxKxL"])
-    np.testing.assert_array_equal(mixed["ref_logps_NxK"][n:], ranked["ref_logps_NxK"])
+    n = len(ranked.tokens_NxKxL)
+    assert len(mixed.tokens_NxKxL) == 2 * n and not os.path.exists(workdir / "triplet" / "round_0" / "mixed.npz")
+    np.testing.assert_array_equal(mixed.tokens_NxKxL[:n], round0.tokens_NxKxL)
+    np.testing.assert_array_equal(mixed.ref_logps_NxK[n:], ranked.ref_logps_NxK)
     from pl_dpo import scoring
     from pl_dpo.selfplay import rounds
 
     sp = rounds.SelfPlay(_config(workdir), str(workdir))
-    policy1 = sp.restore_policy("triplet", sp.config.model, 1)
+    policy1 = sp.policies.restore("triplet", sp.config.model, 1)
     np.testing.assert_array_equal(
-        mixed["ref_logps_NxK"][:n],
-        scoring.score_ranked(policy1, round0, sp.config.eval.batch_size, pack_prompt=sp.pack_prompt),
+        mixed.ref_logps_NxK[:n],
+        scoring.score_ranked(policy1, round0, sp.config.eval.batch_size, batch_type=sp.settings.batch_type),
     )
-    assert not np.array_equal(mixed["ref_logps_NxK"][:n], round0["ref_logps_NxK"])
+    assert not np.array_equal(mixed.ref_logps_NxK[:n], round0.ref_logps_NxK)
     # The SFT anchor and the LiPO-lambda loss reached the preference arms' metrics.
     assert all("sft_nll" in r and "preference_loss" in r for r in triplet + ladder + offline_)
 
@@ -144,7 +144,7 @@ def test_exported_policy_loads_in_transformers(offline_run):
 
     config = _config(workdir)
     sp = rounds.SelfPlay(config, str(workdir))
-    policy = sp.restore_policy("sft", config.model, 2)
+    policy = sp.policies.restore("sft", config.model, 2)
     tokens = jnp.asarray([ids])
     positions = jnp.arange(len(ids))[None]
     ours = policy.logits(policy(tokens, positions, jnp.ones_like(tokens, bool)))[0]
@@ -167,7 +167,7 @@ def test_verifier_ranked_samples_end_to_end(tmp_path, main_command):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ranked_samples round 1 |" in proc.stdout
     ranked = load_ranked_set(workdir / "ranked_samples" / "round_0" / "ranked.npz")
-    labels = ranked["labels_NxK"]
+    labels = ranked.labels_NxK
     assert labels.shape[1] == 3 and (labels[:, 0] == 2.0).all() and (np.diff(labels, axis=1) <= 0).all()
     from pl_dpo.tokenizer import load_tokenizer
 
@@ -184,9 +184,9 @@ def assert_label_is_the_grade(ranked, tok, n: int, k: int, example) -> None:
     """Response k of row n of a verifier-ranked set carries the verifier's grade of it as its label."""
     from pl_dpo.data import grade_answer
 
-    ids = ranked["tokens_NxKxL"][n, k][ranked["loss_mask_NxKxL"][n, k]].tolist()
+    ids = ranked.tokens_NxKxL[n, k][ranked.loss_mask_NxKxL[n, k]].tolist()
     text = tok.decode(ids, skip_special_tokens=True)
-    assert grade_answer(example.task, example.meta, text) == pytest.approx(ranked["labels_NxK"][n, k])
+    assert grade_answer(example.task, example.meta, text) == pytest.approx(ranked.labels_NxK[n, k])
 
 
 def demo_examples(workdir):
@@ -216,11 +216,11 @@ def test_prompts_per_round_ranks_a_new_subset_each_round(tmp_path, main_command)
     chosen = []
     for t in (0, 1):
         ranked = load_ranked_set(workdir / "ranked_samples" / f"round_{t}" / "ranked.npz")
-        tokens, mask = ranked["tokens_NxKxL"], ranked["loss_mask_NxKxL"]
+        tokens, mask = ranked.tokens_NxKxL, ranked.loss_mask_NxKxL
         assert tokens.shape[:2] == (48, 3)
         rows = []
         for n in range(48):  # which training prompt each row is: the one whose question its prompt holds
-            in_prompt = ranked["attn_valid_NxKxL"][n, 0] & ~mask[n, 0]
+            in_prompt = ranked.attn_valid_NxKxL[n, 0] & ~mask[n, 0]
             prompt = tok.decode(tokens[n, 0][in_prompt].tolist(), skip_special_tokens=True)
             (index,) = [i for i, e in enumerate(examples) if e.prompt == prompt]
             rows.append(index)

@@ -55,7 +55,7 @@ def _params(workdir, lineage, index):
     config = demo.get_config("quick")
     config.modes, config.mesh.num_devices, config.rounds.max_steps = "spin", 1, 4
     sp = rounds.SelfPlay(config, str(workdir))
-    return sp, sp.restore_policy(lineage, config.model, index)
+    return sp, sp.policies.restore(lineage, config.model, index)
 
 
 def test_two_processes_match_one_process(runs):
@@ -71,11 +71,11 @@ def test_two_processes_match_one_process(runs):
     # The round's ranked set (samples of πθ(0), reference log-probs) agrees too.
     two = load_ranked_set(root / "two" / "spin" / "round_0" / "ranked.npz")
     one = load_ranked_set(root / "one" / "spin" / "round_0" / "ranked.npz")
-    same_samples = (two["tokens_NxKxL"] == one["tokens_NxKxL"]).all(axis=(1, 2))
+    same_samples = (two.tokens_NxKxL == one.tokens_NxKxL).all(axis=(1, 2))
     assert same_samples.mean() > 0.99
     np.testing.assert_allclose(
-        two["ref_logps_NxK"][same_samples], one["ref_logps_NxK"][same_samples], rtol=1e-4, atol=1e-3
+        two.ref_logps_NxK[same_samples], one.ref_logps_NxK[same_samples], rtol=1e-4, atol=1e-3
     )
     sp, policy = _params(root / "two", "spin", 1)
-    again = scoring.score_ranked(policy, two, sp.config.eval.batch_size)
+    again = scoring.score_ranked(policy, two, sp.config.eval.batch_size, batch_type=sp.settings.batch_type)
     assert np.isfinite(again).all()

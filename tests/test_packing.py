@@ -27,14 +27,15 @@ def ranked_lists(n=6, K=3, seed=0, missing=True):
         k = K - (i % K) if missing else K  # K, K-1, ..., 1 responses
         lists.append([rng.integers(3, VOCAB, rng.integers(1, 8)).tolist() for _ in range(k)])
     arrays = assemble_ranked(prompts, lists, pad_id=0, k=K)
-    arrays["ref_logps_NxK"] = np.where(arrays["valid_NxK"], rng.normal(-20, 3, (n, K)), 0).astype(np.float32)
-    return prompts, lists, arrays
+    ref = np.where(arrays.valid_NxK, rng.normal(-20, 3, (n, K)), 0).astype(np.float32)
+    return prompts, lists, arrays.replace(ref_logps_NxK=ref)
 
 
 def both_layouts(arrays, batch_size=None) -> tuple[RankedBatch, PackedBatch]:
-    n = arrays["tokens_NxKxL"].shape[0]
+    n = arrays.tokens_NxKxL.shape[0]
     kw = dict(batch_size=batch_size or n, shuffle=False, num_epochs=1)
-    return next(iter(BatchIterator(arrays, **kw))), next(iter(BatchIterator(arrays, pack_prompt=True, **kw)))
+    plain = next(iter(BatchIterator(arrays, batch_type=RankedBatch, **kw)))
+    return plain, next(iter(BatchIterator(arrays, batch_type=PackedBatch, **kw)))
 
 
 MODELS = {
@@ -73,7 +74,9 @@ def test_packed_buckets_and_global_shapes():
     # Both processes of a 2-process run cut the same T and M: they come from the global batch.
     shapes = []
     for p in range(2):
-        it = BatchIterator(arrays, batch_size=8, shuffle=False, pack_prompt=True, process_index=p, process_count=2)
+        it = BatchIterator(
+            arrays, batch_size=8, batch_type=PackedBatch, shuffle=False, process_index=p, process_count=2
+        )
         b = next(iter(it))
         shapes.append((b.tokens_BxT.shape, b.source_BxM.shape))
     assert shapes[0] == shapes[1] and shapes[0][0][0] == 4
@@ -121,10 +124,10 @@ def test_response_token_counts_and_sft_objective_agree():
 def test_score_ranked_packed_matches_plain_with_padding_rows():
     _, _, arrays = ranked_lists(n=7)
     model = create_model(MODELS["qwen2"](), seed=3)
-    plain = scoring.score_ranked(model, arrays, batch_size=4)  # 7 lists in batches of 4: a padding row
-    packed = scoring.score_ranked(model, arrays, batch_size=4, pack_prompt=True)
+    plain = scoring.score_ranked(model, arrays, batch_size=4, batch_type=RankedBatch)  # 7 in 4s: a padding row
+    packed = scoring.score_ranked(model, arrays, batch_size=4, batch_type=PackedBatch)
     np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-4)
-    assert (packed[~arrays["valid_NxK"]] == 0).all()
+    assert (packed[~arrays.valid_NxK] == 0).all()
 
 
 @pytest.mark.slow  # sharded equality stays in the fast tier: test_train.test_sharded_step_matches_single_device

@@ -47,7 +47,7 @@ def reference_run(tmp_path_factory, main_command):
 def restore_params(workdir, lineage, index, *overrides):
     config = load_config(*overrides)
     sp = rounds.SelfPlay(config, workdir)
-    model = sp.restore_policy(lineage, config.model, index)
+    model = sp.policies.restore(lineage, config.model, index)
     return sp, model
 
 
@@ -86,8 +86,8 @@ def test_reference_logps_are_the_restored_round_policy(reference_run):
     _, workdir, _ = reference_run
     sp, policy1 = restore_params(workdir, "spin", 1)
     arrays = load_ranked_set(os.path.join(workdir, "spin", "round_1", "ranked.npz"))
-    again = scoring.score_ranked(policy1, arrays, sp.config.eval.batch_size, pack_prompt=sp.pack_prompt)
-    np.testing.assert_array_equal(again, arrays["ref_logps_NxK"])
+    again = scoring.score_ranked(policy1, arrays, sp.config.eval.batch_size, batch_type=sp.settings.batch_type)
+    np.testing.assert_array_equal(again, arrays.ref_logps_NxK)
     # The saved policy 1 is bit-identical to the final train state of round 0.
     tx = config_lib.optimizer(sp.config.rounds.optim).build(24)
     _, state, state_sh = train.init_train_state(policy1, tx, sp.mesh, sp.rules)

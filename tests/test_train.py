@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs.common import optimizer
 from pl_dpo import config_lib, losses, scoring, sharding
-from pl_dpo.data import BatchIterator, assemble_ranked
+from pl_dpo.data import BatchIterator, RankedBatch, assemble_ranked
 from pl_dpo.models import create_model, preset_config
 from pl_dpo.training import phase, train
 from pl_dpo.workdir.metric_log import MetricLog
@@ -27,9 +27,8 @@ def ranked_arrays(n=16, K=3, vocab=64, seed=0):
     lists = [
         [rng.integers(3, vocab, rng.integers(1, 6)).tolist() for _ in range(rng.integers(2, K + 1))] for _ in range(n)
     ]
-    arrays = assemble_ranked(prompts, lists, pad_id=0, k=K, seq_len=16)
-    arrays["ref_logps_NxK"] = (rng.normal(size=(n, K)) * 3 - 20).astype(np.float32)
-    return arrays
+    ref = (rng.normal(size=(n, K)) * 3 - 20).astype(np.float32)
+    return assemble_ranked(prompts, lists, pad_id=0, k=K, seq_len=16, ref_logps=ref)
 
 
 def tiny_model(seed=0):
@@ -48,11 +47,19 @@ def tiny_model(seed=0):
     )
 
 
-def train_tiny_phase(directory, arrays, objective, evaluate=None, **spec_fields):
-    """`phase.train_phase` of a fresh tiny model on one device: batches of 8 at length 16, OPTIM,
-    metrics to `<directory>/logs`; `spec_fields` give the rest of the PhaseSpec."""
+def train_tiny_phase(directory, arrays, objective, heldout_score=None, **spec_fields):
+    """`phase.train_phase` of a fresh tiny model on one device: batches of 8 at length 16 in plain rows, OPTIM,
+    no early stopping unless `spec_fields` ask for it, metrics to `<directory>/logs`; `spec_fields` give the rest
+    of the PhaseSpec."""
+    spec_fields = {"eval_every": 0, "patience": 1, **spec_fields}
     spec = phase.PhaseSpec(
-        directory=str(directory), batch_size=8, seed=0, optim=OPTIM, length_buckets=(16,), **spec_fields
+        directory=str(directory),
+        batch_size=8,
+        seed=0,
+        optim=OPTIM,
+        length_buckets=(16,),
+        batch_type=RankedBatch,
+        **spec_fields,
     )
     return phase.train_phase(
         tiny_model(),
@@ -62,7 +69,7 @@ def train_tiny_phase(directory, arrays, objective, evaluate=None, **spec_fields)
         mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
         rules=sharding.DEFAULT_DECODER_RULES,
         metric_log=MetricLog(os.path.join(directory, "logs")),
-        evaluate=evaluate,
+        heldout_score=heldout_score,
     )
 
 
@@ -73,7 +80,7 @@ def run_steps(mesh, arrays, steps=3):
     step_fn = train.make_train_step(
         graphdef, train.pl_dpo_objective(LOSS, chunk_size=8), tx, state_sh, sharding.batch_sharding(mesh)
     )
-    it = BatchIterator(arrays, batch_size=8, seed=0, length_buckets=(16,))
+    it = BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=0, length_buckets=(16,))
     losses_ = []
     for _ in range(steps):
         batch = sharding.shard_batch(next(it), mesh)
@@ -114,7 +121,7 @@ def test_objective_equals_loss_of_separately_computed_logps():
     """The [B*K, L] single forward equals scoring each response alone with the full logits."""
     arrays = ranked_arrays(n=4)
     model = tiny_model()
-    batch = next(BatchIterator(arrays, batch_size=4, shuffle=False, length_buckets=(16,)))
+    batch = next(BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, shuffle=False, length_buckets=(16,)))
     loss, _ = train.pl_dpo_objective(LOSS, chunk_size=4)(model, batch)
     policy = separate_logps(model, batch)
     want, _ = losses.pl_dpo_loss(jnp.asarray(policy), jnp.asarray(batch.ref_logps_BxK), LOSS.T, batch.valid_BxK)
@@ -124,10 +131,10 @@ def test_objective_equals_loss_of_separately_computed_logps():
 @pytest.mark.parametrize("variant", ["pl", "lipo_lambda"])
 def test_sft_anchor_adds_the_token_mean_nll_of_the_rank_one_responses(variant):
     arrays = ranked_arrays(n=4)
-    arrays["valid_NxK"][1, 0] = False  # a list without its rank-1 response adds nothing to the anchor
-    arrays["loss_mask_NxKxL"][1, 0] = False
+    arrays.valid_NxK[1, 0] = False  # a list without its rank-1 response adds nothing to the anchor
+    arrays.loss_mask_NxKxL[1, 0] = False
     model = tiny_model()
-    batch = next(BatchIterator(arrays, batch_size=4, shuffle=False, length_buckets=(16,)))
+    batch = next(BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, shuffle=False, length_buckets=(16,)))
     anchored = dataclasses.replace(LOSS, variant=variant, sft_weight=0.3)
     loss, metrics = train.pl_dpo_objective(anchored, chunk_size=4)(model, batch)
     policy = separate_logps(model, batch)
@@ -145,8 +152,8 @@ def test_first_step_scores_are_zero_when_reference_is_the_policy():
     """With ref log-probs computed by the policy itself, every score s_k = 0 at step 0."""
     arrays = ranked_arrays(n=8)
     model = tiny_model()
-    arrays["ref_logps_NxK"] = scoring.score_ranked(model, arrays, batch_size=4)
-    batch = next(BatchIterator(arrays, batch_size=8, shuffle=False, length_buckets=(16,)))
+    arrays = arrays.replace(ref_logps_NxK=scoring.score_ranked(model, arrays, batch_size=4, batch_type=RankedBatch))
+    batch = next(BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, shuffle=False, length_buckets=(16,)))
     _, metrics = train.pl_dpo_objective(LOSS, chunk_size=8)(model, batch)
     np.testing.assert_allclose(metrics["scores_K"], 0.0, atol=1e-5)
 
@@ -167,7 +174,7 @@ def test_nan_loss_stops_phase_naming_step_batch_and_checkpoint(tmp_path):
     assert "non-finite loss" in message and f"{bad_example}" in message
     step = int(message.split("at step ")[1].split()[0])
     # The batch of that step holds the poisoned example (order is a function of seed and epoch).
-    it = BatchIterator(arrays, batch_size=8, seed=0, length_buckets=(16,))
+    it = BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=0, length_buckets=(16,))
     batches = [next(it) for _ in range(step + 1)]
     assert bad_example in batches[step].example_ids_B
     # The named checkpoint exists, holds no NaN, and is older than the bad step.

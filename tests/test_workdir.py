@@ -44,6 +44,6 @@ def test_step_committed(tmp_path):
     assert wd.policy_committed(str(tmp_path.parent), tmp_path.name, 0)
 
 
-def test_workdir_module_imports_no_jax():
-    code = "import sys, pl_dpo.workdir.layout; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
+def test_workdir_layout_and_lock_import_no_jax():
+    code = "import sys, pl_dpo.workdir.layout, pl_dpo.workdir.lock; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,9 +1,8 @@
 """Batches in the training layout, a resumable iterator, and prompt batches for generation.
 
-Arrays in: the dict of `pl_dpo.data.tokenize` (tokens_NxKxL, loss_mask_NxKxL,
-attn_valid_NxKxL, valid_NxK, optional example_ids_N / ref_logps_NxK /
-prompt_tokens_NxP / prompt_valid_NxP), built in memory or loaded with
-`load_ranked_set`.
+In: a `RankedSet` (`pl_dpo.data.ranked_set`), built in memory or loaded with `load_ranked_set`. The batch
+type decides the layout: `RankedBatch` (K rows of [prompt, response_k] per list) or `PackedBatch`
+(`pl_dpo.data.packing`: one row per list, the K responses behind one copy of the prompt).
 
 Shapes are fixed per bucket: L of a batch is the smallest bucket >= the longest
 sequence of the GLOBAL batch, so every process of a multi-host run cuts the same
@@ -24,8 +23,7 @@ import jax
 import numpy as np
 
 from pl_dpo.data import packing
-
-REQUIRED = ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL", "valid_NxK")
+from pl_dpo.data.ranked_set import RankedSet
 
 
 # A pytree (every field a leaf, `ref_logps_BxK=None` an empty subtree): sharded and passed to jit as one argument.
@@ -76,55 +74,19 @@ def pick_bucket(need: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"no length bucket >= {need} in {sorted(buckets)}")
 
 
-def validate_arrays(arrays: dict[str, np.ndarray]) -> int:
-    """Checks keys, dtypes and shapes before anything is compiled; returns N."""
-    missing = [k for k in REQUIRED if k not in arrays]
-    if missing:
-        raise ValueError(f"ranked arrays lack {missing}; have {sorted(arrays)}")
-    n, k, l = arrays["tokens_NxKxL"].shape
-    expect = {
-        "tokens_NxKxL": ((n, k, l), "i"),
-        "loss_mask_NxKxL": ((n, k, l), "b"),
-        "attn_valid_NxKxL": ((n, k, l), "b"),
-        "valid_NxK": ((n, k), "b"),
-        "example_ids_N": ((n,), "i"),
-        "ref_logps_NxK": ((n, k), "f"),
-        "labels_NxK": ((n, k), "f"),
-        "prompt_valid_NxP": (None, "b"),
-        "prompt_tokens_NxP": (None, "i"),
-    }
-    for key, (shape, kind) in expect.items():
-        if key not in arrays:
-            continue
-        a = arrays[key]
-        if shape is not None and a.shape != shape:
-            raise ValueError(f"ranked arrays: {key} has shape {a.shape}, expected {shape}")
-        if a.dtype.kind not in (kind, "u" if kind == "i" else kind):
-            raise ValueError(f"ranked arrays: {key} has dtype {a.dtype}, expected kind {kind!r}")
-    if n == 0:
-        raise ValueError("ranked arrays hold no examples")
-    if arrays["loss_mask_NxKxL"][..., 0].any():
-        raise ValueError("loss_mask_NxKxL is True at position 0: a first token has no prediction")
-    if (arrays["loss_mask_NxKxL"] & ~arrays["attn_valid_NxKxL"]).any():
-        raise ValueError("loss_mask_NxKxL is True on padding (attn_valid_NxKxL False)")
-    if "ref_logps_NxK" in arrays and not np.isfinite(arrays["ref_logps_NxK"][arrays["valid_NxK"]]).all():
-        raise ValueError("ref_logps_NxK has non-finite values on valid responses")
-    return n
-
-
-def gather_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, pad: np.ndarray) -> RankedBatch:
-    """Rows `idx` cut to `seq_len`; rows where `pad` is True become padding rows."""
-    tokens = arrays["tokens_NxKxL"][idx, :, :seq_len].astype(np.int32)
+def gather_batch(ranked: RankedSet, idx: np.ndarray, seq_len: int, pad: np.ndarray) -> RankedBatch:
+    """Lists `idx` cut to `seq_len`; rows where `pad` is True become padding rows."""
+    tokens = ranked.tokens_NxKxL[idx, :, :seq_len].astype(np.int32)
     keep = ~pad
-    loss_mask = arrays["loss_mask_NxKxL"][idx, :, :seq_len] & keep[:, None, None]
-    valid = arrays["valid_NxK"][idx] & keep[:, None]
-    ids = arrays["example_ids_N"][idx] if "example_ids_N" in arrays else idx.astype(np.int64)
-    ref, labels = arrays.get("ref_logps_NxK"), arrays.get("labels_NxK")
+    loss_mask = ranked.loss_mask_NxKxL[idx, :, :seq_len] & keep[:, None, None]
+    valid = ranked.valid_NxK[idx] & keep[:, None]
+    ids = ranked.example_ids_N[idx] if ranked.example_ids_N is not None else idx.astype(np.int64)
+    ref, labels = ranked.ref_logps_NxK, ranked.labels_NxK
     b, k = valid.shape
     return RankedBatch(
         tokens_BxKxL=tokens,
         loss_mask_BxKxL=loss_mask,
-        attn_valid_BxKxL=arrays["attn_valid_NxKxL"][idx, :, :seq_len].copy(),
+        attn_valid_BxKxL=ranked.attn_valid_NxKxL[idx, :, :seq_len].copy(),
         positions_BxKxL=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, k, seq_len)).copy(),
         valid_BxK=valid,
         example_ids_B=np.where(pad, -1, ids).astype(np.int64),
@@ -134,8 +96,8 @@ def gather_batch(arrays: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, p
 
 
 class BatchIterator:
-    """Epochs of shuffled global batches; yields this process's slice as RankedBatch
-    (or PackedBatch with `pack_prompt`: the K responses behind one prompt, `pl_dpo.data.packing`).
+    """Epochs of shuffled global batches of a ranked set; yields this process's slice as a `batch_type`:
+    RankedBatch, or PackedBatch (the K responses behind one prompt, `pl_dpo.data.packing`).
 
     The order is a function of (seed, epoch) only, so `state()` (epoch, step) is
     all that is needed to resume exactly: `restore(state)` then continues with the
@@ -144,9 +106,10 @@ class BatchIterator:
 
     def __init__(
         self,
-        arrays: dict[str, np.ndarray],
+        ranked: RankedSet,
         *,
         batch_size: int,
+        batch_type: type[RankedBatch] | type[packing.PackedBatch],
         seed: int = 0,
         shuffle: bool = True,
         drop_remainder: bool = True,
@@ -154,27 +117,30 @@ class BatchIterator:
         length_buckets: Sequence[int] | None = None,
         process_index: int = 0,
         process_count: int = 1,
-        pack_prompt: bool = False,
     ):
-        self._n = validate_arrays(arrays)
+        if not isinstance(ranked, RankedSet):
+            raise TypeError(f"BatchIterator takes a RankedSet, got {type(ranked).__name__}")
+        if batch_type not in (RankedBatch, packing.PackedBatch):
+            raise ValueError(f"batch_type={batch_type!r}: RankedBatch or PackedBatch")
+        self._n = ranked.num_lists
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by process_count={process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         if drop_remainder and self._n < batch_size:
             raise ValueError(f"{self._n} examples < batch_size={batch_size} with drop_remainder=True: no batch")
-        self._arrays = arrays
+        self._ranked = ranked
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.drop_remainder, self.num_epochs = drop_remainder, num_epochs
-        max_len = arrays["tokens_NxKxL"].shape[-1]
+        max_len = ranked.tokens_NxKxL.shape[-1]
         self.buckets = tuple(length_buckets) if length_buckets else default_buckets(max_len)
         if max(self.buckets) > max_len:
             self.buckets = tuple(sorted({min(b, max_len) for b in self.buckets}))
-        self._lens_N = arrays["attn_valid_NxKxL"].sum(-1).max(-1)  # Longest response row per example.
+        self._lens_N = ranked.attn_valid_NxKxL.sum(-1).max(-1)  # Longest response row per example.
         pick_bucket(int(self._lens_N.max()), self.buckets)  # Fail now, not mid-epoch.
-        self.pack_prompt = pack_prompt
-        if pack_prompt:  # The buckets scaled to packed rows: as many compiles as the plain layout.
-            prompt_N, self._scored_N = packing.packed_lengths(arrays)
+        self.batch_type = batch_type
+        if batch_type is packing.PackedBatch:  # The buckets scaled to packed rows: as many compiles as plain rows.
+            prompt_N, self._scored_N = packing.packed_lengths(ranked)
             self._packed_N = prompt_N + self._scored_N
             self._min_prompt, self._max_scored = int(prompt_N.min()), int(self._scored_N.max())
             self.packed_buckets = packing.packed_buckets(self.buckets, max_len, int(self._packed_N.max()))
@@ -229,13 +195,13 @@ class BatchIterator:
         idx, pad = self.global_indices(self.epoch, self.step)
         per = self.batch_size // self.process_count
         lo = self.process_index * per
-        if self.pack_prompt:
+        if self.batch_type is packing.PackedBatch:
             seq_len = pick_bucket(int(self._packed_N[idx].max()), self.packed_buckets)
             num_scored = packing.scored_slots(seq_len, self._min_prompt, self._max_scored)
-            batch = packing.gather_packed(self._arrays, idx[lo : lo + per], pad[lo : lo + per], seq_len, num_scored)
+            batch = packing.gather_packed(self._ranked, idx[lo : lo + per], pad[lo : lo + per], seq_len, num_scored)
         else:
             seq_len = pick_bucket(int(self._lens_N[idx].max()), self.buckets)
-            batch = gather_batch(self._arrays, idx[lo : lo + per], seq_len, pad[lo : lo + per])
+            batch = gather_batch(self._ranked, idx[lo : lo + per], seq_len, pad[lo : lo + per])
         self.step += 1
         return batch
 

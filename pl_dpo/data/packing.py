@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from pl_dpo.data.ranked_set import RankedSet
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +56,10 @@ class PackedBatch:
         return self.valid_BxK.shape[1]
 
 
-def packed_lengths(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt tokens, scored tokens) per example, each [N] int64; a packed row holds their sum."""
-    prompt_N = _prompt_mask(arrays, slice(None)).sum(-1)
-    scored_N = (arrays["loss_mask_NxKxL"] & arrays["valid_NxK"][..., None]).sum((1, 2))
+def packed_lengths(ranked: RankedSet) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt tokens, scored tokens) per list, each [N] int64; a packed row holds their sum."""
+    prompt_N = _prompt_mask(ranked, slice(None)).sum(-1)
+    scored_N = (ranked.loss_mask_NxKxL & ranked.valid_NxK[..., None]).sum((1, 2))
     return prompt_N, scored_N
 
 
@@ -74,21 +76,19 @@ def scored_slots(seq_len: int, arrays_min_prompt: int, max_scored: int) -> int:
     return max(min(seq_len - arrays_min_prompt, max_scored), 1)
 
 
-def _prompt_mask(arrays: dict[str, np.ndarray], rows) -> np.ndarray:
+def _prompt_mask(ranked: RankedSet, rows) -> np.ndarray:
     """True on the prompt tokens [len(rows), L] of the lists `rows`: the real, unscored tokens of their first
     response row (every row of a list starts with the same prompt)."""
-    return arrays["attn_valid_NxKxL"][rows, 0] & ~arrays["loss_mask_NxKxL"][rows, 0]
+    return ranked.attn_valid_NxKxL[rows, 0] & ~ranked.loss_mask_NxKxL[rows, 0]
 
 
-def gather_packed(
-    arrays: dict[str, np.ndarray], idx: np.ndarray, pad: np.ndarray, seq_len: int, num_scored: int
-) -> PackedBatch:
+def gather_packed(ranked: RankedSet, idx: np.ndarray, pad: np.ndarray, seq_len: int, num_scored: int) -> PackedBatch:
     """Rows `idx` of the plain layout packed into [B, seq_len] tokens and [B, num_scored] scored tokens.
 
     Rows where `pad` is True become padding rows: their tokens stay (real attention) but nothing
     is scored and no response is valid, as in `gather_batch`."""
-    tokens_NxKxL, loss_mask_NxKxL = arrays["tokens_NxKxL"], arrays["loss_mask_NxKxL"]
-    prompt_BxL = _prompt_mask(arrays, idx)  # this batch's lists only: gather_packed runs every step
+    tokens_NxKxL, loss_mask_NxKxL = ranked.tokens_NxKxL, ranked.loss_mask_NxKxL
+    prompt_BxL = _prompt_mask(ranked, idx)  # this batch's lists only: gather_packed runs every step
     b = len(idx)
     tokens = np.zeros((b, seq_len), np.int32)
     segments = np.full((b, seq_len), -1, np.int32)
@@ -96,13 +96,13 @@ def gather_packed(
     source = np.zeros((b, num_scored), np.int32)
     targets = np.zeros((b, num_scored), np.int32)
     response = np.full((b, num_scored), -1, np.int32)
-    valid = arrays["valid_NxK"][idx] & ~pad[:, None]
+    valid = ranked.valid_NxK[idx] & ~pad[:, None]
     for row, n in enumerate(idx):
         prompt = tokens_NxKxL[n, 0][prompt_BxL[row]]
         p = len(prompt)
         tokens[row, :p], segments[row, :p], positions[row, :p] = prompt, 0, np.arange(p)
         slot, scored = p, 0
-        for j in np.flatnonzero(arrays["valid_NxK"][n]):
+        for j in np.flatnonzero(ranked.valid_NxK[n]):
             resp = tokens_NxKxL[n, j][loss_mask_NxKxL[n, j]]
             r = len(resp)
             if r == 0:
@@ -117,8 +117,8 @@ def gather_packed(
                 targets[row, scored : scored + r] = resp
                 response[row, scored : scored + r] = j
             slot, scored = slot + r, scored + r
-    ids = arrays["example_ids_N"][idx] if "example_ids_N" in arrays else idx.astype(np.int64)
-    ref, labels = arrays.get("ref_logps_NxK"), arrays.get("labels_NxK")
+    ids = ranked.example_ids_N[idx] if ranked.example_ids_N is not None else idx.astype(np.int64)
+    ref, labels = ranked.ref_logps_NxK, ranked.labels_NxK
     return PackedBatch(
         tokens_BxT=tokens,
         segment_ids_BxT=segments,

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pl_dpo.data.ranked_set import RankedSet
 from pl_dpo.data.schemas import Example
 
 TEMPLATES = ("auto", "chat", "plain", "raw")
@@ -187,8 +188,8 @@ def assemble_ranked(
     prompt_len: int | None = None,
     example_ids: Sequence[int] | None = None,
     ref_logps: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Token id lists -> the array layout in this module's docstring.
+) -> RankedSet:
+    """Token id lists -> a RankedSet in the array layout of this module's docstring.
 
     `response_ids[n][k]` are the ids of response k (best first) of example n,
     EOS included when the response ended. Lists shorter than K get valid=False.
@@ -234,27 +235,27 @@ def assemble_ranked(
             loss_mask[i, j, lp : lp + len(r)] = True
             attn_valid[i, j, : lp + len(r)] = True
             valid[i, j] = True
-    out = {
-        "tokens_NxKxL": tokens,
-        "loss_mask_NxKxL": loss_mask,
-        "attn_valid_NxKxL": attn_valid,
-        "valid_NxK": valid,
-        "prompt_tokens_NxP": ptoks,
-        "prompt_valid_NxP": pvalid,
-        "example_ids_N": np.arange(n, dtype=np.int64) if example_ids is None else np.asarray(example_ids, np.int64),
-    }
+    ref = None
     if ref_logps is not None:
         ref = np.asarray(ref_logps, np.float32)
         if ref.shape != (n, k):
             raise ValueError(f"assemble_ranked: ref_logps shape {ref.shape} != {(n, k)}")
-        out["ref_logps_NxK"] = ref
-    return out
+    return RankedSet(
+        tokens_NxKxL=tokens,
+        loss_mask_NxKxL=loss_mask,
+        attn_valid_NxKxL=attn_valid,
+        valid_NxK=valid,
+        prompt_tokens_NxP=ptoks,
+        prompt_valid_NxP=pvalid,
+        example_ids_N=np.arange(n, dtype=np.int64) if example_ids is None else np.asarray(example_ids, np.int64),
+        ref_logps_NxK=ref,
+    )
 
 
 def tokenize_examples(
     tokenizer, examples: Sequence[Example], cfg: TokenizeConfig, *, k: int | None = None
-) -> tuple[dict[str, np.ndarray], TokenizeStats]:
-    """Examples -> (arrays, stats) with L = max_prompt_len + max_response_len, P = max_prompt_len.
+) -> tuple[RankedSet, TokenizeStats]:
+    """Examples -> (ranked set, stats) with L = max_prompt_len + max_response_len, P = max_prompt_len.
 
     k: keep the best k responses of each list (k=1: SFT on the best answer) and
     make K exactly k; None: K is the longest list.

@@ -1,17 +1,14 @@
 """Responses sampled for a run's training prompts: the policy's, an assistant's, πθ(0)'s.
 
-Each draw's key comes from the run's seed and a stage label (`stage_key`), so a resumed or
+Each draw's key comes from the run's seed and a stage label (`seeds.stage_key`), so a resumed or
 multi-process run samples exactly the same responses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -19,45 +16,25 @@ from pl_dpo import sampler
 from pl_dpo.data import Example, TokenizeConfig
 from pl_dpo.data.tokenize import encode_examples
 from pl_dpo.models import Decoder
-
-TokenIds = list[int]
-
-
-def stage_key(seed: int, *labels: Any) -> jax.Array:
-    """A key derived from the seed and a stage label (stable across runs and processes)."""
-    return jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, labels)).encode()))
+from pl_dpo.selfplay.modes import TokenIds
 
 
 def sample_responses(
     model: Decoder,
-    prompt_arrays: dict[str, np.ndarray],
-    sampling: ml_collections.ConfigDict,
+    prompts: dict[str, np.ndarray],
+    sampling: sampler.SamplingConfig,
     key: jax.Array,
     *,
-    eos_id: int,
-    pad_id: int,
+    batch_size: int,
+    decode_tp: int | None,
     desc: str,
 ) -> list[TokenIds]:
-    """One response per prompt of `prompt_arrays` (`config.sampling` settings), with a progress bar."""
-    cfg = sampler.SamplingConfig(
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        eos_ids=(eos_id,),
-        pad_id=pad_id,
-    )
-    n = prompt_arrays["prompt_tokens_NxP"].shape[0]
+    """One response per prompt of `prompts` (`RankedSet.prompts()`), with a progress bar; `sampling.eos_ids[0]`
+    ends a response. `decode_tp`: the sampler's tensor-parallel group size (None: its rule)."""
+    n = prompts["prompt_tokens_NxP"].shape[0]
     with tqdm(total=n, desc=desc, unit="prompt", leave=False, disable=jax.process_index() != 0) as bar:
         return sampler.generate_responses(
-            model,
-            prompt_arrays,
-            cfg,
-            key,
-            sampling.batch_size,
-            eos_id,
-            progress=bar,
-            tp=sampling.get("decode_tp") or None,
+            model, prompts, sampling, key, batch_size, sampling.eos_ids[0], progress=bar, tp=decode_tp
         )
 
 

@@ -1,8 +1,10 @@
 """The modes of a run as data: what each one ranks, against which reference, under which objective.
 
-A mode is one entry of `MODES`. Validation (`config_lib`), the round loop (`rounds`) and the
-study tools (`experiments/`) read this table and nothing else, so a new mode is one entry
-here and, if it ranks lists in a new way, one list-building function.
+A mode is one entry of `MODES`, so a new mode is one entry here and, if it ranks lists in a new
+way, one list-building function `(ListSources, K) -> Ranked`. Its readers: `config_lib` (validation,
+K), `selfplay.rounds` and `selfplay.ranked_sets` (what a round ranks, against which reference), the
+planner (the programs of each K) and `experiments/` (collect, report). This table is the one
+description of the modes; the README and docs/ARCHITECTURE.md refer to it.
 
 | mode | K | ranked list, best first | reference |
 |---|---|---|---|

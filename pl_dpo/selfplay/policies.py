@@ -1,7 +1,7 @@
 """Every policy of a run on disk: πθ(0), the assistants and each round's πθ(t).
 
 A lineage ("sft", "assistant_0", "spin", ...) is a folder with one Orbax checkpoint
-per round (`<workdir>/<lineage>/policies/<t>`, see checkpoint.RoundCheckpoints).
+per policy (`<workdir>/<lineage>/policies/<t>`, see checkpoint.PolicyCheckpoints).
 Policies are created and restored directly onto the mesh: never whole on one device.
 """
 
@@ -26,8 +26,8 @@ class PolicyStore:
         self.workdir, self.mesh, self.rules, self.vocab_size = workdir, mesh, rules, vocab_size
 
     @contextlib.contextmanager
-    def _checkpoints(self, lineage: str) -> Iterator[checkpoint.RoundCheckpoints]:
-        ckpts = checkpoint.RoundCheckpoints(wd.lineage_dir(self.workdir, lineage))
+    def _checkpoints(self, lineage: str) -> Iterator[checkpoint.PolicyCheckpoints]:
+        ckpts = checkpoint.PolicyCheckpoints(wd.policies_dir(self.workdir, lineage))
         try:
             yield ckpts
         finally:
@@ -41,7 +41,7 @@ class PolicyStore:
 
     def initial(self, model_cfg: ml_collections.ConfigDict, seed: int) -> Decoder:
         """A model before any training here: a Hugging Face folder, or a random preset."""
-        if model_cfg.get("hf_path"):
+        if model_cfg.hf_path:
             _, target = self.abstract(model_cfg)
             return from_pretrained(
                 model_cfg.hf_path,

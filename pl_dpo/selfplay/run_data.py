@@ -12,20 +12,19 @@ import logging
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
 
 from pl_dpo import config_lib, evaluate, sharding
-from pl_dpo.data import Example, TokenizeConfig, assemble_ranked, load_split
+from pl_dpo.data import Example, RankedSet, TokenizeConfig, assemble_ranked, load_split
 from pl_dpo.data.tokenize import encode_examples
+from pl_dpo.selfplay.modes import TokenIds
+from pl_dpo.settings import RunSettings
 from pl_dpo.tokenizer import build_tiny_tokenizer, load_tokenizer
 from pl_dpo.workdir import bucket
 from pl_dpo.workdir import layout as wd
 from pl_dpo.workdir.metric_log import MetricLog
 
 log = logging.getLogger(__name__)
-
-TokenIds = list[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +33,7 @@ class RunData:
     train_examples: list[Example]
     train_prompt_ids: list[TokenIds]
     train_response_ids: list[list[TokenIds]]  # per prompt: the dataset's responses, best first (+EOS)
-    sft_arrays: dict[str, np.ndarray]  # K=1: prompt + dataset answer, the layout of every round
+    sft_set: RankedSet  # K=1: prompt + dataset answer, the layout of every round
     heldout: evaluate.HeldOut
 
     @property
@@ -44,7 +43,7 @@ class RunData:
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     """A configured folder, else the model's own folder, else a tiny one built once in the workdir."""
-    path = config.tokenizer.get("path") or config.model.get("hf_path")
+    path = config.tokenizer.path or config.model.hf_path
     if path:
         return load_tokenizer(path)
     path = wd.tokenizer_dir(workdir)
@@ -56,31 +55,25 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
         return load_tokenizer(folder)
 
 
-def ranked_arrays(
-    config: ml_collections.ConfigDict, pad_id: int, prompt_ids: list[TokenIds], lists: list[list[TokenIds]], k: int
-) -> dict[str, np.ndarray]:
+def ranked_set(
+    settings: RunSettings, pad_id: int, prompt_ids: list[TokenIds], lists: list[list[TokenIds]], k: int
+) -> RankedSet:
     """Prompts with K responses each in the fixed layout (L = max prompt + max response) of every round."""
-    data = config.data
     return assemble_ranked(
-        prompt_ids,
-        lists,
-        pad_id=pad_id,
-        k=k,
-        seq_len=data.max_prompt_len + data.max_response_len,
-        prompt_len=data.max_prompt_len,
+        prompt_ids, lists, pad_id=pad_id, k=k, seq_len=settings.seq_len, prompt_len=settings.tokenize.max_prompt_len
     )
 
 
 def _load(config: ml_collections.ConfigDict, workdir: str, split: str, limit: int | None) -> list[Example]:
     data = config.data
-    files = {name: path for name, path in dict(data.get("files", {}) or {}).items() if path} or None
+    files = {name: path for name, path in dict(data.files).items() if path} or None
     examples = load_split(
         data.source,
         split,
         data_dir=wd.tfds_dir(workdir),
         files=files,
-        skip_bad_rows=data.get("skip_bad_rows", False),
-        **dict(data.get("options", {}) or {}),
+        skip_bad_rows=data.skip_bad_rows,
+        **dict(data.options),
     )
     return examples[:limit] if limit else examples
 
@@ -109,17 +102,18 @@ def _encode(tokenizer, examples, tokenize: TokenizeConfig, split: str, metric_lo
 
 
 def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: str, metric_log: MetricLog) -> RunData:
-    tokenize = TokenizeConfig(max_prompt_len=config.data.max_prompt_len, max_response_len=config.data.max_response_len)
+    settings = config_lib.run_settings(config)
+    tokenize = settings.tokenize
     pad_id = tokenizer.pad_token_id
-    train_examples = _load(config, workdir, "train", config.data.get("num_train"))
+    train_examples = _load(config, workdir, "train", config.data.num_train)
     test_examples = _load(config, workdir, "test", config.eval.num_prompts)
-    max_fraction = config.data.get("max_truncated_fraction", 0.5)
+    max_fraction = settings.max_truncated_fraction
     train_prompts, train_responses = _encode(tokenizer, train_examples, tokenize, "train", metric_log, max_fraction)
     test_prompts, test_responses = _encode(tokenizer, test_examples, tokenize, "test", metric_log, max_fraction)
     answers = lambda responses: [r[:1] for r in responses]
     heldout = evaluate.HeldOut(
         examples=test_examples,
-        arrays=ranked_arrays(config, pad_id, test_prompts, answers(test_responses), k=1),
+        answers=ranked_set(settings, pad_id, test_prompts, answers(test_responses), k=1),
         prompt_ids=test_prompts,
         answer_ids=[r[0] for r in test_responses],
         checkable=config.data.source == "synthetic",
@@ -129,6 +123,6 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: str, met
         train_examples=train_examples,
         train_prompt_ids=train_prompts,
         train_response_ids=train_responses,
-        sft_arrays=ranked_arrays(config, pad_id, train_prompts, answers(train_responses), k=1),
+        sft_set=ranked_set(settings, pad_id, train_prompts, answers(train_responses), k=1),
         heldout=heldout,
     )

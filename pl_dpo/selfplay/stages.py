@@ -15,12 +15,12 @@ import jax
 import numpy as np
 from etils import epath
 
-from pl_dpo.data import save_ranked_set
+from pl_dpo.data import RankedSet, load_arrays, save_arrays, save_ranked_set
+from pl_dpo.selfplay.modes import TokenIds
 from pl_dpo.workdir import bucket
 from pl_dpo.workdir.layout import atomic_write_text
 
 T = TypeVar("T")
-TokenIds = list[int]
 
 
 def load_or_make(saved: bool, load: Callable[[], T], make: Callable[[], T], save: Callable[[T], None]) -> T:
@@ -47,19 +47,23 @@ def exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
-def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+def save_ranked(path: str, ranked: RankedSet) -> None:
+    """A round's ranked (or mixed) set, committed by process 0."""
     if jax.process_index() == 0:
         bucket.before_commit()
-        save_ranked_set(path, arrays)
+        save_ranked_set(path, ranked)
 
 
-def pack_responses(responses: list[TokenIds], pad_id: int) -> dict[str, np.ndarray]:
-    """Variable-length responses as one padded array with their lengths (samples.npz)."""
+def save_samples(path: str, responses: list[TokenIds], pad_id: int) -> None:
+    """Variable-length sampled responses (samples.npz) as one padded array with their lengths."""
     tokens = np.full((len(responses), max(len(r) for r in responses)), pad_id, np.int32)
     for i, r in enumerate(responses):
         tokens[i, : len(r)] = r
-    return {"tokens": tokens, "lengths": np.array([len(r) for r in responses], np.int32)}
+    if jax.process_index() == 0:
+        bucket.before_commit()
+        save_arrays(path, {"tokens": tokens, "lengths": np.array([len(r) for r in responses], np.int32)})
 
 
-def unpack_responses(z: dict[str, np.ndarray]) -> list[TokenIds]:
+def load_samples(path: str) -> list[TokenIds]:
+    z = load_arrays(path)
     return [row[:n].tolist() for row, n in zip(z["tokens"], z["lengths"])]

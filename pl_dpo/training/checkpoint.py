@@ -1,10 +1,11 @@
-"""Thin Orbax wrapper: per-round policies and mid-round train state (saved on preemption too).
+"""Thin Orbax wrapper: the policies of a lineage and a phase's mid-phase train state (saved on preemption too).
 
-Where they live in a workdir (docs/ARCHITECTURE.md, "Workdir layout"):
+Where they live in a workdir (`pl_dpo.workdir.layout`, docs/ARCHITECTURE.md "Workdir layout"):
 
-    <lineage>/policies/<t>/   πθ(t): params + metadata.json-like item (RoundCheckpoints)
-    <phase>/train/<step>/     a phase's mid-phase state: params, opt_state, extra (TrainCheckpoints);
-                              <phase> is `sft`, `assistant_<i>` or `<mode>/round_<t>`
+    <lineage>/policies/<t>/   a policy: items `layout.POLICY_ITEMS`, the weights and a JSON record (PolicyCheckpoints)
+    <phase>/train/<step>/     a phase's mid-phase state: `TrainCheckpoints.ITEMS`, the weights, the optimizer state
+                              and the loop's own record (data position, early stopping); <phase> is `sft`,
+                              `assistant_<i>` or `<mode>/round_<t>`
 
 Atomicity: Orbax writes `<step>.orbax-checkpoint-tmp-<ts>/` and renames it
 on commit (local/NFS), or writes `commit_success.txt` (GCS, through TensorStore). Before each save
@@ -37,7 +38,7 @@ from jax.experimental import multihost_utils
 from pl_dpo.sharding import path_to_str
 from pl_dpo.training.preemption import Preemption
 from pl_dpo.workdir import bucket
-from pl_dpo.workdir.layout import step_committed
+from pl_dpo.workdir.layout import POLICY_ITEMS, step_committed
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,14 @@ def _manager(directory: epath.Path, items: Sequence[str], *, max_to_keep: int | 
 # ----------------------------------------------------------------------------- round policies
 
 
-class RoundCheckpoints:
-    """πθ(t) for every round t, kept forever (the reference of round t and a result)."""
+class PolicyCheckpoints:
+    """The policies of one lineage (`layout.policies_dir`), one step per index, kept forever: πθ(0) of `sft`,
+    an assistant, or πθ(t) of a mode (the reference of round t and a result)."""
 
-    ITEMS = ("params", "metadata")
+    ITEMS = POLICY_ITEMS
 
-    def __init__(self, workdir: str | os.PathLike):
-        self.directory = epath.Path(workdir) / "policies"
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = epath.Path(directory)
         self._mngr = _manager(self.directory, self.ITEMS, max_to_keep=None, async_save=False)
 
     def save(self, round_idx: int, params_state: Any, metadata: Mapping[str, Any]) -> None:

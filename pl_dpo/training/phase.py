@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from pl_dpo import sharding
-from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch
+from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, RankedSet
 from pl_dpo.models import Decoder
 from pl_dpo.training import checkpoint, train
 from pl_dpo.training.preemption import Preempted
@@ -44,16 +44,17 @@ class PhaseSpec:
     seed: int
     optim: train.OptimizerConfig
     save_every_steps: int
+    # The batch layout: RankedBatch, or PackedBatch (the K responses behind one copy of the prompt,
+    # `pl_dpo.data.packing`; length_buckets are scaled to packed rows).
+    batch_type: type[RankedBatch] | type[PackedBatch]
+    # Early stopping: every `eval_every` steps (0: never) train_phase's `heldout_score(model)` is read
+    # (higher is better); after `patience` readings in a row without a new best the phase stops.
+    eval_every: int
+    patience: int
     # Steps beyond which a test or a budget stops the phase; None: all epochs.
     max_steps: int | None = None
     # Sequence-length buckets of the batches (one compile each); None: powers of two up to L.
     length_buckets: tuple[int, ...] | None = None
-    # Shared-prompt packing of the K responses (`pl_dpo.data.packing`): length_buckets scaled to packed rows.
-    pack_prompt: bool = False
-    # Early stopping: every `eval_every` steps (0: never) train_phase's `evaluate(model)` is read
-    # (higher is better); after `patience` readings in a row without a new best the phase stops.
-    eval_every: int = 0
-    patience: int = 1
     # What the progress bar says; None: `name`. Rounds count from 1 on screen, as in the results table
     # ("spin round 1" trains πθ(0) into πθ(1)), and from 0 in files and metric names ("spin/round_0").
     label: str | None = None
@@ -85,31 +86,31 @@ def to_host_metrics(metrics: train.Metrics) -> dict[str, Any]:
 
 def train_phase(
     model: Decoder,
-    arrays: dict[str, np.ndarray],
+    ranked: RankedSet,
     objective: train.Objective,
     spec: PhaseSpec,
     *,
     mesh: jax.sharding.Mesh,
     rules: sharding.Rules,
     metric_log: MetricLog,
-    evaluate: Callable[[Decoder], float] | None = None,
+    heldout_score: Callable[[Decoder], float] | None = None,
 ) -> Decoder:
-    """Trains `model` on `arrays` for `spec.num_epochs` epochs and returns the trained model.
+    """Trains `model` on the ranked set (K=1 for SFT) for `spec.num_epochs` epochs and returns the trained model.
 
     The step donates its state, so `model`'s buffers are consumed: the caller must
     not use `model` afterwards (no second copy of the weights is ever held). With
-    `evaluate` and `spec.eval_every`, the phase stops early (the model of the stopping
+    `heldout_score` and `spec.eval_every`, the phase stops early (the model of the stopping
     step is returned: `patience` readings after the best one)."""
     # ------------------------------------------------------------------ setup
     batches = BatchIterator(
-        arrays,
+        ranked,
         batch_size=spec.batch_size,
+        batch_type=spec.batch_type,
         seed=spec.seed,
         shuffle=True,
         drop_remainder=True,
         num_epochs=spec.num_epochs,
         length_buckets=spec.length_buckets,
-        pack_prompt=spec.pack_prompt,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -134,7 +135,7 @@ def train_phase(
 
     # ------------------------------------------------------------------ restore
     start_step = 0
-    early_stopping = bool(evaluate is not None and spec.eval_every)
+    early_stopping = bool(heldout_score is not None and spec.eval_every)
     early = {"best": None, "best_step": None, "bad_readings": 0, "stopped": False}
     restored = ckpts.restore_latest(
         sharding.with_shardings(state.params, state_sh.params),
@@ -174,8 +175,8 @@ def train_phase(
             metric_log.write(spec.name, step, host)
 
     def should_stop_early(step: int) -> bool:
-        """Reads `evaluate` at `step`; True once `patience` readings in a row brought no new best."""
-        value = float(evaluate(nnx.merge(graphdef, state.params)))
+        """Reads `heldout_score` at `step`; True once `patience` readings in a row brought no new best."""
+        value = float(heldout_score(nnx.merge(graphdef, state.params)))
         if early["best"] is None or value > early["best"]:
             early.update(best=value, best_step=step, bad_readings=0)
         else:

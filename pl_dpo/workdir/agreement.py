@@ -8,6 +8,7 @@ content of every file the config names, must be as it was.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from pl_dpo import config_lib
 from pl_dpo.config_lib import lookup, plain
 from pl_dpo.workdir import layout
 
@@ -24,11 +26,63 @@ from pl_dpo.workdir import layout
 # Not there: rounds.num (more rounds continue a run), eval.* (a change re-evaluates), mesh,
 # checkpoint, export_hf.
 WORKDIR_KEYS = layout.identity_fields()
-INPUTS_KEY = "_inputs"  # config.json: {config field: {file: fingerprint}} (layout.input_fingerprints)
+INPUTS_KEY = "_inputs"  # config.json: {config field: {file: fingerprint}} (input_fingerprints)
 
 
 class WorkdirConfigMismatch(ValueError):
     """A workdir's saved work was made under another value of a key that must not change."""
+
+
+# ----------------------------------------------------------------------------- the files a config names
+
+
+# Files up to this size are hashed whole; larger ones by size, head and tail (a 1 GB parquet
+# file of a TPU VM's bucket mount is not read again at every start).
+_WHOLE_HASH_BYTES = 64 << 20
+_EDGE_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str) -> str:
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _WHOLE_HASH_BYTES:
+            h.update(f.read())
+        else:
+            h.update(f.read(_EDGE_BYTES))
+            f.seek(size - _EDGE_BYTES)
+            h.update(f.read(_EDGE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    return [path] if os.path.exists(path) else []
+
+
+def input_fingerprints(config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]:
+    """{config field: {file: fingerprint}} for the data files and the model / tokenizer folders."""
+    fields: list[tuple[str, str]] = []
+    for split, paths in dict(config.data.files).items():
+        for p in [paths] if isinstance(paths, str) else list(paths or []):
+            if p:
+                fields.append((f"data.files.{split}", p))
+    for name, path in (
+        ("model.hf_path", config.model.hf_path),
+        ("tokenizer.path", config.tokenizer.path),
+    ):
+        if path:
+            fields.append((name, path))
+    for i, a in enumerate(config.assistants):
+        for name, path in (("model.hf_path", a.model.hf_path), ("tokenizer_path", config_lib.foreign_tokenizer(a))):
+            if path:
+                fields.append((f"assistants[{i}].{name}", path))
+    out: dict[str, dict[str, str]] = {}
+    for field, path in fields:
+        for f in _files(os.fspath(path)):
+            out.setdefault(field, {})[os.path.abspath(f)] = file_fingerprint(f)
+    return out
 
 
 def _parent(tree: Any, dotted: str) -> tuple[dict | None, str]:
@@ -63,7 +117,7 @@ def check_workdir_config(
     """
     new = json.loads(json.dumps(plain(config), default=str, sort_keys=True))
     if isinstance(config, ml_collections.ConfigDict):  # the files it names, by content
-        new[INPUTS_KEY] = layout.input_fingerprints(config)
+        new[INPUTS_KEY] = input_fingerprints(config)
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         if jax.process_index() == 0:

@@ -1,30 +1,39 @@
-"""The workdir as a whole: one run at a time, and the identity of what it was made from
-(no jax here, so that tools can import it).
+"""The workdir's layout: where every stage's output lives, whether it is committed, and which config fields
+each stage's output depends on (no jax here, so that tools can import it).
 
-`WorkdirLock` is held by process 0 for the whole run: a second run on the same workdir is
-refused at once, naming the run that holds it, instead of both training SFT and one dying
-later. A lock left by a killed run (its process is gone) is taken over with a warning. A bucket
-workdir (gs://, `pl_dpo.workdir.bucket`) has its own lock object with a heartbeat (`bucket.BucketLock`).
+    config.json                  the first run's config and the fingerprints of the files it read (`agreement`)
+    .lock                        held by the running run (`lock.WorkdirLock`)
+    tokenizer/                   built once when no tokenizer path is configured
+    tfds/                        the TFDS builds of the data sources (a per-host cache for a bucket workdir)
+    sft/policies/0               πθ(0)  (sft/train: its mid-phase state)
+    sft/eval_0.json              πθ(0)'s held-out metrics and greedy answers, with the eval settings
+    sft/samples.npz              πθ(0)'s cached samples (mode triplet)
+    assistant_<i>/policies/0     assistant i;  assistant_<i>/samples.npz: its cached samples
+    <mode>/round_<t>/ranked.npz  round t's ranked set with reference log-probs (πθ(t))
+                                 (a mode with one fixed set, offline: <mode>/ranked.npz)
+    <mode>/round_<t>/mixed.npz   with rounds.mix_previous: the previous rounds' sets and this one
+    <mode>/round_<t>/train       mid-round train state (deleted once πθ(t+1) is committed)
+    <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
+    <mode>/hf_export/round_<t+1> πθ(t+1) as a Hugging Face folder (with export_hf)
+    metrics.jsonl, tensorboard/  every step and every evaluation (`metric_log`)
+    results.md, results.png      the final table and plot (pl_dpo.main)
+    jax_cache/                   the compilation cache, unless one is configured (pl_dpo.main)
 
-`input_fingerprints` names every file a run reads besides its config (data files, model and
-tokenizer folders), so that a resumed run can refuse data edited in place.
+Files and metric names count training rounds from 0: `round_<t>` trains πθ(t) into πθ(t+1), which is
+`policies/<t+1>`, `eval_<t+1>.json`, `hf_export/round_<t+1>`. The control arm `sft` continues the `sft`
+lineage (`sft/policies/<t+1>` next to πθ(0)).
 
-The layout (paths of every stage's output), the "is this committed" check, and one table of
-the config fields each stage depends on live here: the workdir check of a resumed run
-(agreement.WORKDIR_KEYS) and the sweep's stage sharing (experiments/sweep.py) derive from it.
-Paths are strings that etils.epath reads and writes: a local path, or a gs:// URL whose files go
-to a bucket (`pl_dpo.workdir.bucket` says what differs there).
+`STAGE_FIELDS`, the config fields each stage depends on, is the one table from which the check of a resumed
+run (`agreement.WORKDIR_KEYS`) and the sweep's stage sharing (experiments/sweep.py) derive. Paths are strings
+that etils.epath reads and writes: a local path, or a gs:// URL whose files go to a bucket
+(`pl_dpo.workdir.bucket` says what differs there).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
-import socket
-import time
 from collections.abc import Sequence
 
 from etils import epath
@@ -32,8 +41,6 @@ from etils import epath
 from pl_dpo.workdir import bucket
 
 log = logging.getLogger(__name__)
-
-LOCK_NAME = ".lock"
 
 # ----------------------------------------------------------------------------- stages
 
@@ -62,7 +69,9 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Fields added after workdirs were first written: an older config.json without one ran with this value.
 FIELDS_ADDED_LATER = {"rounds.prompts_per_round": 0}
-# Fields that change only the evaluation: a resumed run evaluates again (eval_<t>.json).
+# Fields the held-out evaluation depends on: eval_<t>.json records them, and a resumed run with other values
+# evaluates again instead of mixing results. Not in STAGE_FIELDS for that reason, although sampling.max_new_tokens
+# also shapes the rounds' samples (through "sampling" in STAGE_FIELDS["rounds"]).
 EVAL_FIELDS = ("eval", "sampling.max_new_tokens")
 # Fields that change results in their last bits only (the reduction order, the attention kernel,
 # what the backward pass recomputes): a resumed run may change them, two jobs that differ in them do not share work.
@@ -109,8 +118,17 @@ def lineage_dir(workdir: str, lineage: str) -> str:
     return os.path.join(workdir, lineage)
 
 
+# The items of a policy checkpoint (checkpoint.PolicyCheckpoints): the weights and a JSON record.
+POLICY_ITEMS = ("params", "metadata")
+
+
+def policies_dir(workdir: str, lineage: str) -> str:
+    """Every policy of a lineage, one Orbax step per index (πθ(0) of `sft`, an assistant, πθ(t) of a mode)."""
+    return os.path.join(workdir, lineage, "policies")
+
+
 def policy_dir(workdir: str, lineage: str, index: int) -> str:
-    return os.path.join(workdir, lineage, "policies", str(index))
+    return os.path.join(policies_dir(workdir, lineage), str(index))
 
 
 def eval_path(workdir: str, lineage: str, index: int) -> str:
@@ -177,124 +195,4 @@ def step_committed(step_dir: str | os.PathLike, items: Sequence[str]) -> bool:
 
 
 def policy_committed(workdir: str, lineage: str, index: int) -> bool:
-    return step_committed(policy_dir(workdir, lineage, index), ("params", "metadata"))
-
-
-# Files up to this size are hashed whole; larger ones by size, head and tail (a 1 GB parquet
-# file of a TPU VM's bucket mount is not read again at every start).
-_WHOLE_HASH_BYTES = 64 << 20
-_EDGE_BYTES = 1 << 20
-
-
-def file_fingerprint(path: str) -> str:
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= _WHOLE_HASH_BYTES:
-            h.update(f.read())
-        else:
-            h.update(f.read(_EDGE_BYTES))
-            f.seek(size - _EDGE_BYTES)
-            h.update(f.read(_EDGE_BYTES))
-    return h.hexdigest()[:16]
-
-
-def _files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-    return [path] if os.path.exists(path) else []
-
-
-def input_fingerprints(config) -> dict[str, dict[str, str]]:
-    """{config field: {file: fingerprint}} for the data files and the model / tokenizer folders."""
-    fields: list[tuple[str, str]] = []
-    for split, paths in dict(config.data.get("files", {}) or {}).items():
-        for p in [paths] if isinstance(paths, str) else list(paths or []):
-            if p:
-                fields.append((f"data.files.{split}", p))
-    for name, path in (
-        ("model.hf_path", config.model.get("hf_path")),
-        ("tokenizer.path", config.tokenizer.get("path")),
-    ):
-        if path:
-            fields.append((name, path))
-    for i, a in enumerate(config.assistants):
-        for name, path in (("model.hf_path", a.model.get("hf_path")), ("tokenizer_path", a.get("tokenizer_path"))):
-            if path:
-                fields.append((f"assistants[{i}].{name}", path))
-    out: dict[str, dict[str, str]] = {}
-    for field, path in fields:
-        for f in _files(os.fspath(path)):
-            out.setdefault(field, {})[os.path.abspath(f)] = file_fingerprint(f)
-    return out
-
-
-class WorkdirLocked(RuntimeError):
-    """Another run holds the workdir."""
-
-
-class WorkdirLock:
-    def __init__(self, workdir: str | os.PathLike):
-        self.path = os.path.join(os.fspath(workdir), LOCK_NAME)
-        self._held = False
-        self._bucket = bucket.BucketLock(os.fspath(workdir), LOCK_NAME) if bucket.is_bucket(workdir) else None
-
-    def _locked(self, holder: dict | None) -> WorkdirLocked:
-        if holder is None:
-            return WorkdirLocked(f"could not take {self.path}: another run is starting on the same workdir")
-        return WorkdirLocked(
-            f"workdir {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
-            f"{holder.get('host')} since {holder.get('since')}; wait for that run to end, or delete "
-            f"{self.path} if it is gone"
-        )
-
-    def _holder(self) -> dict | None:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}  # written by a process killed mid-write: nobody can hold it
-
-    def acquire(self) -> None:
-        if self._bucket is not None:
-            self._bucket.acquire(self._locked)
-            return
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except OSError as e:
-                if e.errno != errno.EEXIST:
-                    raise
-                holder = self._holder()
-                if holder is None:
-                    continue  # released in between: try again
-                if holder and (holder.get("host") != me["host"] or bucket.pid_alive(int(holder.get("pid", -1)))):
-                    raise self._locked(holder) from None
-                log.warning("taking over the lock of a run that is gone: %s (%s)", self.path, holder)
-                os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-            self._held = True
-            return
-        raise self._locked(None)
-
-    def release(self) -> None:
-        if self._bucket is not None:
-            self._bucket.release()
-            return
-        if self._held:
-            self._held = False
-            holder = self._holder()
-            if holder and holder.get("pid") == os.getpid():
-                os.remove(self.path)
-
-    def __enter__(self) -> WorkdirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    return step_committed(policy_dir(workdir, lineage, index), POLICY_ITEMS)

@@ -15,11 +15,13 @@ exit, where it retries for minutes if the bucket is out of reach.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -99,6 +101,14 @@ class MetricLog:
                 self._tb.add_scalar(f"{phase}/{key}", value, gstep)
         if self._bucket and time.monotonic() - self._last_sync > SYNC_SECONDS:
             self.sync()
+
+    @contextlib.contextmanager
+    def timed(self, stage: str, work: str) -> Iterator[None]:
+        """Logs the wall time of `work` (generation, reference_scoring, training) of a stage as a record of phase
+        `timing/<work>`, so a run says where its time went (`benchmarks/self_play_round.py` reads them)."""
+        start = time.perf_counter()
+        yield
+        self.write(f"timing/{work}", 0, {"stage": stage, "seconds": time.perf_counter() - start})
 
     def drop(self, from_steps: dict[str, int]) -> None:
         """Removes the JSONL records of each phase with step >= its `from_steps[phase]`, in one

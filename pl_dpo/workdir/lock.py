@@ -1,0 +1,92 @@
+"""One run per workdir: `WorkdirLock`, held by process 0 for the whole run (no jax here).
+
+A second run on the same workdir is refused at once, naming the run that holds it, instead of both training
+SFT and one dying later. A lock left by a killed run (its process is gone) is taken over with a warning. A
+bucket workdir (gs://, `pl_dpo.workdir.bucket`) has its own lock object with a heartbeat (`bucket.BucketLock`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+
+from pl_dpo.workdir import bucket
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirLocked(RuntimeError):
+    """Another run holds the workdir."""
+
+
+class WorkdirLock:
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = os.path.join(os.fspath(workdir), LOCK_NAME)
+        self._held = False
+        self._bucket = bucket.BucketLock(os.fspath(workdir), LOCK_NAME) if bucket.is_bucket(workdir) else None
+
+    def _locked(self, holder: dict | None) -> WorkdirLocked:
+        if holder is None:
+            return WorkdirLocked(f"could not take {self.path}: another run is starting on the same workdir")
+        return WorkdirLocked(
+            f"workdir {os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on "
+            f"{holder.get('host')} since {holder.get('since')}; wait for that run to end, or delete "
+            f"{self.path} if it is gone"
+        )
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # written by a process killed mid-write: nobody can hold it
+
+    def acquire(self) -> None:
+        if self._bucket is not None:
+            self._bucket.acquire(self._locked)
+            return
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                holder = self._holder()
+                if holder is None:
+                    continue  # released in between: try again
+                if holder and (holder.get("host") != me["host"] or bucket.pid_alive(int(holder.get("pid", -1)))):
+                    raise self._locked(holder) from None
+                log.warning("taking over the lock of a run that is gone: %s (%s)", self.path, holder)
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise self._locked(None)
+
+    def release(self) -> None:
+        if self._bucket is not None:
+            self._bucket.release()
+            return
+        if self._held:
+            self._held = False
+            holder = self._holder()
+            if holder and holder.get("pid") == os.getpid():
+                os.remove(self.path)
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
