@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pl_dpo import sampler, scoring, sharding
+from pl_dpo import decode_layout, sampler, scoring, sharding
 from pl_dpo.models import create_model, preset_config
 
 BATCH, PROMPT, NEW, RUNS = 32, 64, 32, 3
@@ -82,7 +82,7 @@ def main() -> None:
         ("8 devices, replicated batch", sharded, 8),
         ("8 devices, batch split 8 ways", sharded, None),
     ):
-        w = sampler.decode_weights(m, BATCH, PROMPT + NEW, tp=tp)
+        w = decode_layout.decode_weights(m, BATCH, PROMPT + NEW, tp=tp)
         t, out = _median(lambda m=m, w=w: sampler.generate(m, tokens, valid, 0, sc, weights=w).tokens_BxT)
         rows[name] = np.asarray(out)
         print(f"generation  {name:32s} {BATCH / t:8.1f} rows/s  ({t * 1e3:.0f} ms, batch {BATCH}, {PROMPT}+{NEW})")

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from pl_dpo import sharding
+from pl_dpo import decode_layout, sharding
 from pl_dpo.data import prompt_batches, trim_at_eos
 from pl_dpo.models.decoder import Decoder, positions_from_valid
 
@@ -153,185 +150,10 @@ def sample_logits(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
     return tok_B, pick(sample_logp_BxV), pick(model_logp_BxV)
 
 
-# ----------------------------------------------------------------------------- decode layout
-#
-# The decode mesh re-reads the training mesh ("data", "fsdp", "tensor"), same devices in the same order, with
-# "fsdp" split in two: ("data", "fsdp", "tp", "tensor"), "tp" being the inner `tp` chips of each fsdp group.
-# Decoding runs tensor parallel over ("tp", "tensor") and splits the batch (prompts, KV cache, sampled tokens)
-# over ("data", "fsdp"). Weights move there once per `generate_responses` (`decode_weights`): cast to the compute
-# dtype, gathered over the outer "fsdp" only (one all-gather per weight, then an all-to-all into the Megatron
-# column/row layout of `sharding.DEFAULT_DECODER_RULES` with "tensor" -> ("tp", "tensor")), never inside the loop.
-
-DECODE_AXES = ("data", "fsdp", "tp", "tensor")
-DECODE_BATCH = ("data", "fsdp")
-DECODE_TENSOR = ("tp", "tensor")
-# Share of a chip's memory the decode weights and KV cache may take (the rest: the training state that stays
-# resident, temporaries, the compiler's reserve).
-DECODE_MEMORY_SHARE = 0.5
-
-
-def decode_tp_split(cfg, mesh_shape: tuple[int, int, int], batch: int, max_len: int, hbm_bytes: float | None) -> int:
-    """How many chips of each "fsdp" group join tensor parallelism while decoding (the size of "tp").
-
-    The rule: the fewest chips that hold the weights. `tp` is the smallest divisor of the fsdp size for which
-    (compute-dtype weights) / (tp x tensor) + (KV cache of the batch) / (all chips) <= DECODE_MEMORY_SHARE of a
-    chip's memory, and the batch groups (data x fsdp / tp) are no more than the rows (no group without a real
-    row). With no memory figure (CPU) the weights are taken to fit: tp = 1, every chip decodes its own rows with
-    the whole model (on "tensor" only, as trained). When no split fits: tp = fsdp, i.e. every chip in the tensor
-    group and the batch replicated (the layout of plain FSDP weights)."""
-    d, f, t = mesh_shape
-    cdt = jnp.dtype(cfg.compute_dtype).itemsize
-    weights = cfg.num_params() * cdt
-    kv = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * cdt
-    for tp in (x for x in range(1, f + 1) if f % x == 0):
-        if d * f // tp > batch:
-            continue
-        if hbm_bytes is None or weights / (tp * t) + kv / (d * f * t) <= DECODE_MEMORY_SHARE * hbm_bytes:
-            return tp
-    return f
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeLayout:
-    """The decode mesh (axes DECODE_AXES); hashable, a static argument of the jitted sampler."""
-
-    mesh: Mesh
-
-    @property
-    def groups(self) -> int:
-        """Batch shards: the rows are split this many ways."""
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
-    @property
-    def tensor(self) -> int:
-        return self.mesh.shape["tp"] * self.mesh.shape["tensor"]
-
-    def batch(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(DECODE_BATCH))
-
-    def cache(self, num_kv_heads: int) -> NamedSharding:
-        """KV cache [B, K, S, H]: rows over the batch axes, kv heads over the tensor axes when they divide."""
-        heads = DECODE_TENSOR if num_kv_heads % self.tensor == 0 and self.tensor > 1 else None
-        return NamedSharding(self.mesh, P(DECODE_BATCH, heads))
-
-    def weight_rules(self) -> tuple[tuple[str, P], ...]:
-        """The training rules with "fsdp" dropped and "tensor" widened to ("tp", "tensor")."""
-
-        def one(entry):
-            if entry == "fsdp":
-                return None
-            return DECODE_TENSOR if entry == "tensor" else entry
-
-        return tuple((pattern, P(*(one(e) for e in spec))) for pattern, spec in sharding.DEFAULT_DECODER_RULES)
-
-
-def training_mesh_shape(state) -> tuple[tuple[int, int, int], np.ndarray]:
-    """(data, fsdp, tensor) sizes and devices of the weights' mesh; one device -> (1, 1, 1)."""
-    leaf = jax.tree.leaves(state)[0]
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, NamedSharding) and tuple(sh.mesh.axis_names) == sharding.MESH_AXES:
-        return tuple(int(sh.mesh.shape[a]) for a in sharding.MESH_AXES), np.asarray(sh.mesh.devices)
-    devices = sorted(leaf.devices(), key=lambda d: d.id) if hasattr(leaf, "devices") else jax.devices()[:1]
-    return (1, len(devices), 1), np.asarray(devices)
-
-
-def decode_layout(devices: np.ndarray, mesh_shape: tuple[int, int, int], tp: int) -> DecodeLayout:
-    d, f, t = mesh_shape
-    if tp < 1 or f % tp:  # a group size set by hand (config.sampling.decode_tp); decode_tp_split's always divide
-        raise ValueError(f"config.sampling.decode_tp={tp} must divide the mesh's fsdp size {f}")
-    mesh = Mesh(np.asarray(devices).reshape(d, f // tp, tp, t), DECODE_AXES, axis_types=(AxisType.Auto,) * 4)
-    return DecodeLayout(mesh)
-
-
-def _chip_memory(devices: np.ndarray) -> float | None:
-    """A chip's memory as this process's first device of the mesh reports it (None on CPU)."""
-    mine = [d for d in np.asarray(devices).flat if d.process_index == jax.process_index()]
-    try:
-        stats = mine[0].memory_stats() if mine else None
-    except Exception:  # noqa: BLE001 -- a backend without memory figures
-        stats = None
-    return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeWeights:
-    """A model's weights in the decode layout: the compute dtype, and the stacked layer weights as one array per
-    layer (no second stacked copy during decoding: the loop reads these arrays directly)."""
-
-    graphdef: nnx.GraphDef
-    rest: nnx.State  # everything but the layers (embedding, final norm, output head)
-    layers: tuple[nnx.State, ...]  # one per layer, the same tree as the stacked layers' state
-    layout: DecodeLayout
-    num_kv_heads: int
-
-
-def _weight_shardings(tree, layout: DecodeLayout, stacked: bool):
-    """(gathered over the outer fsdp, final) shardings per leaf of `tree`, as a static tuple in leaf order."""
-    rules = layout.weight_rules()
-    out = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        shape = np.shape(leaf)[1:] if stacked else np.shape(leaf)
-        src = getattr(leaf, "sharding", None)
-        spec = tuple(src.spec) if isinstance(src, NamedSharding) else ()
-        spec = spec[1:] if stacked else spec
-        inner = P(*(("tp" if e == "fsdp" else e) for e in spec[: len(shape)]))
-        # Drop what the training mesh could not shard evenly (it replicated those dims too).
-        inner = P(*(e if e is None or shape[i] % _size(layout.mesh, e) == 0 else None for i, e in enumerate(inner)))
-        final = sharding.spec_for(sharding.path_to_str(path), shape, layout.mesh, rules)
-        out.append((NamedSharding(layout.mesh, inner), NamedSharding(layout.mesh, final)))
-    return tuple(out)
-
-
-def _size(mesh: Mesh, entry) -> int:
-    names = (entry,) if isinstance(entry, str) else tuple(entry)
-    return int(np.prod([mesh.shape[n] for n in names]))
-
-
-@functools.partial(jax.jit, static_argnames=("num_layers", "cdt", "rest_sh", "layer_sh"))
-def _relayout(layers_state, rest_state, *, num_layers, cdt, rest_sh, layer_sh):
-    def move(x, shardings):
-        x = x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        for sh in shardings:
-            x = jax.lax.with_sharding_constraint(x, sh)
-        return x
-
-    leaves, treedef = jax.tree.flatten(rest_state)
-    rest = treedef.unflatten([move(x, s) for x, s in zip(leaves, rest_sh)])
-    leaves, treedef = jax.tree.flatten(layers_state)
-    layers = tuple(treedef.unflatten([move(x[i], s) for x, s in zip(leaves, layer_sh)]) for i in range(num_layers))
-    return rest, layers
-
-
-def decode_weights(model: Decoder, batch: int, max_len: int, *, tp: int | None = None, hbm_bytes=None) -> DecodeWeights:
-    """The model's weights moved once into the decode layout for batches of up to `batch` rows of `max_len` slots
-    (prompt + new tokens). `tp`: override `decode_tp_split`'s choice; `hbm_bytes`: a chip's memory (default: what
-    the device reports; none on CPU)."""
-    cfg = model.config
-    graphdef, layers_state, rest_state = nnx.split(model, nnx.PathContains("layers"), ...)
-    mesh_shape, devices = training_mesh_shape(rest_state)
-    if tp is None:
-        hbm = hbm_bytes if hbm_bytes is not None else _chip_memory(devices)
-        tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm)
-    layout = decode_layout(devices, mesh_shape, tp)
-    rest, layers = _relayout(layers_state, rest_state, **relayout_settings(cfg, layers_state, rest_state, layout))
-    return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)
-
-
-def relayout_settings(cfg, layers_state, rest_state, layout: DecodeLayout) -> dict[str, Any]:
-    """The static arguments of `_relayout` that move this model's weights into `layout` (also what the
-    planner compiles: `pl_dpo.plan.lower`)."""
-    return dict(
-        num_layers=cfg.num_layers,
-        cdt=jnp.dtype(cfg.compute_dtype),
-        rest_sh=_weight_shardings(rest_state, layout, stacked=False),
-        layer_sh=_weight_shardings(layers_state, layout, stacked=True),
-    )
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "layout"))
 def _generate_padded(graphdef, rest, layers, tokens_BxP, valid_BxP, keys_B, sampling: SamplingConfig, layout):
-    # `rest` and `layers` come from `decode_weights` (compute dtype, one array per layer); the model is merged
-    # with empty stacked layers, which nothing reads: prefill and every step take `layers` directly.
+    # `rest` and `layers` come from `decode_layout.decode_weights` (compute dtype, one array per layer); the model
+    # is merged with empty stacked layers, which nothing reads: prefill and every step take `layers` directly.
     empty = jax.tree.map(lambda a: jnp.zeros((0, *a.shape), a.dtype), layers[0])
     model: Decoder = nnx.merge(graphdef, empty, rest)
     layer_params = [lp["layers"] for lp in layers]
@@ -396,12 +218,13 @@ def generate(
     rng,
     sampling: SamplingConfig,
     *,
-    weights: DecodeWeights | None = None,
+    weights: decode_layout.DecodeWeights | None = None,
 ) -> GenerationOutput:
     """Samples up to `max_new_tokens` per left-padded prompt. `rng`: int seed, a key, or one key per row.
 
     The batch is split over the decode layout's batch groups (padded to a multiple of them); every process passes
-    the same prompts and gets the whole result. `weights`: from `decode_weights` (reused across batches)."""
+    the same prompts and gets the whole result. `weights`: from `decode_layout.decode_weights`
+    (reused across batches)."""
     tokens = np.asarray(prompt_tokens_BxP)
     valid = np.asarray(prompt_valid_BxP).astype(bool)
     cfg = model.config
@@ -410,7 +233,7 @@ def generate(
     keys_B = _row_keys(rng, batch)
     bb, pb = bucket_shapes(batch, plen, sampling)
     if weights is None:
-        weights = decode_weights(model, bb, pb + sampling.max_new_tokens)
+        weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens)
     layout = weights.layout
     bb = -(-bb // layout.groups) * layout.groups
     tokens_p = np.full((bb, pb), sampling.pad_id, np.int32)
@@ -469,7 +292,8 @@ def generate_responses(
     passes the same prompts; each batch's rows are split over the decode layout's batch groups, so on several
     hosts each process samples only the rows its chips hold. Results stay where they were made until the end,
     when they are gathered once (no host round trip per batch: the next batch is dispatched while one runs).
-    `tp`: the tensor-parallel group size (`decode_weights`; default: `decode_tp_split`'s rule).
+    `tp`: the tensor-parallel group size (`decode_layout.decode_weights`; default: the rule of
+    `decode_layout.decode_tp_split`).
     `group_by_length=False`: batches in dataset order (what length grouping is measured against)."""
     n, longest = arrays["prompt_tokens_NxP"].shape
     # Checked here, before batching reorders the prompts, so that the error names the prompt's own index.
@@ -478,7 +302,8 @@ def generate_responses(
     grouped = {k: arrays[k][order_N] for k in ("prompt_tokens_NxP", "prompt_valid_NxP")}
     grouped["example_ids_N"] = order_N
     bb, pb = bucket_shapes(batch_size, longest, sampling)
-    weights = decode_weights(model, bb, pb + sampling.max_new_tokens, tp=tp)  # moved once, reused by every batch
+    # Moved once, reused by every batch.
+    weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens, tp=tp)
     tokens, lengths, example_ids = [], [], []
 
     def done(i: int) -> None:  # batch i finished on this process's chips (no cross-host wait)

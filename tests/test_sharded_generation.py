@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pl_dpo import sampler, scoring, sharding
+from pl_dpo import decode_layout, sampler, scoring, sharding
 from pl_dpo.models import create_model, preset_config
 
 VOCAB = 128
@@ -50,7 +50,7 @@ def test_sharded_generation_gives_one_devices_tokens(model, greedy, mesh, tp):
     ref = sampler.generate(model, tokens, valid, 7, cfg)
     assert len(ref.tokens_BxT.devices()) == 1
     sharded = _sharded(model, *mesh)
-    weights = sampler.decode_weights(sharded, 16, 16 + 6, tp=tp)
+    weights = decode_layout.decode_weights(sharded, 16, 16 + 6, tp=tp)
     assert weights.layout.groups == (8 if tp is None else 2)
     out = sampler.generate(sharded, tokens, valid, 7, cfg, weights=weights)
     assert out.tokens_BxT.shape == (11, 6)
@@ -79,7 +79,7 @@ def test_generate_responses_on_the_mesh_gives_one_devices_responses(model):
 
 def test_decode_weights_are_per_layer_in_the_compute_dtype(model):
     sharded = _sharded(model, 1, -1, 1)
-    weights = sampler.decode_weights(sharded, 8, 32, tp=2)
+    weights = decode_layout.decode_weights(sharded, 8, 32, tp=2)
     assert len(weights.layers) == model.config.num_layers
     q = weights.layers[0]["layers"]["attn"]["q_proj"]["kernel"]
     assert q.shape == model.layers.attn.q_proj.kernel.shape[1:]
@@ -93,12 +93,12 @@ def test_tensor_split_rule():
     cfg = preset_config("mistral-7b", compute_dtype="bfloat16")
     gib = 2**30
     # 13.5 GiB of bf16 weights on 16 GiB chips: 4 chips hold them within half a chip each, the batch over 4 groups.
-    assert sampler.decode_tp_split(cfg, (1, 16, 1), 256, 1024, 16 * gib) == 4
+    assert decode_layout.decode_tp_split(cfg, (1, 16, 1), 256, 1024, 16 * gib) == 4
     # 95 GiB chips: one chip holds them; the batch split 16 ways.
-    assert sampler.decode_tp_split(cfg, (1, 16, 1), 256, 1024, 95 * gib) == 1
+    assert decode_layout.decode_tp_split(cfg, (1, 16, 1), 256, 1024, 95 * gib) == 1
     # No more batch groups than rows; no memory figure (CPU): as few tensor chips as the rows allow.
-    assert sampler.decode_tp_split(cfg, (1, 16, 1), 4, 1024, None) == 4
-    assert sampler.decode_tp_split(cfg, (1, 8, 1), 64, 1024, None) == 1
+    assert decode_layout.decode_tp_split(cfg, (1, 16, 1), 4, 1024, None) == 4
+    assert decode_layout.decode_tp_split(cfg, (1, 8, 1), 64, 1024, None) == 1
 
 
 def _ranked(n=13, k=2, length=24, seed=0):

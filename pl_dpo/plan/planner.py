@@ -158,7 +158,7 @@ class Program:
     # The config fields this program's batch comes from (for advice), e.g. "rounds.batch_size".
     batch_field: str = ""
     accum_field: str = ""
-    decode_tp: int = 0  # sample: config.sampling.decode_tp (0: sampler.decode_tp_split's rule)
+    decode_tp: int = 0  # sample: config.sampling.decode_tp (0: decode_layout.decode_tp_split's rule)
 
 
 @dataclasses.dataclass
@@ -256,7 +256,7 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
     import jax
     import jax.numpy as jnp
 
-    from pl_dpo import sampler, scoring, sharding
+    from pl_dpo import decode_layout, sampler, scoring, sharding
     from pl_dpo.training import train
 
     graphdef, params, param_sh = _abstract_model(p.model, mesh)
@@ -284,20 +284,22 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
             score = jax.jit(lambda prm, batch: scoring.batch_logps(nnx.merge(graphdef, prm), batch, chunk_size))
             return score.lower(params, batch)
     # As `sampler.generate_responses`: the weights as trained are the program's arguments (they stay resident);
-    # the program moves them into the decode layout (`sampler.decode_weights`: tensor parallel over the fewest
+    # the program moves them into the decode layout (`decode_layout.decode_weights`: tensor parallel over the fewest
     # chips that hold them, per the chip's memory) and decodes a batch split over the rest.
     sampling = sampler.SamplingConfig(max_new_tokens=p.new_tokens, eos_ids=(0,), pad_id=0)
     chip = next((c for c in CHIPS.values() if c.device_kind == mesh.devices.flat[0].device_kind), None)
     mesh_shape = tuple(int(mesh.shape[a]) for a in sharding.MESH_AXES)
     max_len = p.prompt_len + p.new_tokens
-    tp = p.decode_tp or sampler.decode_tp_split(p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None)
-    layout = sampler.decode_layout(mesh.devices, mesh_shape, tp)
+    tp = p.decode_tp or decode_layout.decode_tp_split(
+        p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None
+    )
+    layout = decode_layout.decode_layout(mesh.devices, mesh_shape, tp)
     batch = -(-p.batch // layout.groups) * layout.groups
     g, layers_state, rest_state = nnx.split(nnx.merge(graphdef, params), nnx.PathContains("layers"), ...)
-    static = sampler.relayout_settings(p.model, layers_state, rest_state, layout)
+    static = decode_layout.relayout_settings(p.model, layers_state, rest_state, layout)
 
     def sample(layers_state, rest_state, tokens, valid, keys):
-        rest, layers = sampler._relayout(layers_state, rest_state, **static)
+        rest, layers = decode_layout._relayout(layers_state, rest_state, **static)
         return sampler._generate_padded(g, rest, layers, tokens, valid, keys, sampling, layout)
 
     rows = layout.batch()
@@ -390,7 +392,7 @@ def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[f
     KV cache, and its group all-reduces [rows, D] twice per layer. Collective latency is not modelled (it is
     what makes wide tensor parallelism slow in decoding, and why the sampler keeps its groups small).
     Ignores overlap limits, padding and kernel efficiency: the real step is slower, never faster."""
-    from pl_dpo import sampler
+    from pl_dpo import decode_layout
 
     cfg, chips = p.model, s.num_chips
     n = cfg.num_params()
@@ -418,12 +420,12 @@ def time_bound(p: Program, s: Slice, mesh_axes: tuple[int, int, int]) -> tuple[f
         ici = passes * n * cdt * gather + (n * 4 * gather if p.kind == "train" else 0)
         per = "step"
     else:
-        # The sampler's own layout (sampler.decode_tp_split): weights tensor-parallel over `group` chips, the
+        # The sampler's own layout (decode_layout.decode_tp_split): weights tensor-parallel over `group` chips, the
         # rows split over the chips / group groups; per step each chip reads its weight share and its rows' cache,
         # and each layer all-reduces its group's [rows, D] activations twice.
         max_len = p.prompt_len + p.new_tokens
         tensor = mesh_axes[2] if mesh_axes[2] > 0 else 1
-        tp = p.decode_tp or sampler.decode_tp_split(
+        tp = p.decode_tp or decode_layout.decode_tp_split(
             cfg, (chips // (fsdp * tensor), fsdp, tensor), p.batch, max_len, s.chip.hbm_bytes
         )
         group = tp * tensor
