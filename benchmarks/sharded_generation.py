@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from pl_dpo import decode_layout, sampler, scoring, sharding
+from pl_dpo.data import RankedBatch, RankedSet
 from pl_dpo.models import create_model, preset_config
 
 BATCH, PROMPT, NEW, RUNS = 32, 64, 32, 3
@@ -48,7 +49,7 @@ def _replicated_scores(model, arrays, batch):
     """Scoring as before: every device scores every row."""
     graphdef, params = nnx.split(model)
     rep = sharding.replicated_like(params)
-    n = arrays["tokens_NxKxL"].shape[0]
+    n = arrays.tokens_NxKxL.shape[0]
     outs = []
     fields = ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL", "positions_NxKxL")
     for start in range(0, n, batch):
@@ -90,17 +91,15 @@ def main() -> None:
 
     n, k, length = 64, 2, 128
     toks = rng.integers(3, 512, (n, k, length)).astype(np.int32)
-    arrays = {
-        "tokens_NxKxL": toks,
-        "loss_mask_NxKxL": np.broadcast_to(np.arange(length) >= 64, (n, k, length)).copy(),
-        "attn_valid_NxKxL": np.ones((n, k, length), bool),
-        "positions_NxKxL": np.broadcast_to(np.arange(length), (n, k, length)).astype(np.int32).copy(),
-        "valid_NxK": np.ones((n, k), bool),
-        "prompt_len_N": np.full(n, 64),
-    }
-    t_one, ref = _median(lambda: scoring.score_ranked(nnx.merge(graphdef, one), arrays, 16))
+    arrays = RankedSet(
+        tokens_NxKxL=toks,
+        loss_mask_NxKxL=np.broadcast_to(np.arange(length) >= 64, (n, k, length)).copy(),
+        attn_valid_NxKxL=np.ones((n, k, length), bool),
+        valid_NxK=np.ones((n, k), bool),
+    )
+    t_one, ref = _median(lambda: scoring.score_ranked(nnx.merge(graphdef, one), arrays, 16, batch_type=RankedBatch))
     t_rep, rep = _median(lambda: _replicated_scores(sharded, arrays, 16))
-    t_sh, out = _median(lambda: scoring.score_ranked(sharded, arrays, 16))
+    t_sh, out = _median(lambda: scoring.score_ranked(sharded, arrays, 16, batch_type=RankedBatch))
     for name, t in (("1 device", t_one), ("8 devices, replicated batch", t_rep), ("8 devices, batch split", t_sh)):
         print(f"scoring     {name:32s} {n / t:8.1f} lists/s ({t * 1e3:.0f} ms, {n} lists x {k} x {length})")
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-3)

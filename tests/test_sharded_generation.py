@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from pl_dpo import decode_layout, sampler, scoring, sharding
+from pl_dpo.data import RankedBatch, RankedSet
 from pl_dpo.models import create_model, preset_config
 
 VOCAB = 128
@@ -104,24 +105,21 @@ def test_tensor_split_rule():
 def _ranked(n=13, k=2, length=24, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, VOCAB, (n, k, length)).astype(np.int32)
-    pos = np.broadcast_to(np.arange(length), (n, k, length)).astype(np.int32)
     valid = np.ones((n, k), bool)
     valid[3, 1] = False
-    return {
-        "tokens_NxKxL": tokens,
-        "loss_mask_NxKxL": np.broadcast_to(np.arange(length) >= 10, (n, k, length)).copy(),
-        "attn_valid_NxKxL": np.ones((n, k, length), bool),
-        "positions_NxKxL": pos.copy(),
-        "valid_NxK": valid,
-        "prompt_len_N": np.full(n, 10),
-    }
+    return RankedSet(
+        tokens_NxKxL=tokens,
+        loss_mask_NxKxL=np.broadcast_to(np.arange(length) >= 10, (n, k, length)).copy(),
+        attn_valid_NxKxL=np.ones((n, k, length), bool),
+        valid_NxK=valid,
+    )
 
 
 @pytest.mark.parametrize("mesh", [(1, -1, 1), (2, 2, 2)], ids=["fsdp8", "data2-fsdp2-tensor2"])
 def test_sharded_scoring_gives_one_devices_logprobs(model, mesh):
     arrays = _ranked()
-    ref = scoring.score_ranked(model, arrays, 4)
-    out = scoring.score_ranked(_sharded(model, *mesh), arrays, 4)  # batch 4 -> 8 on 8 shards; 13 rows
+    ref = scoring.score_ranked(model, arrays, 4, batch_type=RankedBatch)
+    out = scoring.score_ranked(_sharded(model, *mesh), arrays, 4, batch_type=RankedBatch)  # batch 4 -> 8 on 8 shards; 13 rows
     assert out.shape == ref.shape == (13, 2) and out[3, 1] == 0.0
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 
@@ -146,13 +144,13 @@ def _while_bodies(hlo: str) -> dict[str, str]:
 
 def test_aot_v5e16_decode_splits_the_batch_and_gathers_no_weights_in_the_loop():
     pytest.importorskip("libtpu")
-    from pl_dpo.plan import planner as plan
+    from pl_dpo.plan import lower, programs, slices
 
-    s = plan.get_slice("v5e-16")
-    mesh = sharding.make_mesh(1, -1, 1, devices=plan.abstract_devices(s))
+    s = slices.get_slice("v5e-16")
+    mesh = sharding.make_mesh(1, -1, 1, devices=slices.abstract_devices(s))
     cfg = preset_config("tiny-llama", vocab_size=512, compute_dtype="bfloat16")
-    program = plan.Program("sampler", "sample", cfg, batch=64, prompt_len=64, new_tokens=16)
-    compiled = plan.lower(program, mesh).compile()
+    program = programs.Program("sampler", "sample", cfg, batch=64, prompt_len=64, new_tokens=16)
+    compiled = lower.lower(program, mesh).compile()
     # Arguments: the FSDP weights, then prompts/valid/keys split 16 ways (4 rows per chip).
     tokens_sh, valid_sh = jax.tree.leaves(compiled.input_shardings[0])[-3:-1]
     assert tokens_sh.shard_shape((64, 64)) == valid_sh.shard_shape((64, 64)) == (4, 64)  # 64 rows / 16 chips
