@@ -49,7 +49,7 @@ class RunSettings:
     # What a policy's held-out evaluation depends on (workdir.layout.EVAL_FIELDS), recorded in eval_<t>.json.
     eval_record: dict[str, Any]
     sampling_batch_size: int
-    decode_tp: int | None  # sampling.decode_tp (None: the sampler's rule, sampler.decode_tp_split)
+    decode_tp: int | None  # sampling.decode_tp (None: the sampler's rule, decode_layout.decode_tp_split)
     save_every_steps: int
     keep_train_state: bool
     export_hf: bool

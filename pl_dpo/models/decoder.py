@@ -16,7 +16,7 @@ final norm) in the compute dtype; `logits` maps them to float32 logits.
 
 Cached decoding (`init_cache`, `decode`, `layer_params`; used by `pl_dpo.sampler`): prefill scans the layers like the
 training forward (or loops over `layer_params` when given); single-token steps loop over layers in Python with one
-[B, K, S, H] cache buffer per layer and per-layer weights (the sampler's `decode_weights` makes them once, outside its
+[B, K, S, H] cache buffer per layer and per-layer weights (`decode_layout.decode_weights` makes them once, outside its
 jitted program, so no step and no program holds a second stacked copy), so a step copies no cache or weight slices.
 """
 

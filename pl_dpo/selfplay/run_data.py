@@ -1,6 +1,6 @@
 """A run's inputs, prepared once: tokenizer, training prompts with their ranked responses, held-out split.
 
-`prepare_data` loads both splits (TFDS builders under `workdir.tfds_dir`), tokenises them
+`prepare_data` loads both splits (TFDS builders under `layout.tfds_dir`), tokenises them
 once (truncating and counting by the configured budget) and lays out the fixed-shape
 arrays every round shares; the round loop reads the frozen `RunData` it returns.
 """

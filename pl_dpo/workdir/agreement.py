@@ -159,7 +159,7 @@ def _first_difference(old: Any, new: Any, key: str) -> tuple[str, Any, Any]:
 
 
 def _stages_of(field: str) -> str:
-    """The stages (workdir.STAGE_FIELDS) whose output depends on `field`, e.g. "the sft and rounds stages"."""
+    """The stages (layout.STAGE_FIELDS) whose output depends on `field`, e.g. "the sft and rounds stages"."""
     names = [
         stage
         for stage, fields in layout.STAGE_FIELDS.items()
