@@ -166,7 +166,7 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
         )
     )
     # decode_tp: chips per tensor-parallel group while sampling (0: the fewest that hold the weights,
-    # sampler.decode_tp_split); it must divide the mesh's fsdp size.
+    # decode_layout.decode_tp_split); it must divide the mesh's fsdp size.
     c.sampling = ml_collections.ConfigDict(
         dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64, decode_tp=0)
     )

@@ -1,9 +1,11 @@
 """The config boundary: checks, derived values and typed sections, all before anything compiles.
 
-The config is an `ml_collections.ConfigDict` (configs/common.py:base() declares every field).
-It stops here and at the round loop: library code takes the small frozen dataclasses built
-below (`optimizer`, `loss`, `model_config`). The same `plain` / `lookup` / `apply_overrides`
-serve the workdir check, experiments/sweep.py and the tests.
+The config is an `ml_collections.ConfigDict` (configs/common.py:base() declares every field and its default).
+Library code takes the frozen dataclasses built below instead: `run_settings` (pl_dpo.settings.RunSettings,
+with the SFT and round PhaseSettings), `optimizer`, `loss`, `sampling`, `model_config`. Only the stages that
+create or restore models (selfplay.rounds / policies / run_data, the planner) still read a model, data or
+assistant section. The same `plain` / `lookup` / `apply_overrides` serve the workdir check, experiments/sweep.py
+and the tests.
 """
 
 from __future__ import annotations

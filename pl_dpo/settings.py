@@ -1,7 +1,8 @@
 """What a run's stages read from the config, typed once at the config boundary (`config_lib.run_settings`).
 
-The ConfigDict stops at `config_lib`: the self-play stages, the generation helpers and the planner read
-these frozen dataclasses instead, so a field has one default (configs/common.py:base()) and one reader.
+The self-play stages, the generation helpers and the planner read these frozen dataclasses instead of the
+ConfigDict, so a field has one default (configs/common.py:base()) and one reader; model, data and assistant
+sections still reach the code that builds models and reads data (selfplay.rounds / policies / run_data).
 """
 
 from __future__ import annotations
