@@ -6,6 +6,8 @@ by the same suite that runs single-device code (which uses device 0).
 
 import os
 
+from helpers import CPU_FAST_COMPILE
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # On a GPU, float32 matmuls default to TF32 (10-bit mantissa); the parity tests compare against float64
 # and PyTorch references at float32 tolerances, so they ask for full float32 there (a no-op on CPU).
@@ -13,7 +15,10 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in _flags:
+    _flags += f" {CPU_FAST_COMPILE}"  # compile time is most of the suite's time (tests/helpers.py)
+os.environ["XLA_FLAGS"] = _flags.strip()
 # The TPU compiler (tests/test_tpu_aot.py) may be loaded by every xdist worker at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Transformers must never reach the network from a test.
@@ -21,13 +26,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One persistent compilation cache for the whole run (all xdist workers and every
 # `python -m pl_dpo.main` subprocess, which inherit the environment): the end-to-end
-# tests compile the same small programs again and again.
+# tests compile the same small programs again and again, and tests build the same
+# program anew (a fresh closure: no hit in jit's in-memory cache, a hit here). JAX reads
+# both variables when it is imported. Every program is kept: at -O0 most compile in
+# under 0.5 s, and a write costs less than a compile (test_train.py: 63 s of CPU with a
+# 0.5 s minimum, 57-61 s with none). The process that made the folder removes it at the end.
 import tempfile  # noqa: E402
 
 _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_own_cache = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # xdist workers inherit the controller's
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"pl_dpo_jax_cache_{_run_id}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -64,3 +75,8 @@ class MainCommand:
 @pytest.fixture(scope="session")
 def main_command() -> MainCommand:
     return MainCommand()
+
+
+def pytest_unconfigure(config):
+    if _own_cache and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
