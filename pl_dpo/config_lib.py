@@ -283,6 +283,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     lrs = config.rounds.lr_per_round
     if lrs and len(lrs) < config.rounds.num:
         raise ConfigError(f"config.rounds.lr_per_round has {len(lrs)} values for {config.rounds.num} rounds")
+    if lrs and not all(lr > 0 for lr in lrs):
+        raise ConfigError(f"config.rounds.lr_per_round={list(lrs)} must all be > 0")
+    phases = {"sft": config.sft, "rounds": config.rounds}
+    phases |= {f"assistants[{i}]": a for i, a in enumerate(config.assistants)}
+    for where, section in phases.items():
+        try:  # the optimizer's own checks, for every phase
+            optimizer(section.optim)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.{where}.optim.{e}") from None
     s = config.sampling
     try:  # the sampler's own checks, before SFT has trained
         sampling(s)

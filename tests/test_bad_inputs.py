@@ -45,11 +45,31 @@ def _config(**overrides):
             r"mode 'ranked_samples' ranks samples with the task's verifier, which only data.source='synthetic' has",
         ),
         ({"sft.batch_size": 0}, r"config.sft.batch_size=0 must be >= 1"),
+        # Every optimizer field of every phase (issue 23: a negative lr trained uphill and exited 0).
+        ({"rounds.optim.lr": -1e-4}, r"config.rounds.optim.lr=-0.0001 must be > 0"),
+        ({"sft.optim.lr": 0.0}, r"config.sft.optim.lr=0.0 must be > 0"),
+        ({"rounds.lr_per_round": (1e-4, -1e-4)}, r"lr_per_round=\[0.0001, -0.0001\] must all be > 0"),
+        ({"rounds.optim.warmup_steps": -1}, r"config.rounds.optim.warmup_steps=-1 must be >= 0"),
+        ({"rounds.optim.decay": "exp"}, r"config.rounds.optim.decay='exp' choose one of"),
+        ({"rounds.optim.final_lr_fraction": 1.5}, r"final_lr_fraction=1.5 must be in \[0, 1\]"),
+        ({"sft.optim.b2": 1.0}, r"config.sft.optim.b2=1.0 must be in \[0, 1\)"),
+        ({"sft.optim.eps": 0.0}, r"config.sft.optim.eps=0.0 must be > 0"),
+        ({"rounds.optim.weight_decay": -0.1}, r"weight_decay=-0.1 must be >= 0"),
+        ({"rounds.optim.clip_norm": -1.0}, r"clip_norm=-1.0 must be >= 0"),
+        ({"rounds.optim.grad_accum_steps": 0}, r"grad_accum_steps=0 must be an integer >= 1"),
+        ({"sft.optim.name": "sgd"}, r"config.sft.optim.name='sgd' choose 'adamw' or 'rmsprop'"),
     ],
 )
 def test_settings_refused_before_anything_trains(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(_config(**overrides))
+
+
+def test_an_assistants_optimizer_is_checked_too():
+    config = _config()
+    config.assistants[0].optim.lr = -1.0
+    with pytest.raises(config_lib.ConfigError, match=r"config.assistants\[0\].optim.lr=-1.0 must be > 0"):
+        config_lib.validate(config)
 
 
 def test_an_assistant_with_nothing_to_train_from_is_named():
@@ -115,6 +135,37 @@ def test_metric_log_drops_the_steps_a_resumed_phase_logs_again(tmp_path):
     assert len([r for r in records if r["phase"] == "sft"]) == 6  # other phases untouched
 
 
+def test_a_metric_log_cut_mid_record_goes_on_from_its_last_whole_record(tmp_path):
+    """A run that died while writing (out of disk) left half a record; the resumed run's records each parse
+    (issue 23)."""
+    (tmp_path / "metrics.jsonl").write_text('{"phase": "sft", "step": 0}\n{"phase": "sft", "st')
+    with MetricLog(str(tmp_path)) as log:
+        log.write("sft", 1, {"loss": 1.0})
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["phase"], r["step"]) for r in records] == [("sft", 0), ("sft", 1)]
+
+
+def test_the_error_that_ends_a_run_is_not_hidden_by_closing_its_metric_log(tmp_path):
+    """On a full disk, closing the metric log fails too; the run's own error is the one raised (issue 23)."""
+    import errno
+
+    class FullDisk:
+        name = str(tmp_path / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device", self.name)
+
+        flush = close = lambda self: self.write("")
+
+    log = MetricLog(str(tmp_path))
+    log._jsonl.close()
+    log._jsonl = FullDisk()
+    with pytest.raises(OSError, match="No space left") as raised:
+        with log:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoint"))
+    assert raised.value.filename == str(tmp_path / "checkpoint")
+
+
 @pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_2(tmp_path, main_command):
     proc = main_command.run(tmp_path / "run", "--config.sampling.temperature=0.0", timeout=300)
@@ -152,6 +203,38 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "tpu-worker-7", "since": "x"}))
     with pytest.raises(WorkdirLocked, match="on tpu-worker-7 .* or delete .*.lock if it is gone"):
         WorkdirLock(tmp_path).acquire()
+
+
+def test_workdir_lock_is_never_seen_empty_and_an_empty_one_is_held(tmp_path):
+    """Two runs cannot both hold a workdir: a lock file is whole the moment it exists, and an empty one (a
+    creator between its create and its write, or an older version killed there) is held until it is old (issue 23)."""
+    import os
+    import time
+
+    from pl_dpo.workdir import lock as lock_lib
+
+    (tmp_path / ".lock").write_text("")  # what a racing creator leaves for an instant
+    with pytest.raises(lock_lib.WorkdirLocked, match="another run is starting"):
+        lock_lib.WorkdirLock(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text() == ""  # not taken over
+    # Long empty: whoever made it is gone; taken over.
+    old = time.time() - 2 * lock_lib.EMPTY_LOCK_STALE_S
+    os.utime(tmp_path / ".lock", (old, old))
+    with lock_lib.WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock").exists()
+    # The lock appears with its content: os.open(O_CREAT | O_EXCL) is not how it is made.
+    opened = []
+    real_open = os.open
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(os, "open", lambda path, flags, *a: opened.append(flags) or real_open(path, flags, *a))
+    try:
+        with lock_lib.WorkdirLock(tmp_path):
+            assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+            assert sorted(os.listdir(tmp_path)) == [".lock"]  # no temporary file left beside it
+    finally:
+        monkey.undo()
+    assert not any(flags & os.O_EXCL for flags in opened)
 
 
 def test_resume_refuses_other_training_settings_and_edited_inputs(tmp_path):

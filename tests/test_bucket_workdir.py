@@ -100,9 +100,14 @@ def test_folders_are_uploaded_with_their_marker_last(gcs, tmp_path):
         open(os.path.join(local, "m"), "w").close()
         raise RuntimeError("killed")
     assert not epath.Path(f"{gcs.url}/folders/broken").exists()
-    # Local paths are written in place, as before.
-    with bucket.staged_folder(str(tmp_path), marker="m") as local, bucket.local_folder(str(tmp_path)) as same:
-        assert local == same == str(tmp_path)
+    # A local folder is written aside and renamed into place: complete or absent (tests/test_workdir.py).
+    out = tmp_path / "tokenizer"
+    with bucket.staged_folder(str(out), marker="m") as local:
+        assert os.path.dirname(local) == str(tmp_path) and not out.exists()
+        open(os.path.join(local, "m"), "w").close()
+    assert os.listdir(tmp_path) == ["tokenizer"] and os.listdir(out) == ["m"]
+    with bucket.local_folder(str(out)) as same:
+        assert same == str(out)
 
 
 def test_metric_log_reaches_the_bucket_at_commit_points(gcs):

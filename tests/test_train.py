@@ -208,7 +208,7 @@ def test_schedule_warmup_and_decay(decay):
 def test_optimizer_errors_and_rmsprop_accumulation():
     with pytest.raises(ValueError, match="adamw' or 'rmsprop"):
         dataclasses.replace(OPTIM, name="sgd").build(10)
-    with pytest.raises(ValueError, match="optim.decay"):
+    with pytest.raises(ValueError, match="decay=.step. choose one of"):
         dataclasses.replace(OPTIM, decay="step").build(10)
     cfg = dataclasses.replace(OPTIM, name="rmsprop", grad_accum_steps=2, rms_decay=0.9, warmup_steps=0)
     tx = cfg.build(10)

@@ -47,3 +47,43 @@ def test_step_committed(tmp_path):
 def test_workdir_layout_and_lock_import_no_jax():
     code = "import sys, pl_dpo.workdir.layout, pl_dpo.workdir.lock; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_hf_export_is_complete_or_absent(tmp_path, monkeypatch):
+    """A run killed while exporting leaves no folder a resumed run would take as done (issue 23)."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    from pl_dpo.models import create_model, preset_config
+    from pl_dpo.selfplay import modes
+    from pl_dpo.selfplay.rounds import SelfPlay
+    from pl_dpo.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer")
+    model = create_model(preset_config("tiny-llama", vocab_size=len(tokenizer)), seed=0)
+    run = SimpleNamespace(workdir=str(tmp_path / "w"), tokenizer=tokenizer)
+    out = tmp_path / "w" / "spin" / "hf_export" / "round_1"
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while saving the tokenizer")
+
+    # Killed after the weights and config.json, before the tokenizer; a SIGKILL cleans nothing up.
+    with monkeypatch.context() as m:
+        m.setattr(type(tokenizer), "save_pretrained", killed)
+        m.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+        with pytest.raises(RuntimeError, match="killed"):
+            SelfPlay._export(run, modes.MODES["spin"], 1, model)
+    assert not out.exists()
+    # The resumed run exports it whole, and nothing else stays beside it.
+    SelfPlay._export(run, modes.MODES["spin"], 1, model)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    assert AutoTokenizer.from_pretrained(out).encode("1 + 1") == tokenizer.encode("1 + 1")
+    assert os.listdir(out.parent) == ["round_1"]
+    # Done is done: a third call writes nothing.
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    SelfPlay._export(run, modes.MODES["spin"], 1, model)
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime

@@ -254,7 +254,7 @@ class SelfPlay:
 
     def run(self) -> list[dict[str, Any]]:
         """Every arm of the config, round after round; returns the evaluation table."""
-        try:
+        with self.metric_log:  # closed at the end, and after an error without hiding it
             baseline = self._sft_start()
             for mode, K in self.settings.arms:
                 for t in range(self.settings.num_rounds):
@@ -263,6 +263,4 @@ class SelfPlay:
                     if self.settings.export_hf:
                         self._export(mode, t + 1, policy)
                     del policy  # one policy in memory at a time
-        finally:
-            self.metric_log.close()
         return self.table

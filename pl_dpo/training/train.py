@@ -74,6 +74,9 @@ def sft_objective(chunk_size: int) -> Objective:
 # ----------------------------------------------------------------------------- optimizer
 
 
+DECAYS = ("constant", "linear", "cosine")  # after warmup
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW or RMSprop with linear warmup, then `decay` to `lr * final_lr_fraction`, global-norm
@@ -93,6 +96,26 @@ class OptimizerConfig:
     grad_accum_steps: int
     rms_decay: float
 
+    def __post_init__(self):
+        # Every field checked before anything compiles: a negative lr trains uphill and exits 0.
+        checks = [
+            ("name", self.name in ("adamw", "rmsprop"), "choose 'adamw' or 'rmsprop'"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("decay", self.decay in DECAYS, f"choose one of {list(DECAYS)}"),
+            ("final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]"),
+            ("b1", 0 <= self.b1 < 1, "must be in [0, 1)"),
+            ("b2", 0 <= self.b2 < 1, "must be in [0, 1)"),
+            ("eps", self.eps > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("clip_norm", self.clip_norm >= 0, "must be >= 0 (0: no clipping)"),
+            ("grad_accum_steps", int(self.grad_accum_steps) == self.grad_accum_steps >= 1, "must be an integer >= 1"),
+            ("rms_decay", 0 <= self.rms_decay < 1, "must be in [0, 1)"),
+        ]
+        for field, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r} {rule}")
+
     def schedule(self, total_steps: int) -> optax.Schedule:
         """The learning rate against the optimizer update (`total_steps` updates in all)."""
         warmup = min(int(self.warmup_steps), max(total_steps - 1, 0))
@@ -103,8 +126,6 @@ class OptimizerConfig:
             "linear": lambda: optax.linear_schedule(self.lr, final, decay_steps),
             "cosine": lambda: optax.cosine_decay_schedule(self.lr, decay_steps, alpha=final / self.lr),
         }
-        if self.decay not in decays:
-            raise ValueError(f"optim.decay={self.decay!r}: choose one of {sorted(decays)}")
         if warmup == 0:
             return decays[self.decay]()
         return optax.join_schedules([optax.linear_schedule(0.0, self.lr, warmup), decays[self.decay]()], [warmup])
@@ -114,10 +135,8 @@ class OptimizerConfig:
         schedule = self.schedule(total_steps)
         if self.name == "adamw":
             opt = optax.adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
-        elif self.name == "rmsprop":
-            opt = optax.rmsprop(schedule, decay=self.rms_decay, eps=self.eps)
         else:
-            raise ValueError(f"optim.name={self.name!r}: choose 'adamw' or 'rmsprop'")
+            opt = optax.rmsprop(schedule, decay=self.rms_decay, eps=self.eps)
         chain = []
         if self.clip_norm:
             chain.append(optax.clip_by_global_norm(self.clip_norm))

@@ -23,9 +23,11 @@ account). No jax here. What a bucket does not do as a local folder does, and wha
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -99,10 +101,25 @@ def upload_folder(local: str, remote: str, marker: str | None = None) -> None:
 
 @contextlib.contextmanager
 def staged_folder(path: str, marker: str) -> Iterator[str]:
-    """A local folder to write `path`'s files into: `path` itself when local; for a bucket path a
-    temporary folder, uploaded on a clean exit with `marker` last (nothing is uploaded on an error)."""
+    """A folder to write `path`'s files into, committed whole on a clean exit: complete or absent, never half
+    written (a kill mid-write leaves nothing a resumed run would take as done). Complete means `marker` exists.
+
+    Local: a hidden sibling `.<name>.tmp-*`, renamed to `path` (leftovers of a killed run are removed first).
+    Bucket: a local temporary folder, uploaded with `marker` last. Nothing is committed on an error."""
     if not is_bucket(path):
-        yield path
+        parent, name = os.path.split(os.path.normpath(path))
+        os.makedirs(parent, exist_ok=True)
+        for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.isdir(path):  # an incomplete folder (no marker) written in place by an older version
+            shutil.rmtree(path)
+        os.rename(tmp, path)
         return
     with tempfile.TemporaryDirectory(prefix="pl_dpo_stage_") as tmp:
         yield tmp

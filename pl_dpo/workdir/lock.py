@@ -13,12 +13,16 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 from pl_dpo.workdir import bucket
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+# An empty or unreadable lock is held this long after it was made (its maker may still be writing it), then
+# taken over as left by a killed run.
+EMPTY_LOCK_STALE_S = 60.0
 
 
 class WorkdirLocked(RuntimeError):
@@ -47,32 +51,57 @@ class WorkdirLock:
         except FileNotFoundError:
             return None
         except ValueError:
-            return {}  # written by a process killed mid-write: nobody can hold it
+            return {}  # empty or cut: an older version between its create and its write, or killed there
 
     def acquire(self) -> None:
         if self._bucket is not None:
             self._bucket.acquire(self._locked)
             return
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except OSError as e:
-                if e.errno != errno.EEXIST:
-                    raise
-                holder = self._holder()
-                if holder is None:
-                    continue  # released in between: try again
-                if holder and (holder.get("host") != me["host"] or bucket.pid_alive(int(holder.get("pid", -1)))):
-                    raise self._locked(holder) from None
-                log.warning("taking over the lock of a run that is gone: %s (%s)", self.path, holder)
-                os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-            self._held = True
-            return
-        raise self._locked(None)
+        # The lock is written whole under a name of its own and linked into place: `.lock` never exists
+        # without its content, so a second run never reads an empty lock as one left by a dead run.
+        mine = f"{self.path}.{os.getpid()}.{uuid.uuid4().hex}"
+        with open(mine, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        try:
+            for _ in range(2):
+                try:
+                    self._link(mine)
+                except FileExistsError:
+                    holder = self._holder()
+                    if holder is None:
+                        continue  # released in between: try again
+                    if not holder and time.time() - self._mtime() < EMPTY_LOCK_STALE_S:
+                        raise self._locked(None) from None  # empty: an older version between create and write
+                    if holder and (holder.get("host") != me["host"] or bucket.pid_alive(int(holder.get("pid", -1)))):
+                        raise self._locked(holder) from None
+                    log.warning("taking over the lock of a run that is gone: %s (%s)", self.path, holder)
+                    os.remove(self.path)
+                    continue
+                self._held = True
+                return
+            raise self._locked(None)
+        finally:
+            os.remove(mine)
+
+    def _link(self, mine: str) -> None:
+        """`mine` as the lock, atomically; FileExistsError when there is one."""
+        try:
+            os.link(mine, self.path)
+        except FileExistsError:
+            raise
+        except OSError as e:  # no hard links (some FUSE mounts): create exclusively, an instant empty
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f, open(mine, encoding="utf-8") as src:
+                f.write(src.read())
+
+    def _mtime(self) -> float:
+        try:
+            return os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def release(self) -> None:
         if self._bucket is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from etils import epath
 from pl_dpo.workdir import bucket
 from pl_dpo.workdir.layout import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 SYNC_SECONDS = 60.0  # a bucket workdir's metric log is uploaded at least this often while it is written
 
 
@@ -41,6 +44,8 @@ class _ObjectText:
         self.name = path
         p = epath.Path(path)
         self.lines = p.read_text(encoding="utf-8").splitlines(keepends=True) if p.exists() else []
+        if self.lines and not self.lines[-1].endswith("\n"):
+            log.warning("%s: dropped its last line, cut mid-record: %r", path, self.lines.pop()[:80])
         self._synced = len(self.lines)
         self._changed = False
 
@@ -62,6 +67,20 @@ class _ObjectText:
         self.sync()
 
 
+def _cut_to_last_record(path: str) -> None:
+    """A metrics.jsonl cut mid-record (a run killed, or out of disk, while writing) ends at its last complete
+    record again, so the resumed run's records start on a line of their own."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1  # records are appended whole, one per line: only the last can be cut
+        log.warning("%s: dropped its last line, cut mid-record: %r", path, data[keep:][:80])
+        f.truncate(keep)
+
+
 class MetricLog:
     def __init__(self, workdir: str):
         self._active = jax.process_index() == 0
@@ -80,6 +99,7 @@ class MetricLog:
                 self._unregister = bucket.on_commit(self.sync)
             else:
                 os.makedirs(workdir, exist_ok=True)
+                _cut_to_last_record(path)
                 self._jsonl = open(path, "a", encoding="utf-8")
             from tensorboardX import SummaryWriter
 
@@ -150,6 +170,18 @@ class MetricLog:
             if self._tb_uploaded.get(name) != size:
                 bucket.upload_file(os.path.join(self._tb_local, name), f"{self._tb_remote}/{name}")
                 self._tb_uploaded[name] = size
+
+    def __enter__(self) -> MetricLog:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # the error that ended the run is the one to see, not a second one from closing (a full disk)
+            self.close()
+        except Exception as close_error:  # noqa: BLE001
+            log.warning("closing the metric log after %s: %s", exc_type.__name__, close_error)
 
     def close(self) -> None:
         if self._active:
