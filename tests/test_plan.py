@@ -20,12 +20,12 @@ from pl_dpo import (  # noqa: E402
     sharding,
 )
 from pl_dpo.models import preset_config  # noqa: E402
-from pl_dpo.plan import planner as plan  # noqa: E402
+from pl_dpo.plan import advice, bounds, cli, compiler, programs, slices  # noqa: E402
 from pl_dpo.training import train  # noqa: E402
 
 
 def run_plan(capsys, *args: str) -> tuple[int, str, str]:
-    code = plan.main(list(args))
+    code = cli.main(list(args))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -48,8 +48,8 @@ def run_plan(capsys, *args: str) -> tuple[int, str, str]:
     ],
 )
 def test_cloud_tpu_names_give_the_compilers_devices(name, chips, kind):
-    s = plan.get_slice(name)
-    devices = plan.abstract_devices(s)
+    s = slices.get_slice(name)
+    devices = slices.abstract_devices(s)
     assert s.num_chips == chips == len(devices)
     assert {d.device_kind for d in devices} == {kind} == {s.chip.device_kind}
 
@@ -57,9 +57,9 @@ def test_cloud_tpu_names_give_the_compilers_devices(name, chips, kind):
 def test_every_generation_covers_the_issues_range():
     for gen, sizes in {"v4": (8, 16, 32, 64), "v5p": (8, 16, 32, 64), "v6e": (4, 8, 16, 32, 64)}.items():
         for n in sizes:
-            assert f"{gen}-{n}" in plan.SLICES
+            assert f"{gen}-{n}" in slices.SLICES
     for n in (4, 8, 16, 32, 64):
-        assert plan.get_slice(f"v5e-{n}").name == f"v5litepod-{n}"
+        assert slices.get_slice(f"v5e-{n}").name == f"v5litepod-{n}"
 
 
 def test_presets_have_the_published_parameter_counts():
@@ -77,9 +77,9 @@ def test_presets_have_the_published_parameter_counts():
 
 def test_decode_bound_is_the_weight_and_cache_read():
     cfg = preset_config("llama-2-7b", compute_dtype="bfloat16")
-    s = plan.get_slice("v5p-8")
-    p = plan.Program("sampler", "sample", cfg, batch=1, prompt_len=16, new_tokens=16)
-    seconds, unit, by = plan.time_bound(p, s, (1, -1, 1))
+    s = slices.get_slice("v5p-8")
+    p = programs.Program("sampler", "sample", cfg, batch=1, prompt_len=16, new_tokens=16)
+    seconds, unit, by = bounds.time_bound(p, s, (1, -1, 1))
     # Batch 1: reading each chip's quarter of the bf16 weights dominates (plus a tiny KV cache).
     weights = 2 * cfg.num_params() / 4 / s.chip.hbm_bytes_per_s
     assert (unit, by) == ("token", "HBM")
@@ -89,16 +89,16 @@ def test_decode_bound_is_the_weight_and_cache_read():
 def test_decode_tp_bounds_list_every_group_and_name_a_faster_one(capsys):
     # Mistral-7B's grouped KV heads keep the cache small: the weight read decides the bound.
     cfg = preset_config("mistral-7b", compute_dtype="bfloat16")
-    s = plan.get_slice("v5p-8")
-    p = plan.Program(
+    s = slices.get_slice("v5p-8")
+    p = programs.Program(
         "sampler", "sample", cfg, batch=256, prompt_len=512, new_tokens=256, batch_field="sampling.batch_size"
     )
-    bounds = plan.decode_tp_bounds(p, s, (1, -1, 1))
-    assert list(bounds) == [1, 2, 4] and bounds[1] > bounds[2] > bounds[4]  # fewer weight bytes per chip
-    assert plan.time_bound(p, s, (1, -1, 1))[0] == bounds[1]  # the rule: one chip holds the bf16 7B weights
-    note = plan._decode_tp_note(p, s, (1, -1, 1))
-    assert "--config.sampling.decode_tp=4" in note and f"4: {bounds[4] * 1e3:.2f}" in note
-    assert plan._decode_tp_note(dataclasses.replace(p, decode_tp=4), s, (1, -1, 1)) is None
+    by_tp = bounds.decode_tp_bounds(p, s, (1, -1, 1))
+    assert list(by_tp) == [1, 2, 4] and by_tp[1] > by_tp[2] > by_tp[4]  # fewer weight bytes per chip
+    assert bounds.time_bound(p, s, (1, -1, 1))[0] == by_tp[1]  # the rule: one chip holds the bf16 7B weights
+    note = bounds.decode_tp_note(p, s, (1, -1, 1))
+    assert "--config.sampling.decode_tp=4" in note and f"4: {by_tp[4] * 1e3:.2f}" in note
+    assert bounds.decode_tp_note(dataclasses.replace(p, decode_tp=4), s, (1, -1, 1)) is None
     code, _, err = run_plan(
         capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--only=sampler", "--config.sampling.decode_tp=3"
     )
@@ -107,10 +107,10 @@ def test_decode_tp_bounds_list_every_group_and_name_a_faster_one(capsys):
 
 def test_train_bound_is_compute_at_large_batch():
     cfg = preset_config("llama-2-7b", compute_dtype="bfloat16", remat="full")
-    s = plan.get_slice("v5e-16")
+    s = slices.get_slice("v5e-16")
     optim = config_lib.optimizer(common.optimizer(1e-6, name="rmsprop"))
-    p = plan.Program("step", "train", cfg, batch=64, k=2, length=1024, prompt_len=512, optim=optim)
-    seconds, unit, by = plan.time_bound(p, s, (1, -1, 1))
+    p = programs.Program("step", "train", cfg, batch=64, k=2, length=1024, prompt_len=512, optim=optim)
+    seconds, unit, by = bounds.time_bound(p, s, (1, -1, 1))
     tokens = 64 * 2 * 1024
     dense = 8 * cfg.num_params() * tokens / (16 * s.chip.peak_flops)  # 6N per token + 2N for the remat forward
     assert (unit, by) == ("step", "compute")
@@ -128,11 +128,11 @@ def test_planner_figures_are_memory_analysis_of_the_same_step():
 
     cfg = preset_config("tiny-llama", vocab_size=512, compute_dtype="bfloat16", remat="full")
     optim = config_lib.optimizer(common.optimizer(1e-5, name="adamw"))
-    program = plan.Program("step", "train", cfg, batch=8, k=2, length=128, prompt_len=64, optim=optim)
-    s = plan.get_slice("v5e-4")
-    devices = plan.abstract_devices(s)
+    program = programs.Program("step", "train", cfg, batch=8, k=2, length=128, prompt_len=64, optim=optim)
+    s = slices.get_slice("v5e-4")
+    devices = slices.abstract_devices(s)
     loss_cfg = losses.LossConfig(T=0.1)
-    row = plan.compile_row(program, s, devices, (1, -1, 1), loss_cfg=loss_cfg, chunk_size=64)
+    row = compiler.compile_row(program, s, devices, (1, -1, 1), loss_cfg=loss_cfg, chunk_size=64)
 
     # The same step built by hand, as tests/test_tpu_aot.py does.
     mesh = sharding.make_mesh(1, -1, 1, devices=devices)
@@ -214,12 +214,12 @@ def test_a_model_no_setting_fits_names_the_smallest_slice():
     # Llama-2-13B's float32 weights are 12 GiB per chip on 4 v5e chips, and decoding reads a bf16 copy
     # besides: no sampling batch fits there, and the planner goes on to larger v5e slices.
     cfg = preset_config("llama-2-13b", param_dtype="float32", compute_dtype="bfloat16")
-    program = plan.Program("sampler", "sample", cfg, batch=2, prompt_len=64, new_tokens=8, batch_field="sampling.b")
-    s = plan.get_slice("v5e-4")
+    program = programs.Program("sampler", "sample", cfg, batch=2, prompt_len=64, new_tokens=8, batch_field="sampling.b")
+    s = slices.get_slice("v5e-4")
     tried = []
-    advice = plan._advise(program, s, plan.abstract_devices(s), (1, -1, 1), {}, tried.append)
+    said = advice.advise(program, s, slices.abstract_devices(s), (1, -1, 1), {}, tried.append)
     assert tried == ["  trying --config.sampling.b=1", "  trying v5litepod-8"]
-    assert advice == "nothing nearby fits on v5litepod-4; the smallest v5e slice that fits it: v5litepod-8"
+    assert said == "nothing nearby fits on v5litepod-4; the smallest v5e slice that fits it: v5litepod-8"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -240,8 +240,8 @@ def test_unknown_config_field_is_one_line(capsys):
 
 def test_missing_libtpu_says_which_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
-    with pytest.raises(plan.PlanError, match=r"pip install -e '\.\[tpu\]'"):
-        plan.abstract_devices(plan.get_slice("v5e-4"))
+    with pytest.raises(slices.PlanError, match=r"pip install -e '\.\[tpu\]'"):
+        slices.abstract_devices(slices.get_slice("v5e-4"))
 
 
 def test_folder_absent_takes_the_preset_and_says_so():
@@ -250,9 +250,9 @@ def test_folder_absent_takes_the_preset_and_says_so():
     config = spin.get_config(None)
     config.model.hf_path = "/nonexistent/zephyr-7b-sft-full"
     notes: list[str] = []
-    programs = plan.programs_of(config, notes)
-    assert programs[0].model == dataclasses.replace(programs[0].model)  # a DecoderConfig
-    assert programs[0].model.num_params() == preset_config("mistral-7b").num_params()
+    planned = programs.programs_of(config, notes)
+    assert planned[0].model == dataclasses.replace(planned[0].model)  # a DecoderConfig
+    assert planned[0].model.num_params() == preset_config("mistral-7b").num_params()
     assert notes == [
         (
             "config.model: model folder '/nonexistent/zephyr-7b-sft-full' not found here; "
