@@ -10,8 +10,10 @@ answer > assistant sample > own sample). The run ends with a table of held-out e
 (greedy decoding checked by the task checker), answer log-likelihood, implicit-reward
 accuracy and win rate against the SFT policy.
 
-Expected (measured, seed 0): exact match 0.160 (SFT) -> 0.220 / 0.220 / 0.240 (SPIN
-rounds 1-3) and 0.187 / 0.193 / 0.233 (aSFT), answer log-likelihood -5.64 -> -5.12 / -5.15.
+Expected (measured, seed 0, on three machines): exact match 0.160 (SFT) -> 0.207-0.240 after
+SPIN's rounds and 0.187-0.233 after aSFT's, answer log-likelihood -5.64 -> about -5.1 / -5.2.
+Bit for bit the same on one machine and build; across CPU types the rounds differ by a few
+held-out prompts (README, "What reproduces, and how far").
 Add `--config.modes=spin,asft,sft` for the control arm (the same steps spent on more SFT
 epochs): it reaches 0.340, more than either self-play arm, because 300 SFT steps are far
 from converged (experiments/RESULTS_study1.md studies this; the second study,
