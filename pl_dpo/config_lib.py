@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +20,9 @@ import ml_collections
 
 from pl_dpo import losses, sampler, sharding
 from pl_dpo.data import TokenizeConfig
-from pl_dpo.models import DecoderConfig, from_hf_config, preset_config
+from pl_dpo.data.builders import check_options
+from pl_dpo.models import DecoderConfig, preset_config
+from pl_dpo.models.hf_io import ModelFolderError, read_hf_config
 from pl_dpo.selfplay import modes
 from pl_dpo.settings import PhaseSettings, RunSettings
 from pl_dpo.training import train
@@ -241,11 +241,10 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> Decod
         key: model_cfg[key] for key in ("param_dtype", "compute_dtype", "remat", "attention_impl") if model_cfg.get(key)
     }
     if model_cfg.get("hf_path"):
-        cfg_file = os.path.join(model_cfg.hf_path, "config.json")
-        if not os.path.exists(cfg_file):
-            raise ConfigError(f"config.model.hf_path={model_cfg.hf_path!r}: {cfg_file} does not exist")
-        with open(cfg_file, encoding="utf-8") as f:
-            return from_hf_config(json.load(f), where=cfg_file, **numerics)
+        try:
+            return read_hf_config(model_cfg.hf_path, **numerics)
+        except ModelFolderError as e:
+            raise ConfigError(f"config.model.hf_path={model_cfg.hf_path!r}: {e}") from None
     overrides = dict(model_cfg.get("overrides", {}) or {})
     overrides.setdefault("vocab_size", vocab_size)
     return preset_config(model_cfg.preset, **{**overrides, **numerics})
@@ -318,7 +317,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"mode {needs_ranked_data[0]!r} needs ranked lists from data (ultrafeedback / ranked_jsonl), "
             "not the synthetic source (one answer per prompt)"
         )
+    try:  # the source's own checks of its options, before any data is read
+        check_options(config.data.source, dict(plain(config.data.options)))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.data.options: {e}") from None
     m = config.mesh
+    if num_devices is None and m.num_devices > len(jax.devices()):
+        raise ConfigError(f"config.mesh.num_devices={m.num_devices}, but there are {len(jax.devices())} devices")
     try:
         n = num_devices or len(jax.devices()[: m.num_devices or None])
         data, fsdp, _ = sharding.mesh_shape(m.data, m.fsdp, m.tensor, n)

@@ -16,14 +16,19 @@ one line starting with "error:" and exit code 2.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import NoReturn
 
 from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
+
+from pl_dpo import config_file
 
 flags.DEFINE_string(
     "workdir", None, "Run folder (local, or gs://bucket/path): checkpoints, ranked sets, metrics.jsonl, TensorBoard."
@@ -55,15 +60,22 @@ def main(argv: list[str]) -> None:
         )
     from pl_dpo import config_lib, evaluate  # after distributed init: they touch devices
     from pl_dpo.data import DataError
-    from pl_dpo.models.hf_io import TensorFileError
-    from pl_dpo.selfplay import rounds
-    from pl_dpo.training.preemption import Preempted
+    from pl_dpo.models.hf_io import ModelFolderError
+    from pl_dpo.selfplay import modes, rounds
+    from pl_dpo.training.preemption import Preempted, sigterm_stops_the_run
     from pl_dpo.workdir import agreement, plots
     from pl_dpo.workdir.layout import compilation_cache_dir
     from pl_dpo.workdir.lock import WorkdirLock, WorkdirLocked
 
     # Mistakes in what the user gave (config, data, workdir): one line naming what and where, exit 2.
-    user_errors = (config_lib.ConfigError, agreement.WorkdirConfigMismatch, DataError, TensorFileError, WorkdirLocked)
+    user_errors = (
+        config_lib.ConfigError,
+        agreement.WorkdirConfigMismatch,
+        DataError,
+        ModelFolderError,
+        modes.ListSizeError,
+        WorkdirLocked,
+    )
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
@@ -71,10 +83,9 @@ def main(argv: list[str]) -> None:
         config.get("modes")  # the config file is read lazily, at its first use
     except (flags.Error, ValueError, TypeError, OSError) as e:
         user_error(f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {_one_line(e.__cause__ or e)}")
-    workdir_problem = workdir_error(FLAGS.workdir)
+    workdir_problem = workdir_error(FLAGS.workdir) or unwritable(FLAGS.workdir)
     if workdir_problem:
         user_error(f"--workdir={FLAGS.workdir}: {workdir_problem}")
-    epath.Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
     # Every round builds the same step and sampler programs again: a compilation cache in the
     # workdir turns those recompiles (and a resumed run's) into cache reads.
     if not jax.config.jax_compilation_cache_dir:
@@ -82,13 +93,18 @@ def main(argv: list[str]) -> None:
     # One run per workdir, held by process 0 (the others share its workdir).
     lock = WorkdirLock(FLAGS.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
-        with lock:
+        with lock, sigterm_stops_the_run(FLAGS.workdir):
             table = rounds.SelfPlay(config, FLAGS.workdir).run()
     except Preempted as e:
         print(e.message, file=sys.stderr)
         raise
     except user_errors as e:
         user_error(str(e))
+    except Exception as e:
+        problem = storage_error(e, FLAGS.workdir)
+        if problem is None:
+            raise
+        user_error(problem)
     if jax.process_index() == 0:
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in table)]
         text = evaluate.format_table(table, columns)
@@ -175,6 +191,41 @@ def workdir_error(path: str) -> str | None:
     return None
 
 
+def unwritable(path: str) -> str | None:
+    """Makes the workdir `path`; why a run cannot write there (a read-only mount, no permission), or None."""
+    from pl_dpo.workdir import bucket
+
+    try:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+        if not bucket.is_bucket(path):
+            with tempfile.TemporaryFile(dir=path):  # a file made and removed: what every stage does
+                pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
+
+
+def storage_error(e: BaseException, workdir: str) -> str | None:
+    """The one line for a run ended by its storage (a full disk, a read-only or vanished mount), or None. The
+    cause is looked for along the exception's chain: libraries (Orbax, TensorStore) wrap it in errors of their
+    own, and their messages keep only its text."""
+    seen: list[BaseException] = []
+    while e is not None and e not in seen and len(seen) < 20:
+        seen.append(e)
+        code, text = getattr(e, "errno", None), str(e)
+        where = getattr(e, "filename", None) or workdir
+        if code == errno.ENOSPC or "No space left on device" in text:
+            free = shutil.disk_usage(workdir).free / 2**30 if os.path.isdir(workdir) else float("nan")
+            return (
+                f"no space left on the device of {where} ({free:.2f} GiB free now); free some space and run the "
+                "same command again: it resumes from what is saved"
+            )
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text:
+            return f"{where}: {os.strerror(code) if code else 'Read-only file system'}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def user_error(message: str) -> NoReturn:
     """A mistake in what the user gave: one line on stderr, exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -190,6 +241,7 @@ def _one_line(e: BaseException) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing; a mistake in a flag or a --config override is one line and exit 2."""
+    config_file.make_importable(argv)
     try:
         return FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist

@@ -22,6 +22,7 @@ from pl_dpo.models import (
     preset_names,
     save_pretrained,
 )
+from pl_dpo.models.hf_io import ModelFolderError
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +197,11 @@ def test_bad_config_errors_name_the_field(model, tmp_path):
         from_hf_config({**hf, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="remat"):
         DecoderConfig(**{**preset_config("tiny-llama").__dict__, "remat": "sometimes"})
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelFolderError, match="nowhere/config.json does not exist"):
         from_pretrained(str(tmp_path / "nowhere"))
+    (folder / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
+    with pytest.raises(ModelFolderError, match=r"config.json: model_type='gpt2' .* is not supported"):
+        from_pretrained(str(folder))  # the user error main reports in one line
 
 
 def test_bad_tensor_errors_name_the_tensor(model, tmp_path):

@@ -53,7 +53,7 @@ Statistics: `python -m pl_dpo.data.stats --source=... [--files=split=path]`.
 from pl_dpo.data.batching import BatchIterator, PromptBatch, RankedBatch, default_buckets, prompt_batches
 from pl_dpo.data.builders import SOURCES, load_split, make_builder, read_split, skipped_rows
 from pl_dpo.data.files import BadRowPolicy, DataError
-from pl_dpo.data.npz import load_arrays, save_arrays
+from pl_dpo.data.npz import DamagedFile, load_arrays, save_arrays
 from pl_dpo.data.packing import PackedBatch
 from pl_dpo.data.ranked_set import RankedSet, concat_ranked_sets, load_ranked_set, save_ranked_set
 from pl_dpo.data.schemas import Example
@@ -65,6 +65,7 @@ __all__ = [
     "TASKS",
     "BadRowPolicy",
     "BatchIterator",
+    "DamagedFile",
     "DataError",
     "Example",
     "PackedBatch",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -198,6 +199,35 @@ _BUILDERS = {
 }
 
 
+_CONVERTERS = {
+    "ultrachat": schemas.ultrachat_to_example,
+    "ultrafeedback": schemas.ultrafeedback_to_example,
+    "ranked_jsonl": schemas.ranked_jsonl_to_example,
+}
+
+
+def source_options(source: str) -> tuple[str, ...]:
+    """The options `source` takes (`make_builder(**options)`, config.data.options)."""
+    if source == "synthetic":
+        return tuple(f.name for f in dataclasses.fields(synthetic.SyntheticConfig))
+    params = inspect.signature(_CONVERTERS[source]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
+def check_options(source: str, options: dict[str, Any]) -> None:
+    """Raises ValueError naming an unknown source, an option `source` does not take, or a bad synthetic value."""
+    if source not in _BUILDERS:
+        raise ValueError(f"unknown data source {source!r}; known: {SOURCES}")
+    unknown = sorted(set(options) - set(source_options(source)))
+    if unknown:
+        takes = ", ".join(source_options(source)) or "none"
+        raise ValueError(f"data source {source!r} takes no option {unknown[0]!r} (its options: {takes})")
+    if source == "synthetic":
+        synthetic.SyntheticConfig(**options).validate()
+    if source == "ultrafeedback" and options.get("ties", "stable") not in schemas.TIE_RULES:
+        raise ValueError(f"ultrafeedback: ties={options['ties']!r} not in {schemas.TIE_RULES}")
+
+
 def make_builder(
     source: str,
     *,
@@ -216,13 +246,11 @@ def make_builder(
       rating_field="overall_score", ties="stable". ranked_jsonl: min_responses=2.
     data_dir: TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
     """
-    if source not in _BUILDERS:
-        raise ValueError(f"unknown data source {source!r}; known: {SOURCES}")
+    check_options(source, options)
     if source == "synthetic":
         if files:
             raise ValueError("synthetic data is generated; it takes no files")
-        cfg_obj = synthetic.SyntheticConfig(**options)  # Validates names and values early.
-        cfg_obj.validate()
+        cfg_obj = synthetic.SyntheticConfig(**options)
         opts = dataclasses.asdict(cfg_obj)
         opts["tasks"] = list(opts["tasks"])
         key = json.dumps(opts, sort_keys=True)
@@ -232,8 +260,6 @@ def make_builder(
     else:
         if not files:
             raise ValueError(f"{source}: pass files={{split: path}} (local JSONL/parquet files)")
-        if source == "ultrafeedback" and options.get("ties", "stable") not in schemas.TIE_RULES:
-            raise ValueError(f"ultrafeedback: ties={options['ties']!r} not in {schemas.TIE_RULES}")
         config = _make_config(source, files, options, max_rows, skip_bad_rows)
     cls = _BUILDERS[source]
     builder = cls(config=config, data_dir=data_dir, file_format="array_record")

@@ -11,12 +11,19 @@ uploaded whole (the object appears only once the upload is complete), read back 
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import tempfile
 
 import numpy as np
 from etils import epath
+
+TMP_PREFIX = ".tmp-"  # a file being written; one left beside the target is a killed writer's
+
+
+class DamagedFile(ValueError):
+    """A .npz file that exists but cannot be read whole (flipped bits, cut short)."""
 
 
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
@@ -40,7 +47,7 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
@@ -57,6 +64,9 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    # Half-written files of a run killed mid-save: one writer per workdir (its lock), so none is live.
+    for leftover in glob.glob(os.path.join(glob.escape(folder), f"{TMP_PREFIX}*.npz")):
+        os.remove(leftover)
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -65,9 +75,13 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if "://" in path:
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f".npz file not found: {path!r}")
-        with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    if not os.path.isfile(path):
+        source = io.BytesIO(epath.Path(path).read_bytes())
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f".npz file not found: {path!r}")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    else:
+        source = path
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, ValueError, and SyntaxError from a flipped header
+        raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e})") from e

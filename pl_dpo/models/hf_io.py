@@ -49,8 +49,26 @@ def _flat_params(state: nnx.State) -> list[tuple[str, Any]]:
     return [(_path_str(path), var) for path, var in nnx.to_flat_state(state)]
 
 
-class TensorFileError(ValueError):
+class ModelFolderError(ValueError):
+    """A model folder a user gave cannot be read as a supported model; names the file and what is wrong."""
+
+
+class TensorFileError(ModelFolderError):
     """A model folder's safetensors files are missing, damaged or incomplete; names the file."""
+
+
+def read_hf_config(path: str, **numerics) -> DecoderConfig:
+    """The DecoderConfig of the folder `path` (its config.json; `numerics` as `from_hf_config` takes them)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise ModelFolderError(f"{cfg_file} does not exist")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            hf = json.load(f)
+        return from_hf_config(hf, where=cfg_file, **numerics)
+    except ValueError as e:  # not JSON; an unsupported model_type or field (from_hf_config names the file)
+        message = str(e) if str(e).startswith(cfg_file) else f"{cfg_file}: {e}"
+        raise ModelFolderError(message) from None
 
 
 def _open(file: str):
@@ -123,18 +141,8 @@ def from_pretrained(
 ) -> Decoder:
     """Loads a local Hugging Face folder. `shardings`: None (default device), a callable
     `(param_path, shape) -> Sharding`, or a pytree like `nnx.state(model)` whose leaves are Shardings."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file} does not exist")
-    with open(cfg_file) as f:
-        hf = json.load(f)
-    config = from_hf_config(
-        hf,
-        where=cfg_file,
-        param_dtype=param_dtype,
-        compute_dtype=compute_dtype,
-        remat=remat,
-        attention_impl=attention_impl,
+    config = read_hf_config(
+        path, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat, attention_impl=attention_impl
     )
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

@@ -11,9 +11,11 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from pl_dpo import config_lib
+from pl_dpo import config_file, config_lib
 from pl_dpo.plan.planner import Plan, plan
 from pl_dpo.plan.slices import GiB, PlanError, get_slice
+
+USAGE = "usage: python -m pl_dpo.plan --config=configs/<name>.py[:arg] --topology=v5e-16 [--json] [--config.x=y ...]"
 
 
 def format_plan(result: Plan) -> str:
@@ -59,6 +61,7 @@ def format_plan(result: Plan) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else ["pl_dpo.plan", *argv])
+    config_file.make_importable(argv)
     # Fresh flags per call (the tests call main several times); ml_collections finds the --config.x
     # overrides in the argv it is given.
     fv = flags.FlagValues()
@@ -71,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_list(
         "only", [], "Plan only the programs whose names start with these, e.g. 'pl-dpo step'.", flag_values=fv
     )
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+        print(f"{USAGE}\n\n{fv.get_help(include_special_flags=False).strip()}")
+        return 0
     try:
         try:
             fv(argv)
@@ -82,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = unknown.group(1).split(".")[-1] if unknown else name
             raise PlanError(f"the config has no field {name!r} (its fields: configs/common.py:base())") from None
         if fv.config is None or fv.topology is None:
-            raise PlanError("usage: python -m pl_dpo.plan --config=configs/<name>.py[:arg] --topology=v5e-16 [--json]")
+            raise PlanError(USAGE)
         s = get_slice(fv.topology)  # an unknown name fails before any compile
         try:  # the run's own checks, for a mesh over the slice's chips
             config_lib.validate(fv.config, num_devices=s.num_chips)

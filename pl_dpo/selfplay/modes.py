@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 TokenIds = list[int]
 RankedLists = list[list[TokenIds]]  # per training prompt: responses best first
@@ -90,10 +93,24 @@ def triplet_lists(sources: ListSources, K: int) -> Ranked:
     return Ranked([[answer, sft[n], own[n]] for n, answer in enumerate(sources.answers)])
 
 
+class ListSizeError(ValueError):
+    """config.loss.K asks for longer lists than the data has."""
+
+
+_said: set[tuple[int, int, int]] = set()  # (full lists, lists, K) already logged
+
+
 def dataset_lists(sources: ListSources, K: int) -> Ranked:
     """The dataset's first K ranked responses (shorter lists stay shorter: masked), with the
     dataset's ratings as labels when every example has them (UltraFeedback)."""
     lists = [list(responses[:K]) for responses in sources.dataset_responses]
+    full = sum(len(responses) == K for responses in lists)
+    if full == 0:
+        longest = max((len(r) for r in lists), default=0)
+        raise ListSizeError(f"config.loss.K={K}: no list in the data has {K} responses (the longest has {longest})")
+    if full < len(lists) and (full, len(lists), K) not in _said:
+        _said.add((full, len(lists), K))
+        log.warning("%d of %d lists have K=%d responses; the shorter ones are masked", full, len(lists), K)
     scores = sources.dataset_scores
     if len(scores) != len(lists) or not all(scores):
         return Ranked(lists)

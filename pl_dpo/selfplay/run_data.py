@@ -105,6 +105,12 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: str, met
     settings = config_lib.run_settings(config)
     tokenize = settings.tokenize
     pad_id = tokenizer.pad_token_id
+    if tokenize.prompt_template == "auto" and not getattr(tokenizer, "chat_template", None):
+        log.warning(
+            "the tokenizer %s has no chat template: prompts are written as 'User: <prompt>\\nAssistant:\\n' "
+            "(pl_dpo.data.tokenize.prompt_text, the plain template)",
+            tokenizer.name_or_path or "",
+        )
     train_examples = _load(config, workdir, "train", config.data.num_train)
     test_examples = _load(config, workdir, "test", config.eval.num_prompts)
     max_fraction = settings.max_truncated_fraction

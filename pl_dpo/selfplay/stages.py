@@ -8,6 +8,7 @@ take as committed. Before it, a bucket workdir's metric log is uploaded (`bucket
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,18 +16,24 @@ import jax
 import numpy as np
 from etils import epath
 
-from pl_dpo.data import RankedSet, load_arrays, save_arrays, save_ranked_set
+from pl_dpo.data import DamagedFile, RankedSet, load_arrays, save_arrays, save_ranked_set
 from pl_dpo.selfplay.modes import TokenIds
 from pl_dpo.workdir import bucket
 from pl_dpo.workdir.layout import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
 def load_or_make(saved: bool, load: Callable[[], T], make: Callable[[], T], save: Callable[[T], None]) -> T:
-    """A stage's output: loaded when committed by an earlier run, else made and saved."""
+    """A stage's output: loaded when committed by an earlier run, else made and saved. An output on disk that
+    cannot be read (damaged) is made again: it is derived data, and the stage's seeds make it the same."""
     if saved:
-        return load()
+        try:
+            return load()
+        except DamagedFile as e:
+            log.warning("%s; making it again", e)
     value = make()
     save(value)
     return value

@@ -3,14 +3,17 @@
 At every step boundary a phase asks its `TrainCheckpoints.should_save(step)`, which polls
 `Preemption.reached(step)`; once it is reached the phase saves its state at that step and
 raises `Preempted`, which `pl_dpo.main` turns into exit code 143. Running the same command
-again resumes from that state.
+again resumes from that state. Outside a training phase (start-up, compiling, sampling, scoring)
+`sigterm_stops_the_run` turns SIGTERM into the same exit, keeping what the workdir holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -75,3 +78,29 @@ class Preemption:
                 return True
             return False
         return self.requested
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_run(workdir: str) -> Iterator[None]:
+    """SIGTERM outside a training phase raises `Preempted` where the run is (after the compile or the device
+    call in progress: Python handles signals between bytecodes), naming what is kept. Nothing is lost:
+    every stage's output is committed atomically, so the workdir holds each finished stage and the
+    latest checkpoint of the phase in progress. A phase installs its own handler over this one (it saves
+    first), and gives this one back when it ends. One process only, as `install_sigterm_handler`."""
+    if jax.process_count() > 1:
+        yield
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Preempted(
+            f"SIGTERM: stopped; {workdir} keeps every finished stage and the last saved state of the phase in "
+            "progress; run the same command again to resume"
+        )
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

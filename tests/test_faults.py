@@ -1,0 +1,220 @@
+"""Faults a user meets (issue 23): each ends in one line naming what and where, and nothing is lost.
+
+Damaged derived data, a full or read-only disk, an unsupported model folder, data options a source does not
+take, lists shorter than K, a mesh larger than the machine, the planner's --help, a config run from another
+folder, and SIGTERM outside a training phase."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import demo
+from pl_dpo import config_lib
+from pl_dpo.data import DamagedFile, load_arrays, save_arrays
+from pl_dpo.selfplay import modes, stages
+from pl_dpo.workdir import layout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- derived data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_stage_output_is_named_and_made_again(tmp_path, caplog, damage):
+    path = str(tmp_path / "ranked.npz")
+    arrays = {"tokens": np.arange(4096, dtype=np.int32).reshape(64, 64)}
+    save_arrays(path, arrays)
+    data = bytearray(open(path, "rb").read())
+    if damage == "flip":
+        data[100:164] = bytes(255 - b for b in data[100:164])  # inside the array's bytes and its zip entry
+    else:
+        data = data[: len(data) // 2]
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(DamagedFile, match=f"{path} is damaged"):
+        load_arrays(path)
+    made = []
+    with caplog.at_level(logging.WARNING):
+        out = stages.load_or_make(
+            True, lambda: load_arrays(path), lambda: made.append(1) or arrays, lambda a: save_arrays(path, a)
+        )
+    assert made == [1] and np.array_equal(out["tokens"], arrays["tokens"])
+    assert f"{path} is damaged" in caplog.text and "making it again" in caplog.text
+    assert np.array_equal(load_arrays(path)["tokens"], arrays["tokens"])  # committed whole again
+
+
+def test_a_killed_writers_half_file_goes_when_the_stage_commits(tmp_path):
+    leftover = tmp_path / ".tmp-abc123.npz"
+    leftover.write_bytes(b"PK\x03\x04 half")
+    save_arrays(str(tmp_path / "samples.npz"), {"tokens": np.zeros(3, np.int32)})
+    assert sorted(os.listdir(tmp_path)) == ["samples.npz"]
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_a_full_disk_is_one_line_naming_where_however_deep_the_cause():
+    from pl_dpo import main
+
+    cause = OSError(errno.ENOSPC, "No space left on device", "/runs/demo/spin/round_1/ranked.npz")
+    try:
+        try:
+            raise cause
+        except OSError as e:
+            raise RuntimeError("orbax: async write failed") from e
+    except RuntimeError as wrapped:
+        message = main.storage_error(wrapped, "/runs/demo")
+    assert message.startswith("no space left on the device of /runs/demo/spin/round_1/ranked.npz")
+    assert "run the same command again" in message
+    # A library that keeps only the text of the cause.
+    assert main.storage_error(ValueError("INTERNAL: write: No space left on device"), "/w").startswith(
+        "no space left on the device of /w"
+    )
+    assert main.storage_error(OSError(errno.EROFS, "Read-only file system", "/w/x"), "/w") == (
+        "/w/x: Read-only file system"
+    )
+    assert main.storage_error(ValueError("a bug"), "/w") is None  # anything else keeps its traceback
+
+
+def test_a_workdir_that_cannot_be_written_is_named():
+    from pl_dpo import main
+
+    # /sys refuses new folders even to root (a read-only mount does the same with EROFS).
+    assert main.unwritable("/sys/pl_dpo_run") == "cannot write there (Operation not permitted)"
+
+
+def test_a_workdir_on_a_read_only_mount_is_named(tmp_path, monkeypatch):
+    from pl_dpo import main
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(main.tempfile, "TemporaryFile", read_only)
+    assert main.unwritable(str(tmp_path)) == "cannot write there (Read-only file system)"
+
+
+# ----------------------------------------------------------------------------- model folders and config
+
+
+def test_an_unsupported_model_folder_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    config = demo.get_config("quick")
+    config.model.hf_path = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match=r"config.json: model_type='gpt2' .* is not supported"):
+        config_lib.model_config(config.model, 512)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(config_lib.ConfigError, match=r"config.json: Expecting property name"):
+        config_lib.model_config(config.model, 512)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n_trian": 10}, r"config.data.options: data source 'synthetic' takes no option 'n_trian' \(its options: seed"),
+        ({"tasks": ("add", "divide")}, r"config.data.options: SyntheticConfig.tasks: unknown \['divide'\]"),
+    ],
+)
+def test_data_options_a_source_does_not_take_are_named(options, message):
+    config = demo.get_config("quick")
+    config.data.options.update(options)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_a_mesh_larger_than_the_machine_is_named_before_the_batch_sizes():
+    config = demo.get_config("quick")
+    config.mesh.num_devices = 64
+    with pytest.raises(config_lib.ConfigError, match=r"config.mesh.num_devices=64, but there are 8 devices"):
+        config_lib.validate(config)
+    config.mesh.num_devices, config.mesh.data, config.sft.batch_size = 0, 3, 7  # 7: not a multiple of anything
+    with pytest.raises(config_lib.ConfigError, match=r"config.mesh: mesh data=3 fsdp=-1 tensor=1 with 8 devices"):
+        config_lib.validate(config)
+
+
+def test_lists_shorter_than_k_are_counted_and_none_at_k_is_refused(caplog):
+    def sources(lengths):
+        responses = [[[1]] * n for n in lengths]
+        return modes.ListSources([[1]] * len(lengths), responses, None, None, None)
+
+    with caplog.at_level(logging.WARNING):
+        ranked = modes.dataset_lists(sources([4, 3, 2]), 3)
+    assert [len(lists) for lists in ranked.lists] == [3, 3, 2]
+    assert "2 of 3 lists have K=3 responses; the shorter ones are masked" in caplog.text
+    with pytest.raises(modes.ListSizeError, match=r"config.loss.K=5: no list in the data has 5 responses \(the long"):
+        modes.dataset_lists(sources([4, 3, 2]), 5)
+
+
+def test_a_tokenizer_without_a_chat_template_is_said_once(tmp_path, caplog):
+    from pl_dpo.selfplay import run_data
+    from pl_dpo.workdir.metric_log import MetricLog
+
+    config = demo.get_config("quick")
+    tokenizer = run_data.run_tokenizer(config, str(tmp_path))
+    tokenizer.chat_template = None
+    with caplog.at_level(logging.WARNING), MetricLog(str(tmp_path)) as log:
+        run_data.prepare_data(config, tokenizer, str(tmp_path), log)
+    said = [r for r in caplog.records if "has no chat template" in r.getMessage()]
+    assert len(said) == 1 and "'User: <prompt>\\nAssistant:\\n'" in said[0].getMessage()
+
+
+def test_the_planner_lists_its_flags():
+    from pl_dpo.plan import cli
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from pl_dpo.plan import cli; sys.exit(cli.main(['--help']))"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(cli.USAGE)
+    for flag in ("--config", "--topology", "--[no]json", "--only", "--[no]advise"):
+        assert flag in out.stdout
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+@pytest.mark.slow
+def test_a_config_file_loads_from_any_working_directory(tmp_path, main_command):
+    config = os.path.join(REPO, "configs", "demo.py") + ":quick"
+    out = main_command.run(tmp_path / "run", "--config.sft.optim.lr=-1", config=config, cwd=tmp_path)
+    # Read and checked: the config's own field, not "No module named 'configs'".
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: config.sft.optim.lr=-1.0 must be > 0"
+    ], out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["start-up", "evaluating the SFT policy"])
+def test_sigterm_outside_training_says_what_is_kept_and_how_to_resume(tmp_path, main_command, when):
+    workdir = tmp_path / "run"
+    sft_done = layout.policy_dir(str(workdir), "sft", 0)
+    proc = subprocess.Popen(
+        main_command.argv(workdir),
+        cwd=main_command.cwd,
+        env=main_command.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ready = (lambda: (workdir / ".lock").exists()) if when == "start-up" else (lambda: os.path.isdir(sft_done))
+    deadline = time.time() + 300
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "run the same command again to resume" in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and "Fatal Python error" not in err and "*** SIGTERM" not in err, err
+    assert not (workdir / ".lock").exists()
