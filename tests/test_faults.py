@@ -218,3 +218,18 @@ def test_sigterm_outside_training_says_what_is_kept_and_how_to_resume(tmp_path, 
     assert "run the same command again to resume" in err.strip().splitlines()[-1], err
     assert "Traceback" not in err and "Fatal Python error" not in err and "*** SIGTERM" not in err, err
     assert not (workdir / ".lock").exists()
+
+
+def test_the_error_that_ends_a_run_is_not_hidden_by_releasing_its_lock(tmp_path, monkeypatch):
+    """A bucket gone mid-run: releasing the lock fails too; the run's own error is the one raised."""
+    from pl_dpo.workdir.lock import WorkdirLock
+
+    lock = WorkdirLock(tmp_path)
+
+    def unreachable():
+        raise OSError("storage unreachable while releasing")
+
+    with pytest.raises(ConnectionError, match="the original cause"):
+        with lock:
+            monkeypatch.setattr(lock, "release", unreachable)
+            raise ConnectionError("the original cause")

@@ -170,12 +170,15 @@ def test_planner_figures_are_memory_analysis_of_the_same_step():
 
 @pytest.mark.slow  # ~25 s: six programs compiled, each with the compiler's memory report
 def test_cli_plans_the_demo_config_and_every_program_fits(capsys):
-    code, out, err = run_plan(capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--json")
+    # SPIN alone: every kind of program (SFT step, Plackett-Luce step, scoring, sampler, evaluation) at 5 compiles
+    # of libtpu's ~10 s each; aSFT would add the K=3 step and scoring and the assistant's sampler.
+    code, out, err = run_plan(
+        capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--json", "--config.modes=spin"
+    )
     assert code == 0, err
     result = json.loads(out)
     names = [p["program"] for p in result["programs"]]
-    assert names[0] == "sft step" and "scoring K=2" in names and "sampler" in names
-    assert any(n.startswith("pl-dpo step K=") for n in names)
+    assert names == ["sft step", "pl-dpo step K=2", "scoring K=2", "sampler", "evaluation (greedy)"]
     assert result["fits"] and all(p["fits"] and p["compiler_total_bytes"] > 0 for p in result["programs"])
 
 

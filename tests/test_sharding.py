@@ -249,10 +249,10 @@ def test_sharded_step_matches_single_device():
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
 def test_default_rules_cover_the_project_decoder(preset):
     """Every parameter of the real Decoder (stacked layers) is matched by a rule."""
-    from pl_dpo.models import config as model_config
+    from pl_dpo.models import presets
     from pl_dpo.models import decoder
 
-    cfg = model_config.preset_config(preset)
+    cfg = presets.preset_config(preset)
     abstract = nnx.state(nnx.eval_shape(lambda: decoder.create_model(cfg, seed=0)), nnx.Param)
     mesh = shd.make_mesh(2, 2, 2)
     sh = shd.logical_to_shardings(abstract, mesh, shd.DEFAULT_DECODER_RULES, error_on_unmatched=True)

@@ -117,5 +117,11 @@ class WorkdirLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.release()
+            return
+        try:  # the error that ended the run is the one to see, not one from releasing (a bucket out of reach)
+            self.release()
+        except Exception as release_error:  # noqa: BLE001
+            log.warning("releasing %s after %s: %s", self.path, exc_type.__name__, release_error)
