@@ -205,8 +205,11 @@ def unwritable(path: str) -> str | None:
     return None
 
 
+_UNREACHABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
 def storage_error(e: BaseException, workdir: str) -> str | None:
-    """The one line for a run ended by its storage (a full disk, a read-only or vanished mount), or None. The
+    """The one line for a run ended by its storage (a full disk, a read-only mount, a bucket out of reach), or None. The
     cause is looked for along the exception's chain: libraries (Orbax, TensorStore) wrap it in errors of their
     own, and their messages keep only its text."""
     seen: list[BaseException] = []
@@ -222,6 +225,11 @@ def storage_error(e: BaseException, workdir: str) -> str | None:
             )
         if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text:
             return f"{where}: {os.strerror(code) if code else 'Read-only file system'}"
+        if isinstance(e, ConnectionError) or code in _UNREACHABLE:  # a bucket's storage gone (aiohttp's are OSErrors)
+            return (
+                f"the storage of {workdir} cannot be reached ({type(e).__name__}: {text}); run the same command "
+                "again once it can: it resumes from what is saved"
+            )
         e = e.__cause__ or e.__context__
     return None
 

@@ -119,7 +119,10 @@ def test_an_unsupported_model_folder_is_a_config_error(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"n_trian": 10}, r"config.data.options: data source 'synthetic' takes no option 'n_trian' \(its options: seed"),
+        (
+            {"n_trian": 10},
+            r"config.data.options: data source 'synthetic' takes no option 'n_trian' \(its options: seed",
+        ),
         ({"tasks": ("add", "divide")}, r"config.data.options: SyntheticConfig.tasks: unknown \['divide'\]"),
     ],
 )
@@ -190,9 +193,9 @@ def test_a_config_file_loads_from_any_working_directory(tmp_path, main_command):
     config = os.path.join(REPO, "configs", "demo.py") + ":quick"
     out = main_command.run(tmp_path / "run", "--config.sft.optim.lr=-1", config=config, cwd=tmp_path)
     # Read and checked: the config's own field, not "No module named 'configs'".
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: config.sft.optim.lr=-1.0 must be > 0"
-    ], out.stderr
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == ["error: config.sft.optim.lr=-1.0 must be > 0"], (
+        out.stderr
+    )
 
 
 @pytest.mark.slow
@@ -233,3 +236,17 @@ def test_the_error_that_ends_a_run_is_not_hidden_by_releasing_its_lock(tmp_path,
         with lock:
             monkeypatch.setattr(lock, "release", unreachable)
             raise ConnectionError("the original cause")
+
+
+def test_a_bucket_out_of_reach_is_one_line_with_the_original_cause():
+    from pl_dpo import main
+
+    try:
+        try:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed ('127.0.0.1', 4443)")
+        except OSError as e:
+            raise RuntimeError("upload of metrics.jsonl failed") from e
+    except RuntimeError as wrapped:
+        message = main.storage_error(wrapped, "gs://bucket/run")
+    assert message.startswith("the storage of gs://bucket/run cannot be reached (ConnectionRefusedError: ")
+    assert "Connect call failed" in message and "run the same command again" in message

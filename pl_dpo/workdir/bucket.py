@@ -45,6 +45,9 @@ SCHEME = "gs://"
 # Objects written by TensorStore (Orbax) and tensorboardX are not in gcsfs's listing cache: a cached
 # listing would hide them, or show objects deleted since. (setdefault: a user's fsspec config wins.)
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+# gcsfs logs a full traceback for each of its retries of a request that fails; the error it finally raises
+# reaches the run, which names it in one line (pl_dpo.main.storage_error).
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def is_url(path: str | os.PathLike) -> bool:
