@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pl_dpo.plan.compiler import compile_row
+from pl_dpo.plan.compiler import Row, compile_row, refused_temporaries
 from pl_dpo.plan.programs import Program
 from pl_dpo.plan.slices import Slice, abstract_devices, larger_slices
 
@@ -39,11 +39,33 @@ def candidates(p: Program) -> list[tuple[str, Program]]:
     return out
 
 
-def advise(p: Program, s: Slice, devices, mesh_axes, kw, progress) -> str:
+def ruled_out(p: Program, refused: Row | None, candidate: Program) -> str:
+    """Why `candidate` (a smaller batch of `p`, same remat) cannot fit where the compiler refused `p`, or "".
+
+    Temporaries shrink at most in proportion to the batch (activations, caches and logits scale with it; weights,
+    gradients and the optimizer's buffers do not), so temps(p) * batch'/batch is a lower bound: a candidate whose
+    bound alone exceeds the HBM the compiler said is available is not worth a compile (~20-60 s each)."""
+    figures = refused_temporaries(refused) if refused is not None else None
+    if figures is None or candidate.model.remat != p.model.remat or candidate.batch >= p.batch:
+        return ""
+    needed, available = figures
+    bound = needed * candidate.batch / p.batch
+    if bound <= available:
+        return ""
+    return f"at least {bound / 2**30:.2f}G of temporaries ({needed / 2**30:.2f}G x {candidate.batch}/{p.batch}) > {available / 2**30:.2f}G"
+
+
+def advise(p: Program, s: Slice, devices, mesh_axes, kw, progress, refused: Row | None = None) -> str:
     """The nearest setting that fits on `s`; else the smallest larger slice of the same chips on which the
-    program fits as it is, or with the smallest of those settings (e.g. a 70B sampler needs both)."""
+    program fits as it is, or with the smallest of those settings (e.g. a 70B sampler needs both). `refused`:
+    `p`'s own row on `s`, whose figures rule out settings without compiling them (`ruled_out`)."""
     nearby = candidates(p)
     for flags, candidate in nearby:
+        why_not = ruled_out(p, refused, candidate)
+        if why_not:
+            if progress:
+                progress(f"  skipping {flags}: {why_not}")
+            continue
         if progress:
             progress(f"  trying {flags}")
         if compile_row(candidate, s, devices, mesh_axes, **kw).fits:

@@ -93,6 +93,20 @@ def _reported_total(dump: str) -> float:
     return max(totals, default=0.0)
 
 
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def refused_temporaries(row: Row) -> tuple[float, float] | None:
+    """(temporaries needed, HBM available) in bytes when the compiler refused `row` for its temporaries alone,
+    from its sentence 'HLO temporaries (76.33G) exceeds available HBM (15.75G)'; else None."""
+    found = re.search(
+        r"HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)", row.compiler_message
+    )
+    if not found:
+        return None
+    return float(found[1]) * _UNIT[found[2]], float(found[3]) * _UNIT[found[4]]
+
+
 def _oom_summary(text: str) -> str:
     """The compiler's own sentence with its figures, e.g. 'HLO temporaries (18.94G) exceeds available HBM (15.75G)'."""
     for pattern in (r"Used [\d.]+[GMK] of [\d.]+[GMK] hbm[^.\n]*", r"[^\n:]*exceeds available HBM[^\n]*"):

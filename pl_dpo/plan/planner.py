@@ -60,7 +60,7 @@ def plan(
             progress(f"compiling {p.name} for {s.name}")
         row = compile_row(p, s, devices, mesh_axes, **kw)
         if not row.fits and advise:
-            row.advice = advice.advise(p, s, devices, mesh_axes, kw, progress)
+            row.advice = advice.advise(p, s, devices, mesh_axes, kw, progress, refused=row)
         elif row.fits and p.kind == "sample" and p.batch_field == "sampling.batch_size":
             note = decode_tp_note(p, s, mesh_axes)
             if note:
