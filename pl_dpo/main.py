@@ -78,6 +78,7 @@ def main(argv: list[str]) -> None:
     )
 
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(ReportedByTheRun(FLAGS.workdir))
     try:
         config = FLAGS.config
         config.get("modes")  # the config file is read lazily, at its first use
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> None:
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(FLAGS.workdir))
     # One run per workdir, held by process 0 (the others share its workdir).
-    lock = WorkdirLock(FLAGS.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    lock = WorkdirLock(FLAGS.workdir, storage_failed) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
         with lock, sigterm_stops_the_run(FLAGS.workdir):
             table = rounds.SelfPlay(config, FLAGS.workdir).run()
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> None:
         problem = storage_error(e, FLAGS.workdir)
         if problem is None:
             raise
-        user_error(problem)
+        storage_failed(problem)
     if jax.process_index() == 0:
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in table)]
         text = evaluate.format_table(table, columns)
@@ -232,6 +233,30 @@ def storage_error(e: BaseException, workdir: str) -> str | None:
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def storage_failed(message: str) -> NoReturn:
+    """The run cannot reach or write its storage (`storage_error`, or the bucket lock's watchdog, called from its
+    thread while the main thread may wait in a storage client's retries for minutes): one line, and the process
+    ends here, as Orbax's background threads would wait out timeouts of their own. Nothing that could be kept is
+    lost: what is committed is where the same command resumes."""
+    sys.stdout.flush()
+    print(f"\nerror: {message}", file=sys.stderr, flush=True)  # after a progress bar's unfinished line
+    os._exit(2)
+
+
+class ReportedByTheRun(logging.Filter):
+    """Drops Orbax's log of a storage failure in one of its background threads (a traceback per thread): Orbax
+    raises the same error in the main thread at its next save or wait, which says it in one line."""
+
+    def __init__(self, workdir: str):
+        super().__init__()
+        self.workdir = workdir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not (from_orbax and error is not None and storage_error(error, self.workdir) is not None)
 
 
 def user_error(message: str) -> NoReturn:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from helpers import free_port
 
@@ -35,6 +35,7 @@ class Emulator:
     url: str  # gs://<bucket>
     endpoint: str  # http://localhost:<port>
     env: dict[str, str]  # what a subprocess needs on top of its environment
+    stop: Callable[[], None]  # kills the server: the storage goes away, as a bucket out of reach does
 
 
 @contextlib.contextmanager
@@ -71,7 +72,7 @@ def running_emulator(bucket: str = BUCKET, timeout: float = 30.0) -> Iterator[Em
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            yield Emulator(url=f"gs://{bucket}", endpoint=endpoint, env=env)
+            yield Emulator(url=f"gs://{bucket}", endpoint=endpoint, env=env, stop=proc.kill)
         finally:
             for k, v in old.items():
                 if v is None:

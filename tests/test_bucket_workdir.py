@@ -176,6 +176,22 @@ def test_bucket_lock(gcs, monkeypatch):
     mine.release()
 
 
+def test_the_lock_watchdog_says_when_the_storage_has_been_gone_for_stale_s():
+    with running_emulator() as storage:
+        said: list[str] = []
+        lock = bucket.BucketLock(f"{storage.url}/watched", heartbeat_s=0.2, stale_s=2.0, on_lost=said.append)
+        lock.acquire(workdir_lock.WorkdirLock(f"{storage.url}/watched")._locked)
+        time.sleep(1.0)
+        assert not said  # heartbeats reach the storage
+        storage.stop()
+        gone_at = time.time()
+        while not said and time.time() - gone_at < 20:
+            time.sleep(0.1)
+        lock._stop.set()  # the heartbeat thread is inside gcsfs's retries: it ends after them
+    assert len(said) == 1 and said[0].startswith(f"the storage of {storage.url}/watched has not been reachable for")
+    assert 2.0 <= time.time() - gone_at < 5.0
+
+
 def test_workdir_errors(gcs):
     from pl_dpo.main import workdir_error
 
@@ -281,3 +297,32 @@ def test_killed_bucket_run_resumes_to_the_results_of_a_local_run(gcs, tmp_path, 
     assert epath.Path(workdir, "tokenizer", "tokenizer.json").exists()
     assert not epath.Path(workdir, workdir_lock.LOCK_NAME).exists()  # taken over from the killed run, released
     assert os.listdir(cwd) == [] and not os.path.exists(os.path.join(REPO, "gs:"))
+
+
+@pytest.mark.slow  # ~60 s: the demo until SFT's first checkpoint, then the storage goes away
+def test_a_run_whose_bucket_goes_away_stops_in_bounded_time_in_one_line(tmp_path, main_command):
+    # The lock's timings, shortened: a heartbeat every second, and the run stops once 10 s pass without one
+    # (another run could take the workdir over by then). gcsfs and TensorStore would retry for minutes.
+    with running_emulator() as storage:
+        workdir = f"{storage.url}/gone"
+        env = dict(main_command.env(), **storage.env, PYTHONPATH=REPO, PL_DPO_CACHE=str(tmp_path / "cache"))
+        env.update(PL_DPO_LOCK_HEARTBEAT_S="1", PL_DPO_LOCK_STALE_S="10")
+        argv = main_command.argv(workdir, *OVERRIDES, config=f"{REPO}/configs/demo.py:quick")
+        with open(tmp_path / "run.log", "w") as log:
+            proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            first = wd.train_state_dir(wd.lineage_dir(workdir, "sft")) + "/2"
+            deadline = time.time() + 300
+            while proc.poll() is None and time.time() < deadline:
+                if wd.step_committed(first, ("params", "opt_state", "extra")):
+                    break
+                time.sleep(0.1)
+            storage.stop()
+            gone_at = time.time()
+            proc.wait(timeout=300)
+            waited_s = time.time() - gone_at
+    err = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the storage of {workdir} ") and "resumes from what is saved" in last, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert waited_s < 10 + 20, f"{waited_s:.0f} s after the storage went away"

@@ -250,3 +250,21 @@ def test_a_bucket_out_of_reach_is_one_line_with_the_original_cause():
         message = main.storage_error(wrapped, "gs://bucket/run")
     assert message.startswith("the storage of gs://bucket/run cannot be reached (ConnectionRefusedError: ")
     assert "Connect call failed" in message and "run the same command again" in message
+
+
+def test_orbax_thread_logs_of_a_storage_failure_are_left_to_the_runs_one_line():
+    import logging
+
+    from pl_dpo import main
+
+    def record(path: str, error: BaseException | None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord("absl", logging.ERROR, path, 387, "raised an exception", (), exc_info)
+
+    keep = main.ReportedByTheRun("gs://bucket/run").filter
+    refused = ConnectionRefusedError(111, "Connect call failed")
+    orbax = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+    assert not keep(record(orbax, refused))  # the main thread raises it again and says it in one line
+    assert not keep(record(orbax, OSError(28, "No space left on device")))
+    assert keep(record(orbax, ValueError("a bug")))  # anything else is shown as Orbax logs it
+    assert keep(record("/venv/site-packages/other/lib.py", refused)) and keep(record(orbax, None))

@@ -48,6 +48,8 @@ fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 # gcsfs logs a full traceback for each of its retries of a request that fails; the error it finally raises
 # reaches the run, which names it in one line (pl_dpo.main.storage_error).
 logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+# fsspec says which read-ahead cache it opens each file with, at INFO (which absl's handler prints).
+logging.getLogger("fsspec.caching").setLevel(logging.WARNING)
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -178,17 +180,35 @@ class BucketLock:
     gone: on this host, its process is gone; on another host, no heartbeat for `stale_s` seconds
     (the next run waits that long, watching: a heartbeat means a live run, refused).
 
+    A holder that has sent no heartbeat for `stale_s` (its storage out of reach) must stop: another run may
+    take the workdir over by then. A watchdog calls `on_lost` with one line saying so (`pl_dpo.main` prints
+    it and ends the process), which also bounds how long a run waits on a bucket that is gone: gcsfs and
+    TensorStore retry each request for minutes.
+
     Limits: taking over a dead run's lock (delete, then create) and the heartbeat (read, then
     rewrite) are not atomic; two runs started on the same dead workdir within a second of each
     other could both take it, and a heartbeat that finds another run's lock stops with an error in
     the log. Hosts' clocks must agree to well within `stale_s`."""
 
-    def __init__(self, workdir: str, name: str = ".lock", heartbeat_s: float = 30.0, stale_s: float = 120.0):
+    def __init__(
+        self,
+        workdir: str,
+        name: str = ".lock",
+        heartbeat_s: float | None = None,
+        stale_s: float | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ):
         self.path = f"{os.fspath(workdir).rstrip('/')}/{name}"
-        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else _seconds("PL_DPO_LOCK_HEARTBEAT_S", 30.0)
+        self.stale_s = stale_s if stale_s is not None else _seconds("PL_DPO_LOCK_STALE_S", 120.0)
+        self.on_lost = on_lost
         self._me: dict | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # of the heartbeat
+        self._released = threading.Event()  # of the watchdog, which also watches the release itself
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._last_beat = time.monotonic()  # of the last heartbeat that reached the bucket
+        self._last_error = ""
 
     def _holder(self) -> dict | None:
         try:
@@ -242,8 +262,13 @@ class BucketLock:
             if self._create(me):
                 self._me = me
                 self._stop.clear()
+                self._released.clear()
+                self._last_beat = time.monotonic()
                 self._thread = threading.Thread(target=self._beat, name="pl_dpo-lock-heartbeat", daemon=True)
                 self._thread.start()
+                if self.on_lost is not None:
+                    self._watchdog = threading.Thread(target=self._watch, name="pl_dpo-lock-watchdog", daemon=True)
+                    self._watchdog.start()
                 return
             holder = self._holder()
             if holder is None or not self._gone(holder, me, locked_error):
@@ -264,19 +289,46 @@ class BucketLock:
                     return
                 self._me["heartbeat"] = time.time()
                 epath.Path(self.path).write_text(json.dumps(self._me))
-            except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried; the run goes on
+                self._last_beat = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried; the run goes on until `stale_s`
+                self._last_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 log.warning("lock heartbeat of %s failed: %s", self.path, e)
+
+    def _watch(self) -> None:
+        # Apart from `_beat`: one heartbeat can itself hang in a client's retries for longer than `stale_s`.
+        while not self._released.wait(min(1.0, self.heartbeat_s)):
+            silent_s = time.monotonic() - self._last_beat
+            if silent_s > self.stale_s:
+                cause = f" (last error: {self._last_error})" if self._last_error else ""
+                self.on_lost(
+                    f"the storage of {self.path.rsplit('/', 1)[0]} has not been reachable for {silent_s:.0f} s{cause}; "
+                    "this run stops, as another run may take the workdir over by now; run the same command again "
+                    "once it can be reached: it resumes from what is saved"
+                )
+                return
 
     def release(self) -> None:
         if self._me is None:
             return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        holder = self._holder()
-        if holder and holder.get("token") == self._me["token"]:
-            epath.Path(self.path).unlink(missing_ok=True)
-        self._me = None
+        try:
+            if self._thread is not None:
+                self._thread.join()
+            holder = self._holder()
+            if holder and holder.get("token") == self._me["token"]:
+                epath.Path(self.path).unlink(missing_ok=True)
+        finally:
+            self._released.set()
+            self._me = None
+
+
+def _seconds(variable: str, default: float) -> float:
+    """A lock timing from the environment (tests; storage with other latencies), else `default`."""
+    value = os.environ.get(variable, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise ValueError(f"{variable}={value!r}: expected a number of seconds") from None
 
 
 def pid_alive(pid: int) -> bool:

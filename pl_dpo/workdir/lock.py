@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 from pl_dpo.workdir import bucket
 
@@ -30,10 +31,14 @@ class WorkdirLocked(RuntimeError):
 
 
 class WorkdirLock:
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, on_storage_lost: Callable[[str], None] | None = None):
+        """`on_storage_lost`: called with one line when a bucket workdir cannot be reached for as long as
+        another run would wait before taking it over (`bucket.BucketLock`); the caller ends the run."""
         self.path = os.path.join(os.fspath(workdir), LOCK_NAME)
         self._held = False
-        self._bucket = bucket.BucketLock(os.fspath(workdir), LOCK_NAME) if bucket.is_bucket(workdir) else None
+        self._bucket = None
+        if bucket.is_bucket(workdir):
+            self._bucket = bucket.BucketLock(os.fspath(workdir), LOCK_NAME, on_lost=on_storage_lost)
 
     def _locked(self, holder: dict | None) -> WorkdirLocked:
         if holder is None:
