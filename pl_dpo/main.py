@@ -79,6 +79,7 @@ def main(argv: list[str]) -> None:
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("absl").addFilter(ReportedByTheRun(FLAGS.workdir))
+    sys.unraisablehook = quiet_closed_loop_callbacks(sys.unraisablehook)
     try:
         config = FLAGS.config
         config.get("modes")  # the config file is read lazily, at its first use
@@ -257,6 +258,21 @@ class ReportedByTheRun(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
         return not (from_orbax and error is not None and storage_error(error, self.workdir) is not None)
+
+
+def quiet_closed_loop_callbacks(unraisablehook):
+    """`sys.unraisablehook` without TensorStore's completion callbacks into an event loop that Orbax closed after a
+    failed save (a full disk: a dozen tracebacks of 'Event loop is closed', raised from native code in
+    `loop.call_soon_threadsafe`); the failure itself reaches the main thread, which says it in one line.
+    Everything else goes to `unraisablehook`."""
+
+    def hook(unraisable) -> None:
+        tb, value = unraisable.exc_traceback, unraisable.exc_value
+        from_a_callback = tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+        if not (from_a_callback and isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            unraisablehook(unraisable)
+
+    return hook
 
 
 def user_error(message: str) -> NoReturn:

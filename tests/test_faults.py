@@ -268,3 +268,58 @@ def test_orbax_thread_logs_of_a_storage_failure_are_left_to_the_runs_one_line():
     assert not keep(record(orbax, OSError(28, "No space left on device")))
     assert keep(record(orbax, ValueError("a bug")))  # anything else is shown as Orbax logs it
     assert keep(record("/venv/site-packages/other/lib.py", refused)) and keep(record(orbax, None))
+
+
+def test_callbacks_into_a_closed_event_loop_are_not_printed_and_nothing_else_is_hidden():
+    import asyncio
+    import types
+
+    from pl_dpo import main
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        closed = e
+    # As TensorStore's native callback reports it: the traceback starts in call_soon_threadsafe.
+    from_native = closed.__traceback__.tb_next
+    seen = []
+    hook = main.quiet_closed_loop_callbacks(seen.append)
+    args = types.SimpleNamespace(exc_type=RuntimeError, exc_value=closed, exc_traceback=from_native, object=None)
+    hook(args)
+    assert seen == []
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"), exc_traceback=from_native)
+    from_python = types.SimpleNamespace(exc_type=RuntimeError, exc_value=closed, exc_traceback=closed.__traceback__)
+    hook(other)
+    hook(from_python)
+    assert seen == [other, from_python]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.6 MB tmpfs: the demo's first checkpoints fill it (mounting needs root, as on CI's machines)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow  # ~40 s: the demo until its disk is full, then resumed on a larger one
+def test_a_real_full_disk_is_one_line_and_the_run_resumes(small_disk, tmp_path, main_command):
+    flags = ("--config.modes=spin", "--config.sft.steps=8", "--config.rounds.max_steps=4")
+    full = main_command.run(small_disk / "run", *flags, "--config.checkpoint.save_every_steps=2")
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on the device of {small_disk}/run"), full.stderr[-3000:]
+    assert "Traceback" not in full.stderr and "Event loop is closed" not in full.stderr, full.stderr[-3000:]
+    # Space freed (here: the workdir moved to a larger disk): the same command resumes and ends.
+    subprocess.run(["cp", "-a", str(small_disk / "run"), str(tmp_path / "run")], check=True)
+    resumed = main_command.run(tmp_path / "run", *flags, "--config.checkpoint.save_every_steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Held-out evaluation" in resumed.stdout
