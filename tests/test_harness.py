@@ -99,3 +99,130 @@ def test_generate_gives_each_prompt_what_the_sampler_gives_it_alone(tiny):
         alone = sampler.generate(tiny, np.asarray([prompt]), np.ones((1, len(prompt)), bool), 0, settings)
         assert new == np.asarray(alone.tokens_BxT)[0, : int(alone.lengths_B[0])].tolist()
         assert 1 <= len(new) <= 5 and (len(new) == 5 or new[-1] == 3)
+
+
+# ----------------------------------------------------------------------------- the real pretrained model
+
+
+def _chat_ids(tokenizer, question: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.slow  # ~60 s: SmolLM2-135M in both frameworks
+def test_real_model_logits_and_greedy_generation_match_transformers(smollm2):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from pl_dpo.models.hf_io import from_pretrained
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    model = from_pretrained(smollm2)
+    questions = ["What is 12 + 35?", "Name a colour of the sky."]
+    prompts = [_chat_ids(tokenizer, q) for q in questions]
+    x = np.asarray([prompts[0]], np.int32)
+    v = np.ones_like(x, bool)
+    logits = np.asarray(model.logits(model(x, positions_from_valid(v), v)))
+    with torch.no_grad():
+        want = reference(torch.tensor(x, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, want, atol=2e-3, rtol=1e-4)
+    # Greedy decoding through the chat template until <|im_end|>, token for token.
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    settings = sampler.SamplingConfig(max_new_tokens=24, greedy=True, eos_ids=(eos,), pad_id=eos)
+    ours = harness_requests.generate(model, prompts, settings, batch_size=2)
+    for prompt, new in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = reference.generate(
+                torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+        assert new == out[0, len(prompt) :].tolist()
+    assert "12 + 35" in tokenizer.decode(ours[0])
+
+
+def _write_tasks(folder, fewshot: int) -> list[str]:
+    """Local lm-eval tasks of every output type over a small arithmetic set (JSON lines, no download)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(12):
+        a, b = (int(x) for x in rng.integers(1, 20, 2))
+        wrong = sorted({a + b + 1, a + b - 1, a + b + 10} - {a + b})[:3]
+        choices = [str(c) for c in [a + b, *wrong]]
+        rng.shuffle(choices)
+        rows.append({"question": f"What is {a} + {b}?", "answer": str(a + b), "choices": choices,
+                     "label": choices.index(str(a + b)), "text": f"The sum of {a} and {b} is {a + b}."})  # fmt: skip
+    for split, part in (("train", rows[:4]), ("test", rows[4:])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {folder}/train.jsonl\n    test: {folder}/test.jsonl\n"
+    data += "training_split: train\nfewshot_split: train\ntest_split: test\n"
+    tasks = {
+        "pl_dpo_mc": "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n",
+        "pl_dpo_ll": "output_type: loglikelihood\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \" {{answer}}\"\nmetric_list:\n  - metric: acc\n  - metric: perplexity\n",
+        "pl_dpo_rolling": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n",
+        "pl_dpo_gen": "output_type: generate_until\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \" {{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  do_sample: false\n"
+        "  max_gen_toks: 12\nmetric_list:\n  - metric: exact_match\n",
+    }  # fmt: skip
+    for name, body in tasks.items():
+        shots = 0 if name == "pl_dpo_rolling" else fewshot
+        (folder / f"{name}.yaml").write_text(f"task: {name}\n{data}{body}num_fewshot: {shots}\n")
+    return list(tasks)
+
+
+@pytest.mark.slow  # ~2 min: four tasks through both backends
+@pytest.mark.parametrize("chat, fewshot", [(False, 0), (True, 2)])
+def test_scores_equal_lm_evals_own_hf_backend(smollm2, tmp_path, chat, fewshot):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from pl_dpo.harness.lm import PlDpoLM
+
+    names = _write_tasks(tmp_path, fewshot)
+    manager = TaskManager(include_path=str(tmp_path))
+
+    def evaluate(lm):
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, log_samples=True, apply_chat_template=chat,
+            fewshot_as_multiturn=chat and fewshot > 0, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+        )  # fmt: skip
+
+    ours = evaluate(PlDpoLM(path=smollm2, batch_size=4))
+    theirs = evaluate(HFLM(pretrained=smollm2, dtype="float32", batch_size=4, device="cpu"))
+    for name in names:
+        mine, ref = ours["samples"][name], theirs["samples"][name]
+        assert [s["doc_id"] for s in mine] == [s["doc_id"] for s in ref] and len(mine) == 8
+        for a, b in zip(mine, ref, strict=True):
+            assert a["arguments"] == b["arguments"]  # the same prompts, chat template and shots included
+            for x, y in zip(a["resps"], b["resps"], strict=True):
+                if name == "pl_dpo_gen":
+                    assert x == y
+                elif name == "pl_dpo_rolling":
+                    assert x[0] == pytest.approx(y[0], rel=1e-4)
+                else:
+                    assert x[0][0] == pytest.approx(y[0][0], rel=1e-4) and x[0][1] == y[0][1]
+        for metric, value in theirs["results"][name].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert ours["results"][name][metric] == pytest.approx(value, rel=1e-4), (name, metric)
+
+
+@pytest.mark.slow  # ~45 s: lm-eval's command line with the pl_dpo backend, in a subprocess
+def test_the_command_line_evaluates_a_model_folder(smollm2, tmp_path, main_command):
+    import glob
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    _write_tasks(tmp_path, 0)
+    argv = [sys.executable, "-m", "pl_dpo.harness", "--model", "pl_dpo", "--model_args", f"path={smollm2}",
+            "--batch_size", "4", "--tasks", "pl_dpo_mc", "--include_path", str(tmp_path), "--limit", "2",
+            "--output_path", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(argv, cwd=tmp_path, env=main_command.env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pl_dpo_mc" in done.stdout and "acc" in done.stdout
+    (results,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    scores = json.loads(open(results).read())["results"]["pl_dpo_mc"]
+    assert 0.0 <= scores["acc,none"] <= 1.0
