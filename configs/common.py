@@ -170,7 +170,12 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict(
         dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, batch_size=64, decode_tp=0)
     )
-    c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=64))
+    # harness: lm-evaluation-harness tasks scored on πθ(0) and every round's policy, in the run, on its mesh
+    # (pl_dpo.harness; the `eval` extra). tasks: comma-separated names ("": off); include_path: a folder of task
+    # YAMLs of your own; num_fewshot: -1 = each task's own; limit: documents per task (0: all); batch_size: 0 =
+    # eval.batch_size; apply_chat_template: prompts (few-shot as turns) in the tokenizer's chat template.
+    harness = dict(tasks="", include_path="", num_fewshot=-1, limit=0, batch_size=0, apply_chat_template=False)
+    c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=64, harness=harness))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
     # keep_train_state: keep each phase's mid-phase train states after its policy is committed.
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=200, keep_train_state=False))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from pl_dpo.data.builders import check_options
 from pl_dpo.models import DecoderConfig, preset_config
 from pl_dpo.models.hf_io import ModelFolderError, read_hf_config
 from pl_dpo.selfplay import modes
-from pl_dpo.settings import PhaseSettings, RunSettings
+from pl_dpo.settings import HarnessSettings, PhaseSettings, RunSettings
 from pl_dpo.training import train
 from pl_dpo.workdir import layout
 
@@ -174,6 +175,53 @@ def sft_phase(section: ml_collections.ConfigDict) -> PhaseSettings:
     )
 
 
+def eval_record(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{"eval": ..., "max_new_tokens": ...} (the last part of each of `layout.EVAL_FIELDS` names it: the
+    eval_<t>.json format). Without harness tasks the record leaves `eval.harness` out, as runs made before it
+    existed recorded it: their evaluations stay fresh."""
+    record = {field.rsplit(".", 1)[-1]: plain(lookup(c, field)) for field in layout.EVAL_FIELDS}
+    if not harness(c.eval):
+        record["eval"].pop("harness", None)
+    return record
+
+
+def harness(section: ml_collections.ConfigDict) -> HarnessSettings | None:
+    """config.eval.harness as `HarnessSettings` (None: no tasks; configs/common.py has the meanings)."""
+    h = section.get("harness")
+    tasks = tuple(t.strip() for t in str(h.tasks if h else "").split(",") if t.strip())
+    if not tasks:
+        return None
+    return HarnessSettings(
+        tasks=tasks,
+        include_path=str(h.include_path) or None,
+        num_fewshot=int(h.num_fewshot) if h.num_fewshot >= 0 else None,
+        limit=int(h.limit) or None,
+        batch_size=int(h.batch_size) or int(section.batch_size),
+        apply_chat_template=bool(h.apply_chat_template),
+    )
+
+
+def check_harness(section: ml_collections.ConfigDict) -> None:
+    """The harness tasks can run: lm-eval installed, the include folder there, every task name known."""
+    settings = harness(section)
+    if settings is None:
+        return
+    if settings.include_path and not os.path.isdir(settings.include_path):
+        raise ConfigError(f"config.eval.harness.include_path={settings.include_path}: no such folder")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ConfigError("config.eval.harness.tasks needs lm-eval: pip install -e '.[eval]'") from None
+    from pl_dpo.harness.run import task_manager
+
+    known = set(task_manager(settings.include_path, settings.tasks).all_tasks)
+    unknown = [t for t in settings.tasks if t not in known]
+    if unknown:
+        raise ConfigError(
+            f"config.eval.harness.tasks: unknown task(s) {', '.join(unknown)} (lm-eval's, or YAMLs in include_path)"
+        )
+
+
 def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     """The typed settings the stages of a run read (pl_dpo.settings); defaults live in configs/common.py:base()."""
     c, r = config, config.rounds
@@ -188,7 +236,8 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
         logprob_chunk=int(c.logprob_chunk),
         eval_batch_size=int(c.eval.batch_size),
         # {"eval": ..., "max_new_tokens": ...}: the last part of each field names it (the eval_<t>.json format).
-        eval_record={field.rsplit(".", 1)[-1]: plain(lookup(c, field)) for field in layout.EVAL_FIELDS},
+        eval_record=eval_record(c),
+        harness=harness(c.eval),
         sampling_batch_size=int(c.sampling.batch_size),
         decode_tp=int(c.sampling.decode_tp) or None,
         save_every_steps=int(c.checkpoint.save_every_steps),
@@ -321,6 +370,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         check_options(config.data.source, dict(plain(config.data.options)))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.data.options: {e}") from None
+    check_harness(config.eval)
     m = config.mesh
     if num_devices is None and m.num_devices > len(jax.devices()):
         raise ConfigError(f"config.mesh.num_devices={m.num_devices}, but there are {len(jax.devices())} devices")

@@ -35,6 +35,18 @@ class PhaseSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class HarnessSettings:
+    """config.eval.harness: lm-evaluation-harness tasks scored on every policy of the run (`pl_dpo.harness`)."""
+
+    tasks: tuple[str, ...]
+    include_path: str | None  # a folder of task YAMLs of the user's own
+    num_fewshot: int | None  # None: each task's own
+    limit: int | None  # documents per task (None: all)
+    batch_size: int
+    apply_chat_template: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSettings:
     """The run-wide settings of a config (configs/common.py:base() has their defaults and meanings)."""
 
@@ -49,6 +61,7 @@ class RunSettings:
     eval_batch_size: int
     # What a policy's held-out evaluation depends on (workdir.layout.EVAL_FIELDS), recorded in eval_<t>.json.
     eval_record: dict[str, Any]
+    harness: HarnessSettings | None  # None: no harness tasks
     sampling_batch_size: int
     decode_tp: int | None  # sampling.decode_tp (None: the sampler's rule, decode_layout.decode_tp_split)
     save_every_steps: int

@@ -101,6 +101,38 @@ def test_generate_gives_each_prompt_what_the_sampler_gives_it_alone(tiny):
         assert 1 <= len(new) <= 5 and (len(new) == 5 or new[-1] == 3)
 
 
+@pytest.mark.parametrize(
+    "harness, message",
+    [
+        pytest.param(  # ~15 s: lm-eval indexes its own thousands of task files to say a name is in none of them
+            {"tasks": "pl_dpo_nope", "include_path": "TASKS"},
+            r"config.eval.harness.tasks: unknown task\(s\) pl_dpo_nope",
+            marks=pytest.mark.slow,
+        ),
+        ({"tasks": "pl_dpo_mc", "include_path": "/no/such/folder"}, r"include_path=/no/such/folder: no such folder"),
+    ],
+)
+def test_harness_settings_a_run_cannot_use_are_named_before_it_starts(tmp_path, harness, message):
+    pytest.importorskip("lm_eval")
+    from configs import demo
+    from pl_dpo import config_lib
+
+    _write_tasks(tmp_path, 0)
+    config = demo.get_config("quick")
+    config.eval.harness.update({k: str(tmp_path) if v == "TASKS" else v for k, v in harness.items()})
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+    config.eval.harness.update(tasks="pl_dpo_mc,pl_dpo_gen", include_path=str(tmp_path), num_fewshot=1, limit=3)
+    config_lib.validate(config)  # known tasks: accepted, and read as typed settings
+    settings = config_lib.run_settings(config)
+    assert settings.harness.tasks == ("pl_dpo_mc", "pl_dpo_gen") and settings.harness.num_fewshot == 1
+    assert settings.harness.limit == 3 and settings.harness.batch_size == config.eval.batch_size
+    assert "harness" in settings.eval_record["eval"]
+    config.eval.harness.tasks = ""
+    assert config_lib.run_settings(config).harness is None
+    assert "harness" not in config_lib.run_settings(config).eval_record["eval"]  # as runs made before it
+
+
 # ----------------------------------------------------------------------------- the real pretrained model
 
 
@@ -226,3 +258,32 @@ def test_the_command_line_evaluates_a_model_folder(smollm2, tmp_path, main_comma
     (results,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     scores = json.loads(open(results).read())["results"]["pl_dpo_mc"]
     assert 0.0 <= scores["acc,none"] <= 1.0
+
+
+@pytest.mark.slow  # ~90 s: the quick demo with two harness tasks, then the same command again
+def test_harness_scores_every_policy_in_the_run_and_a_resume_does_not_score_again(tmp_path, main_command):
+    pytest.importorskip("lm_eval")
+    from pl_dpo.workdir import layout
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_tasks(tasks, 0)
+    flags = ("--config.modes=spin", "--config.sft.steps=8", "--config.rounds.max_steps=4",
+             "--config.eval.harness.tasks=pl_dpo_mc,pl_dpo_gen", f"--config.eval.harness.include_path={tasks}",
+             "--config.eval.harness.limit=4")  # fmt: skip
+    workdir = tmp_path / "run"
+    first = main_command.run(workdir, *flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("harness tasks pl_dpo_mc,pl_dpo_gen on") == 2  # πθ(0) and πθ(1)
+    for lineage, index in (("sft", 0), ("spin", 1)):
+        metrics = json.loads(open(layout.eval_path(str(workdir), lineage, index)).read())["metrics"]
+        assert 0.0 <= metrics["harness/pl_dpo_mc/acc"] <= 1.0 and "harness/pl_dpo_mc/acc_stderr" in metrics
+        assert 0.0 <= metrics["harness/pl_dpo_gen/exact_match"] <= 1.0
+    assert "harness/pl_dpo_mc/acc" in (workdir / "results.md").read_text().splitlines()[0]
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert sum("harness/pl_dpo_mc/acc" in record for record in logged) == 2
+    table = (workdir / "results.md").read_text()
+    again = main_command.run(workdir, *flags)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "harness tasks" not in again.stderr  # every policy's scores come from its eval_<t>.json
+    assert (workdir / "results.md").read_text() == table

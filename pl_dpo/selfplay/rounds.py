@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from pl_dpo import config_lib, evaluate, sharding
+from pl_dpo.harness import run as harness_run
 from pl_dpo.models import Decoder, save_pretrained
 from pl_dpo.selfplay import modes, seeds, stages
 from pl_dpo.selfplay.policies import PolicyStore
@@ -159,6 +160,10 @@ class SelfPlay:
                 baseline=baseline,
                 batch_type=s.batch_type,
             )
+            if s.harness is not None:  # lm-evaluation-harness tasks on the same policy, in memory (config.eval.harness)
+                log.info("harness tasks %s on %s %d", ",".join(s.harness.tasks), lineage, index)
+                scores = harness_run.scores(model, self.tokenizer, s.harness, seed=s.seed)
+                metrics.update({f"harness/{name}": value for name, value in scores.items()})
             return {
                 "metrics": metrics,
                 "responses": responses,
