@@ -133,6 +133,18 @@ def test_harness_settings_a_run_cannot_use_are_named_before_it_starts(tmp_path, 
     assert "harness" not in config_lib.run_settings(config).eval_record["eval"]  # as runs made before it
 
 
+def test_the_results_plot_has_a_panel_per_harness_metric(tmp_path):
+    from pl_dpo.workdir import plots
+
+    table = [
+        {"arm": "sft", "round": 0, "harness/arc_easy/acc": 0.40, "harness/arc_easy/acc_stderr": 0.02},
+        {"arm": "spin", "round": 1, "harness/arc_easy/acc": 0.45, "harness/arc_easy/acc_stderr": 0.02},
+    ]
+    assert plots.arm_curves(table, "harness/arc_easy/acc") == {"spin": ([0, 1], [0.40, 0.45])}
+    assert plots.plot_rounds(table, str(tmp_path / "results.png"))  # no held-out metric: the harness panel alone
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
 # ----------------------------------------------------------------------------- the real pretrained model
 
 

@@ -33,7 +33,10 @@ def plot_rounds(table: list[dict[str, Any]], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(m, label) for m, label in METRICS if arm_curves(table, m)]
+    # config.eval.harness: a panel per task metric ("harness/<task>/<metric>"; their stderr only in the table's JSON).
+    harness = sorted({k for row in table for k in row if k.startswith("harness/") and not k.endswith("_stderr")})
+    named = [*METRICS, *((k, k.removeprefix("harness/")) for k in harness)]
+    panels = [(m, label) for m, label in named if arm_curves(table, m)]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
