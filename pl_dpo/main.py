@@ -223,9 +223,11 @@ def storage_error(e: BaseException, workdir: str) -> str | None:
         where = getattr(e, "filename", None) or workdir
         if code == errno.ENOSPC or "No space left on device" in text:
             free = shutil.disk_usage(workdir).free / 2**30 if os.path.isdir(workdir) else float("nan")
+            largest = largest_checkpoint_bytes(workdir)
+            need = f"; a checkpoint of this run takes {largest / 2**20:.1f} MiB" if largest else ""
             return (
-                f"no space left on the device of {where} ({free:.2f} GiB free now); free some space and run the "
-                "same command again: it resumes from what is saved"
+                f"no space left on the device of {where} ({free:.2f} GiB free now{need}); free some space and run "
+                "the same command again: it resumes from what is saved"
             )
         if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text:
             return f"{where}: {os.strerror(code) if code else 'Read-only file system'}"
@@ -236,6 +238,21 @@ def storage_error(e: BaseException, workdir: str) -> str | None:
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def largest_checkpoint_bytes(workdir: str) -> int:
+    """Bytes of the largest checkpoint step folder already in a local workdir (a policy or a train state: what
+    each later save writes again), 0 when there is none. The space a full disk needs at least, for the next save."""
+    largest = 0
+    for root, dirs, _ in os.walk(workdir):
+        for step in (d for d in dirs if d.isdigit() and os.path.basename(root) in ("policies", "train")):
+            size = 0
+            for sub, _, files in os.walk(os.path.join(root, step)):
+                size += sum(
+                    os.path.getsize(os.path.join(sub, f)) for f in files if not os.path.islink(os.path.join(sub, f))
+                )
+            largest = max(largest, size)
+    return largest
 
 
 def storage_failed(message: str) -> NoReturn:

@@ -85,6 +85,19 @@ def test_a_full_disk_is_one_line_naming_where_however_deep_the_cause():
     assert main.storage_error(ValueError("a bug"), "/w") is None  # anything else keeps its traceback
 
 
+def test_a_full_disk_says_how_much_a_checkpoint_of_the_run_takes(tmp_path):
+    from pl_dpo import main
+
+    for folder, size in (("sft/policies/0/params", 3 * 2**20), ("spin/round_0/train/2/opt_state", 5 * 2**20)):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "data").write_bytes(b"x" * size)
+    (tmp_path / "spin" / "round_0" / "ranked.npz").write_bytes(b"x" * 9 * 2**20)  # not a checkpoint
+    assert main.largest_checkpoint_bytes(str(tmp_path)) == 5 * 2**20
+    message = main.storage_error(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
+    assert "GiB free now; a checkpoint of this run takes 5.0 MiB)" in message
+    assert main.largest_checkpoint_bytes(str(tmp_path / "absent")) == 0
+
+
 def test_a_workdir_that_cannot_be_written_is_named():
     from pl_dpo import main
 
