@@ -187,8 +187,8 @@ def eval_record(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def harness(section: ml_collections.ConfigDict) -> HarnessSettings | None:
     """config.eval.harness as `HarnessSettings` (None: no tasks; configs/common.py has the meanings)."""
-    h = section.get("harness")
-    tasks = tuple(t.strip() for t in str(h.tasks if h else "").split(",") if t.strip())
+    h = section.harness
+    tasks = tuple(t.strip() for t in str(h.tasks).split(",") if t.strip())
     if not tasks:
         return None
     return HarnessSettings(
@@ -235,7 +235,6 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
         length_buckets=tuple(c.data.length_buckets) or None,
         logprob_chunk=int(c.logprob_chunk),
         eval_batch_size=int(c.eval.batch_size),
-        # {"eval": ..., "max_new_tokens": ...}: the last part of each field names it (the eval_<t>.json format).
         eval_record=eval_record(c),
         harness=harness(c.eval),
         sampling_batch_size=int(c.sampling.batch_size),

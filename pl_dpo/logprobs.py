@@ -39,12 +39,19 @@ def shift_for_next_token(tokens_NxL: jax.Array, loss_mask_NxL: jax.Array) -> tup
     return targets_NxL, mask_NxL
 
 
-def _chunk_token_logprobs(hidden_NxCxD: jax.Array, unembed_DxV: jax.Array, targets_NxC: jax.Array) -> jax.Array:
-    """log softmax(hidden @ W)[target] for one chunk, float32. [N, C]."""
-    logits_NxCxV = jnp.einsum("ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32)
+def _chunk_logits(hidden_NxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
+    return jnp.einsum("ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32)
+
+
+def _target_logprobs(logits_NxCxV: jax.Array, targets_NxC: jax.Array) -> jax.Array:
     lse_NxC = jax.nn.logsumexp(logits_NxCxV, axis=-1)
     target_logit_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
     return target_logit_NxC - lse_NxC
+
+
+def _chunk_token_logprobs(hidden_NxCxD: jax.Array, unembed_DxV: jax.Array, targets_NxC: jax.Array) -> jax.Array:
+    """log softmax(hidden @ W)[target] for one chunk, float32. [N, C]."""
+    return _target_logprobs(_chunk_logits(hidden_NxCxD, unembed_DxV), targets_NxC)
 
 
 def balanced_chunk(length: int, chunk_size: int) -> int:
@@ -65,6 +72,11 @@ def _to_chunks(x_NxL: jax.Array, chunk_size: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 0)
 
 
+def _from_chunks(x_KxNxC: jax.Array, length: int) -> jax.Array:
+    """The inverse of `_to_chunks`: [N, L] from [L/C, N, C], the padding cut."""
+    return jnp.moveaxis(x_KxNxC, 0, 1).reshape(x_KxNxC.shape[1], -1)[:, :length]
+
+
 def _check_shapes(hidden_NxLxD: jax.Array, unembed_DxV: jax.Array, targets_NxL: jax.Array) -> None:
     if hidden_NxLxD.ndim != 3:
         raise ValueError(f"hidden states must be [N, L, D], got {hidden_NxLxD.shape}")
@@ -83,22 +95,20 @@ def token_logprobs(
 ) -> jax.Array:
     """Per-token log-probabilities of `targets`, float32 [N, L] (for evaluation)."""
     _check_shapes(hidden_NxLxD, unembed_DxV, targets_NxL)
-    n, length = targets_NxL.shape
+    length = targets_NxL.shape[1]
     chunk_size = balanced_chunk(length, chunk_size)
     hidden_ch = _to_chunks(hidden_NxLxD, chunk_size)
     targets_ch = _to_chunks(targets_NxL, chunk_size)
     body = jax.checkpoint(_chunk_token_logprobs)
     logps_ch = jax.lax.map(lambda xs: body(xs[0], unembed_DxV, xs[1]), (hidden_ch, targets_ch))
-    return jnp.moveaxis(logps_ch, 0, 1).reshape(n, -1)[:, :length]
+    return _from_chunks(logps_ch, length)
 
 
 def _chunk_logprobs_and_greedy(hidden_NxCxD, unembed_DxV, targets_NxC) -> tuple[jax.Array, jax.Array]:
-    logits_NxCxV = jnp.einsum("ncd,dv->ncv", hidden_NxCxD, unembed_DxV, preferred_element_type=jnp.float32)
-    lse_NxC = jax.nn.logsumexp(logits_NxCxV, axis=-1)
-    target_logit_NxC = jnp.take_along_axis(logits_NxCxV, targets_NxC[..., None], axis=-1)[..., 0]
+    logits_NxCxV = _chunk_logits(hidden_NxCxD, unembed_DxV)
     # The first of tied maxima, as torch.argmax takes it (lm-eval's `hf` backend's is-greedy).
     greedy_NxC = jnp.argmax(logits_NxCxV, axis=-1) == targets_NxC
-    return target_logit_NxC - lse_NxC, greedy_NxC
+    return _target_logprobs(logits_NxCxV, targets_NxC), greedy_NxC
 
 
 def token_logprobs_and_greedy(
@@ -110,14 +120,13 @@ def token_logprobs_and_greedy(
     """Per-token log-probabilities of `targets` (float32 [N, L]) and whether each target is the argmax (bool
     [N, L]): a continuation is what greedy decoding gives when all of its tokens are (lm-eval's loglikelihood)."""
     _check_shapes(hidden_NxLxD, unembed_DxV, targets_NxL)
-    n, length = targets_NxL.shape
+    length = targets_NxL.shape[1]
     chunk_size = balanced_chunk(length, chunk_size)
     hidden_ch, targets_ch = _to_chunks(hidden_NxLxD, chunk_size), _to_chunks(targets_NxL, chunk_size)
     logps_ch, greedy_ch = jax.lax.map(
         lambda xs: _chunk_logprobs_and_greedy(xs[0], unembed_DxV, xs[1]), (hidden_ch, targets_ch)
     )
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, -1)[:, :length]
-    return unchunk(logps_ch), unchunk(greedy_ch)
+    return _from_chunks(logps_ch, length), _from_chunks(greedy_ch, length)
 
 
 def _chunked_sums(

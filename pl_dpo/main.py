@@ -109,8 +109,7 @@ def main(argv: list[str]) -> None:
         storage_failed(problem)
     if jax.process_index() == 0:
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in table)]
-        # config.eval.harness: a column per task metric (its stderr is in eval_<t>.json and metrics.jsonl).
-        columns += sorted({k for row in table for k in row if k.startswith("harness/") and "_stderr" not in k})
+        columns += plots.harness_metrics(table)  # their stderr is in eval_<t>.json and metrics.jsonl
         text = evaluate.format_table(table, columns)
         epath.Path(FLAGS.workdir, "results.md").write_text(text + "\n", encoding="utf-8")
         print("\nHeld-out evaluation (" + FLAGS.workdir + "/results.md):\n" + text)

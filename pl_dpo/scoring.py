@@ -109,10 +109,7 @@ def score_ranked(
     # The batch is split over the weights' mesh's ("data", "fsdp") axes, as in training: each chip scores its own
     # rows and XLA gathers each layer's weights (FSDP) as the forward reaches it. Every process passes the same
     # rows; the log-probs stay on the devices until the end and are gathered once.
-    replicated = sharding.replicated_like(params)
-    mesh = replicated.mesh if replicated is not None else None
-    rows = sharding.batch_sharding(mesh) if mesh is not None else None
-    shards = sharding.batch_shards(mesh) if mesh is not None else 1
+    mesh, rows, shards = sharding.row_placement(params)
     it = BatchIterator(
         ranked.replace(example_ids_N=np.arange(n, dtype=np.int64)),  # rows come back by their index
         batch_size=-(-batch_size // shards) * shards,

@@ -284,6 +284,15 @@ def batch_shards(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def row_placement(params: Any) -> tuple[Mesh | None, NamedSharding | None, int]:
+    """Where a batch for these weights goes: their mesh, its rows split over ("data", "fsdp") as in training, and
+    how many row shards that makes (None, None, 1 for weights on one device)."""
+    replicated = replicated_like(params)
+    if replicated is None:
+        return None, None, 1
+    return replicated.mesh, batch_sharding(replicated.mesh), batch_shards(replicated.mesh)
+
+
 def put_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host value that every process holds, as a global array split by `sharding` (e.g. by rows): each
     process keeps only the part its devices hold."""

@@ -249,8 +249,7 @@ def test_sharded_step_matches_single_device():
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
 def test_default_rules_cover_the_project_decoder(preset):
     """Every parameter of the real Decoder (stacked layers) is matched by a rule."""
-    from pl_dpo.models import presets
-    from pl_dpo.models import decoder
+    from pl_dpo.models import decoder, presets
 
     cfg = presets.preset_config(preset)
     abstract = nnx.state(nnx.eval_shape(lambda: decoder.create_model(cfg, seed=0)), nnx.Param)

@@ -39,15 +39,6 @@ def _token_scores(graphdef, params, inputs_BxL, targets_BxL, valid_BxL, chunk_si
     return logprobs.token_logprobs_and_greedy(hidden_BxLxD, model.unembedding_DxV(), targets_BxL, chunk_size)
 
 
-def _mesh_rows(params) -> tuple[jax.sharding.Mesh | None, jax.sharding.NamedSharding | None, int]:
-    """The weights' mesh, the sharding of a batch's rows over it, and how many row shards it has."""
-    replicated = sharding.replicated_like(params)
-    mesh = replicated.mesh if replicated is not None else None
-    if mesh is None:
-        return None, None, 1
-    return mesh, sharding.batch_sharding(mesh), sharding.batch_shards(mesh)
-
-
 def continuation_scores(
     model: Decoder,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -61,7 +52,7 @@ def continuation_scores(
     As lm-eval's `hf` backend reads a request: the model sees (context + continuation)[-(max_length + 1):][:-1]
     (left-truncated), and the continuation's tokens are the last ones predicted."""
     graphdef, params = nnx.split(model)
-    mesh, rows, shards = _mesh_rows(params)
+    mesh, rows, shards = sharding.row_placement(params)
     batch_size = -(-batch_size // shards) * shards
     seqs = []
     for context, continuation in requests:

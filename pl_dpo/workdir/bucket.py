@@ -206,7 +206,6 @@ class BucketLock:
         self._stop = threading.Event()  # of the heartbeat
         self._released = threading.Event()  # of the watchdog, which also watches the release itself
         self._thread: threading.Thread | None = None
-        self._watchdog: threading.Thread | None = None
         self._last_beat = time.monotonic()  # of the last heartbeat that reached the bucket
         self._last_error = ""
 
@@ -267,8 +266,7 @@ class BucketLock:
                 self._thread = threading.Thread(target=self._beat, name="pl_dpo-lock-heartbeat", daemon=True)
                 self._thread.start()
                 if self.on_lost is not None:
-                    self._watchdog = threading.Thread(target=self._watch, name="pl_dpo-lock-watchdog", daemon=True)
-                    self._watchdog.start()
+                    threading.Thread(target=self._watch, name="pl_dpo-lock-watchdog", daemon=True).start()
                 return
             holder = self._holder()
             if holder is None or not self._gone(holder, me, locked_error):

@@ -26,6 +26,12 @@ def arm_curves(table: list[dict[str, Any]], metric: str) -> dict[str, tuple[list
     return curves
 
 
+def harness_metrics(table: list[dict[str, Any]]) -> list[str]:
+    """The config.eval.harness metrics of the evaluation rows ("harness/<task>/<metric>[/<filter>]"), their stderr
+    left out: a results-table column and a plot panel each."""
+    return sorted({k for row in table for k in row if k.startswith("harness/") and "_stderr" not in k})
+
+
 def plot_rounds(table: list[dict[str, Any]], path: str) -> bool:
     """Writes a PNG with one panel per metric the table has (to a local or gs:// path); False if nothing to draw."""
     import matplotlib
@@ -33,9 +39,7 @@ def plot_rounds(table: list[dict[str, Any]], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # config.eval.harness: a panel per task metric ("harness/<task>/<metric>"; their stderr only in the table's JSON).
-    harness = sorted({k for row in table for k in row if k.startswith("harness/") and not k.endswith("_stderr")})
-    named = [*METRICS, *((k, k.removeprefix("harness/")) for k in harness)]
+    named = [*METRICS, *((k, k.removeprefix("harness/")) for k in harness_metrics(table))]
     panels = [(m, label) for m, label in named if arm_curves(table, m)]
     if not panels:
         return False
