@@ -94,16 +94,19 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(FLAGS.workdir))
     # One run per workdir, held by process 0 (the others share its workdir).
     lock = WorkdirLock(FLAGS.workdir, storage_failed) if jax.process_index() == 0 else contextlib.nullcontext()
+    self_play = None
     try:
         with lock, sigterm_stops_the_run(FLAGS.workdir):
-            table = rounds.SelfPlay(config, FLAGS.workdir).run()
+            self_play = rounds.SelfPlay(config, FLAGS.workdir)
+            table = self_play.run()
     except Preempted as e:
         print(e.message, file=sys.stderr)
         raise
     except user_errors as e:
         user_error(str(e))
     except Exception as e:
-        problem = storage_error(e, FLAGS.workdir)
+        estimate = self_play.train_state_bytes() if self_play is not None else 0
+        problem = storage_error(e, FLAGS.workdir, estimate)
         if problem is None:
             raise
         storage_failed(problem)
@@ -211,10 +214,11 @@ def unwritable(path: str) -> str | None:
 _UNREACHABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
-def storage_error(e: BaseException, workdir: str) -> str | None:
+def storage_error(e: BaseException, workdir: str, train_state_bytes: int = 0) -> str | None:
     """The one line for a run ended by its storage (a full disk, a read-only mount, a bucket out of reach), or None. The
     cause is looked for along the exception's chain: libraries (Orbax, TensorStore) wrap it in errors of their
-    own, and their messages keep only its text."""
+    own, and their messages keep only its text. A full disk's line says how much space one checkpoint takes: the
+    largest already written, else `train_state_bytes` (an estimate, when the first save is the one that failed)."""
     seen: list[BaseException] = []
     while e is not None and e not in seen and len(seen) < 20:
         seen.append(e)
@@ -223,7 +227,12 @@ def storage_error(e: BaseException, workdir: str) -> str | None:
         if code == errno.ENOSPC or "No space left on device" in text:
             free = shutil.disk_usage(workdir).free / 2**30 if os.path.isdir(workdir) else float("nan")
             largest = largest_checkpoint_bytes(workdir)
-            need = f"; a checkpoint of this run takes {largest / 2**20:.1f} MiB" if largest else ""
+            if largest:
+                need = f"; a checkpoint of this run takes {largest / 2**20:.1f} MiB"
+            elif train_state_bytes:
+                need = f"; a checkpoint of this run takes about {train_state_bytes / 2**20:.1f} MiB"
+            else:
+                need = ""
             return (
                 f"no space left on the device of {where} ({free:.2f} GiB free now{need}); free some space and run "
                 "the same command again: it resumes from what is saved"

@@ -79,14 +79,19 @@ def test_epochs_cover_everything_once_with_padding_rows():
     assert e0 != [b.example_ids_B.tolist() for b in batches[3:]]
     assert e0 == [
         b.example_ids_B.tolist()
-        for b in list(BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=2, drop_remainder=False, num_epochs=1))
+        for b in list(
+            BatchIterator(arrays, batch_size=4, batch_type=RankedBatch, seed=2, drop_remainder=False, num_epochs=1)
+        )
     ]
 
 
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_slices_disjoint_and_covering(count):
     arrays = _arrays()
-    iters = [BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=5, process_index=p, process_count=count) for p in range(count)]
+    iters = [
+        BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=5, process_index=p, process_count=count)
+        for p in range(count)
+    ]
     ref = BatchIterator(arrays, batch_size=8, batch_type=RankedBatch, seed=5)
     for _ in range(2 * ref.steps_per_epoch):
         g = next(ref)

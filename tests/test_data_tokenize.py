@@ -42,7 +42,9 @@ def test_chat_layout_and_mask_convention(tok):
         )
         pids = _ids(tok, ptxt)
         for k, r in enumerate(e.responses):
-            row, mask, attn = (getattr(arrays, key)[n, k] for key in ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL"))
+            row, mask, attn = (
+                getattr(arrays, key)[n, k] for key in ("tokens_NxKxL", "loss_mask_NxKxL", "attn_valid_NxKxL")
+            )
             full = _ids(tok, ptxt + r) + [tok.eos_token_id]
             assert row[: len(full)].tolist() == full  # Exactly the tokenisation of the whole text.
             assert (row[len(full) :] == tok.pad_token_id).all() and attn.sum() == len(full)

@@ -45,7 +45,12 @@ def test_prepare_data_tokenises_both_splits_once_in_the_round_layout(prepared):
 def test_evaluate_policy_metrics(prepared):
     config, tokenizer, data, model, _ = prepared
     metrics, responses, correct = evaluate.evaluate_policy(
-        model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens, baseline=None,
+        model,
+        data.heldout,
+        tokenizer,
+        batch_size=8,
+        max_new_tokens=config.sampling.max_new_tokens,
+        baseline=None,
         batch_type=RankedBatch,
     )
     logps_N = scoring.score_ranked(model, data.heldout.answers, 8, batch_type=RankedBatch)[:, 0]
@@ -69,7 +74,12 @@ def test_evaluate_policy_metrics(prepared):
         model, data.heldout, responses, correct, pad_id=tokenizer.pad_token_id, batch_size=8, batch_type=RankedBatch
     )
     again, _, _ = evaluate.evaluate_policy(
-        model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens, baseline=baseline,
+        model,
+        data.heldout,
+        tokenizer,
+        batch_size=8,
+        max_new_tokens=config.sampling.max_new_tokens,
+        baseline=baseline,
         batch_type=RankedBatch,
     )
     assert baseline.lists is not None  # a random policy's greedy answers differ from the dataset's

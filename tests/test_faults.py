@@ -96,6 +96,9 @@ def test_a_full_disk_says_how_much_a_checkpoint_of_the_run_takes(tmp_path):
     message = main.storage_error(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
     assert "GiB free now; a checkpoint of this run takes 5.0 MiB)" in message
     assert main.largest_checkpoint_bytes(str(tmp_path / "absent")) == 0
+    # Before the first save: the run's estimate.
+    message = main.storage_error(OSError(errno.ENOSPC, "No space left"), str(tmp_path / "absent"), 3 * 2**20)
+    assert "a checkpoint of this run takes about 3.0 MiB)" in message
 
 
 def test_a_workdir_that_cannot_be_written_is_named():
@@ -325,14 +328,22 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow  # ~40 s: the demo until its disk is full, then resumed on a larger one
 def test_a_real_full_disk_is_one_line_and_the_run_resumes(small_disk, tmp_path, main_command):
+    from pl_dpo import main
+
     flags = ("--config.modes=spin", "--config.sft.steps=8", "--config.rounds.max_steps=4")
     full = main_command.run(small_disk / "run", *flags, "--config.checkpoint.save_every_steps=2")
     assert full.returncode == 2, full.stderr[-3000:]
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no space left on the device of {small_disk}/run"), full.stderr[-3000:]
     assert "Traceback" not in full.stderr and "Event loop is closed" not in full.stderr, full.stderr[-3000:]
+    # The first save failed: the space it needs is the estimate (SelfPlay.train_state_bytes).
+    estimate_mib = float(last.split("a checkpoint of this run takes about ")[1].split(" MiB")[0])
     # Space freed (here: the workdir moved to a larger disk): the same command resumes and ends.
     subprocess.run(["cp", "-a", str(small_disk / "run"), str(tmp_path / "run")], check=True)
     resumed = main_command.run(tmp_path / "run", *flags, "--config.checkpoint.save_every_steps=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Held-out evaluation" in resumed.stdout
+    # What is left of the run is its policies (train states go when a phase ends): weights only, a third of a
+    # train state.
+    policy_mib = main.largest_checkpoint_bytes(str(tmp_path / "run")) / 2**20
+    assert 0.9 * 3 * policy_mib < estimate_mib < 1.1 * 3 * policy_mib, (estimate_mib, policy_mib)

@@ -73,9 +73,7 @@ def test_two_processes_match_one_process(runs):
     one = load_ranked_set(root / "one" / "spin" / "round_0" / "ranked.npz")
     same_samples = (two.tokens_NxKxL == one.tokens_NxKxL).all(axis=(1, 2))
     assert same_samples.mean() > 0.99
-    np.testing.assert_allclose(
-        two.ref_logps_NxK[same_samples], one.ref_logps_NxK[same_samples], rtol=1e-4, atol=1e-3
-    )
+    np.testing.assert_allclose(two.ref_logps_NxK[same_samples], one.ref_logps_NxK[same_samples], rtol=1e-4, atol=1e-3)
     sp, policy = _params(root / "two", "spin", 1)
     again = scoring.score_ranked(policy, two, sp.config.eval.batch_size, batch_type=sp.settings.batch_type)
     assert np.isfinite(again).all()

@@ -119,7 +119,9 @@ def _ranked(n=13, k=2, length=24, seed=0):
 def test_sharded_scoring_gives_one_devices_logprobs(model, mesh):
     arrays = _ranked()
     ref = scoring.score_ranked(model, arrays, 4, batch_type=RankedBatch)
-    out = scoring.score_ranked(_sharded(model, *mesh), arrays, 4, batch_type=RankedBatch)  # batch 4 -> 8 on 8 shards; 13 rows
+    out = scoring.score_ranked(
+        _sharded(model, *mesh), arrays, 4, batch_type=RankedBatch
+    )  # batch 4 -> 8 on 8 shards; 13 rows
     assert out.shape == ref.shape == (13, 2) and out[3, 1] == 0.0
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 

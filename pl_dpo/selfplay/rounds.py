@@ -257,6 +257,12 @@ class SelfPlay:
                 save_pretrained(policy, folder)
                 self.tokenizer.save_pretrained(folder)
 
+    def train_state_bytes(self) -> int:
+        """The bytes of a train-state checkpoint of the policy, the largest thing a run saves: its weights and
+        AdamW's two moments, of the weights' shapes and dtype (what a full disk needs before the first save)."""
+        _, state = self.policies.abstract(self.config.model)
+        return 3 * sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
     def run(self) -> list[dict[str, Any]]:
         """Every arm of the config, round after round; returns the evaluation table."""
         with self.metric_log:  # closed at the end, and after an error without hiding it
