@@ -396,3 +396,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"config.assistants[{i}] has its own tokenizer: it must be a pretrained "
                 "model.hf_path used as is (sft_steps=0)"
             )
+    for section in [config.model] + [a.model for a in config.assistants]:
+        if section.hf_path:  # its config.json read now: a folder pl_dpo cannot load is named before any work
+            model_config(section, vocab_size=0)

@@ -6,7 +6,9 @@ folder, and SIGTERM outside a training phase."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -50,6 +52,25 @@ def test_a_damaged_stage_output_is_named_and_made_again(tmp_path, caplog, damage
     assert made == [1] and np.array_equal(out["tokens"], arrays["tokens"])
     assert f"{path} is damaged" in caplog.text and "making it again" in caplog.text
     assert np.array_equal(load_arrays(path)["tokens"], arrays["tokens"])  # committed whole again
+
+
+@pytest.mark.slow  # ~70 s: the quick demo's SPIN arm for one round, then for two
+def test_an_earlier_rounds_damaged_set_is_made_again_for_round_mixing(tmp_path, main_command):
+    flags = ("--config.modes=spin", "--config.sft.steps=8", "--config.rounds.max_steps=4",
+             "--config.rounds.mix_previous=1")  # fmt: skip
+    workdir = tmp_path / "run"
+    first = main_command.run(workdir, *flags, "--config.rounds.num=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    earlier = layout.ranked_set_path(str(workdir), "spin", 0)
+    whole = load_arrays(earlier)
+    data = bytearray(open(earlier, "rb").read())
+    open(earlier, "wb").write(bytes(data[: len(data) // 2]))
+    # Round 2 mixes round 1's set with its own: the damaged file is named, made again from πθ(1), the same.
+    second = main_command.run(workdir, *flags, "--config.rounds.num=2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{earlier} is damaged" in second.stderr and "making it again" in second.stderr
+    again = load_arrays(earlier)
+    assert sorted(again) == sorted(whole) and all(np.array_equal(again[k], whole[k]) for k in whole)
 
 
 def test_a_killed_writers_half_file_goes_when_the_stage_commits(tmp_path):
@@ -312,18 +333,53 @@ def test_callbacks_into_a_closed_event_loop_are_not_printed_and_nothing_else_is_
     assert seen == [other, from_python]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1.6 MB tmpfs: the demo's first checkpoints fill it (mounting needs root, as on CI's machines)."""
-    mount = tmp_path / "small_disk"
+@contextlib.contextmanager
+def _tmpfs(mount, options: str):
+    """A real tmpfs mounted at `mount` (needs root, as on CI's machines; skips the test elsewhere)."""
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount)], capture_output=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.6 MB disk: the demo's first checkpoints fill it."""
+    with _tmpfs(tmp_path / "small_disk", "size=1600k") as mount:
+        yield mount
+
+
+@pytest.mark.slow  # ~35 s: three runs of the command that stop before any work
+def test_a_real_read_only_mount_and_an_unknown_model_type_are_one_line_from_the_command(tmp_path, main_command):
+    with _tmpfs(tmp_path / "read_only", "ro,size=64k") as mount:
+        proc = main_command.run(mount / "run", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir={mount}/run: cannot write there (Read-only file system)"
+    )
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    proc = main_command.run(tmp_path / "run", f"--config.model.hf_path={folder}", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: config.model.hf_path='{folder}': {folder}/config.json: model_type='gpt2'"), last
+    assert "is not supported" in last
+    # A supported model without tokenizer files.
+    from pl_dpo.models import preset_config
+    from pl_dpo.models.config import to_hf_config
+
+    (folder / "config.json").write_text(json.dumps(to_hf_config(preset_config("tiny-llama", vocab_size=512))))
+    proc = main_command.run(tmp_path / "run", f"--config.model.hf_path={folder}", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: config.model.hf_path: '{folder}' holds no tokenizer files (tokenizer.json / tokenizer_config.json); "
+        "found ['config.json']"
+    )
 
 
 @pytest.mark.slow  # ~40 s: the demo until its disk is full, then resumed on a larger one

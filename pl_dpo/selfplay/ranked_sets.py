@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pl_dpo import config_lib, sampler, scoring
-from pl_dpo.data import RankedSet, concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
+from pl_dpo.data import DamagedFile, RankedSet, concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
 from pl_dpo.models import Decoder
 from pl_dpo.selfplay import generation, modes, seeds, stages
 from pl_dpo.selfplay.modes import TokenIds
@@ -45,10 +45,12 @@ class RankedSets:
         assistant: Callable[[int], Decoder],
         assistant_tokenizers: tuple[str, ...],
         sft_policy: Callable[[], Decoder],
+        round_start: Callable[[modes.Mode, int], Decoder],
     ):
         self.workdir, self.settings, self.sampling, self.data = workdir, settings, sampling, data
         self.tokenizer, self.metric_log = tokenizer, metric_log
         self.assistant, self.assistant_tokenizers, self.sft_policy = assistant, assistant_tokenizers, sft_policy
+        self.round_start = round_start  # πθ(t) of a mode, from disk: remakes a damaged earlier set for mixing
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     # --------------------------------------------------------------------------- samples
@@ -201,8 +203,14 @@ class RankedSets:
             return own
         path = wd.mixed_set_path(self.workdir, mode.name, t)
 
+        def earlier(s: int) -> RankedSet:
+            try:
+                return load_ranked_set(wd.ranked_set_path(self.workdir, mode.name, s))
+            except DamagedFile:  # derived data: made again (and said so) from πθ(s), as round s made it
+                return self.ranked_set(mode, s, self.round_start(mode, s), K)
+
         def build() -> RankedSet:
-            sets = [load_ranked_set(wd.ranked_set_path(self.workdir, mode.name, s)) for s in previous]
+            sets = [earlier(s) for s in previous]
             if self.settings.mix_rescore:
                 sets = [s.replace(ref_logps_NxK=self._score(start, s)) for s in sets]
             return concat_ranked_sets([*sets, own])

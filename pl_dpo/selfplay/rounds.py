@@ -69,6 +69,7 @@ class SelfPlay:
             assistant=self.assistant,
             assistant_tokenizers=tuple(config_lib.foreign_tokenizer(a) for a in config.assistants),
             sft_policy=lambda: self.policies.restore("sft", config.model, 0),
+            round_start=self.round_start,
         )
 
     # --------------------------------------------------------------------------- SFT: πθ(0) and the assistants
@@ -205,11 +206,14 @@ class SelfPlay:
             batch_type=s.batch_type,
         )
 
+    def round_start(self, mode: modes.Mode, t: int) -> Decoder:
+        """πθ(t), the policy round t of an arm starts from, restored afresh (training donates its buffers)."""
+        return self.policies.restore(*(("sft", self.config.model, 0) if t == 0 else (mode.name, self.config.model, t)))
+
     def _train_round(self, mode: modes.Mode, t: int, K: int) -> Decoder:
         """Round t of an arm: its lists (or the dataset answers) and reference, then training from πθ(t)."""
-        s, model_cfg = self.settings, self.config.model
-        # A fresh restore: training donates the buffers of the model it starts from.
-        start = self.policies.restore(*(("sft", model_cfg, 0) if t == 0 else (mode.name, model_cfg, t)))
+        s = self.settings
+        start = self.round_start(mode, t)
         if mode.objective is modes.Objective.SFT:
             lists, objective = self.data.sft_set, train.sft_objective(s.logprob_chunk)
         else:

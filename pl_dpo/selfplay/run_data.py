@@ -45,7 +45,11 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     """A configured folder, else the model's own folder, else a tiny one built once in the workdir."""
     path = config.tokenizer.path or config.model.hf_path
     if path:
-        return load_tokenizer(path)
+        try:
+            return load_tokenizer(path)
+        except (FileNotFoundError, ValueError) as e:
+            field = "tokenizer.path" if config.tokenizer.path else "model.hf_path"
+            raise config_lib.ConfigError(f"config.{field}: {e}") from None
     path = wd.tokenizer_dir(workdir)
     if not epath.Path(path, "tokenizer.json").exists() and jax.process_index() == 0:
         with bucket.staged_folder(path, marker="tokenizer.json") as folder:  # a bucket: built here, uploaded
