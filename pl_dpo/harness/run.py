@@ -56,6 +56,7 @@ def scores(model, tokenizer, settings: HarnessSettings, seed: int) -> dict[str, 
     out: dict[str, Any] = {}
     for task, metrics in (result or {}).get("results", {}).items():
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "samples":
+            # Scores only: lm-eval also reports how many documents it read ("samples", "sample_len").
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("sample"):
                 out[metric_name(task, key)] = float(value)
     return out

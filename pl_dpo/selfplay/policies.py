@@ -8,15 +8,20 @@ Policies are created and restored directly onto the mesh: never whole on one dev
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from pl_dpo import config_lib, sharding
 from pl_dpo.models import Decoder, create_model, from_pretrained
+from pl_dpo.selfplay.run_data import run_tokenizer
+from pl_dpo.tokenizer import load_tokenizer
 from pl_dpo.training import checkpoint
 from pl_dpo.workdir import layout as wd
 
@@ -65,3 +70,46 @@ class PolicyStore:
         graphdef, target = self.abstract(model_cfg)
         with self._checkpoints(lineage) as ckpts:
             return nnx.merge(graphdef, ckpts.restore(index, target))
+
+
+class SavedPolicyError(ValueError):
+    """A path given as a run's saved policy is not one; names the path and what there is instead."""
+
+
+def is_saved_policy(path: str) -> bool:
+    """`path` is a policy step folder of a run (`<workdir>/<lineage>/policies/<t>`), not a Hugging Face folder."""
+    return os.path.basename(os.path.dirname(os.fspath(path).rstrip("/"))) == "policies"
+
+
+def saved_policy(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Decoder, Any]:
+    """The policy a run saved at `path` (`<workdir>/<lineage>/policies/<t>`: πθ(0) of `sft`, an assistant, a mode's
+    πθ(t)) and its tokenizer, as the run built them from its own `config.json`; restored onto `mesh` (default:
+    every device, fully sharded), in `dtype` (default: the run's param and compute dtypes)."""
+    path = os.fspath(path).rstrip("/")
+    policies = os.path.dirname(path)
+    lineage_dir = os.path.dirname(policies)
+    workdir, lineage, index = os.path.dirname(lineage_dir), os.path.basename(lineage_dir), os.path.basename(path)
+    if os.path.basename(policies) != "policies" or not index.isdigit():
+        raise SavedPolicyError(f"{path}: not a run's policy folder (<workdir>/<lineage>/policies/<t>)")
+    config_path = epath.Path(workdir, "config.json")
+    if not config_path.exists():
+        raise SavedPolicyError(f"{path}: no config.json in {workdir}, the run's workdir")
+    if not wd.policy_committed(workdir, lineage, int(index)):
+        saved = (
+            sorted(p.name for p in epath.Path(policies).glob("*") if p.name.isdigit())
+            if os.path.isdir(policies)
+            else []
+        )
+        saved = [t for t in saved if wd.policy_committed(workdir, lineage, int(t))]
+        raise SavedPolicyError(f"{path}: no saved policy {index} of {lineage} (saved: {', '.join(saved) or 'none'})")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    model_cfg, tokenizer_path = config.model, ""
+    if lineage.startswith("assistant_"):
+        section = config.assistants[int(lineage.removeprefix("assistant_"))]
+        model_cfg, tokenizer_path = section.model, config_lib.foreign_tokenizer(section)
+    if dtype:
+        model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        model_cfg.update(param_dtype=dtype, compute_dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else run_tokenizer(config, workdir)
+    store = PolicyStore(workdir, mesh or sharding.make_mesh(), sharding.DEFAULT_DECODER_RULES, len(tokenizer))
+    return store.restore(lineage, model_cfg, int(index)), tokenizer

