@@ -173,8 +173,12 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     # harness: lm-evaluation-harness tasks scored on πθ(0) and every round's policy, in the run, on its mesh
     # (pl_dpo.harness; the `eval` extra). tasks: comma-separated names ("": off); include_path: a folder of task
     # YAMLs of your own; num_fewshot: -1 = each task's own; limit: documents per task (0: all); batch_size: 0 =
-    # eval.batch_size; apply_chat_template: prompts (few-shot as turns) in the tokenizer's chat template.
-    harness = dict(tasks="", include_path="", num_fewshot=-1, limit=0, batch_size=0, apply_chat_template=False)
+    # eval.batch_size; apply_chat_template: prompts (few-shot as turns) in the tokenizer's chat template;
+    # max_length: tokens a request may take (longer ones lose their start; generation: prompt + new tokens), 0 = the
+    # model's max_position_embeddings, as lm-eval's hf backend (the planner plans the harness at this length).
+    harness = dict(
+        tasks="", include_path="", num_fewshot=-1, limit=0, batch_size=0, apply_chat_template=False, max_length=0
+    )
     c.eval = ml_collections.ConfigDict(dict(num_prompts=0, batch_size=64, harness=harness))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
     # keep_train_state: keep each phase's mid-phase train states after its policy is committed.

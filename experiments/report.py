@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from collect import Cell, Record, aggregate, read_config, read_sweep, stat  # noqa: E402
+from report_harness import harness_section  # noqa: E402
 
 from pl_dpo.selfplay import modes  # noqa: E402
 
@@ -659,6 +660,7 @@ def build(
         findings + "\n",
         rep.sft_start_section(),
         rep.arms_section(),
+        harness_section(rep.records, rep.ref_arms(), rep.rounds, arm_label),
         rep.compute_section(),
         rep.K_section(),
         rep.switches_section(),

@@ -198,6 +198,7 @@ def harness(section: ml_collections.ConfigDict) -> HarnessSettings | None:
         limit=int(h.limit) or None,
         batch_size=int(h.batch_size) or int(section.batch_size),
         apply_chat_template=bool(h.apply_chat_template),
+        max_length=int(h.max_length) or None,
     )
 
 
@@ -212,14 +213,14 @@ def check_harness(section: ml_collections.ConfigDict) -> None:
         import lm_eval  # noqa: F401
     except ImportError:
         raise ConfigError("config.eval.harness.tasks needs lm-eval: pip install -e '.[eval]'") from None
-    from pl_dpo.harness.run import task_manager
+    if settings.max_length is not None and settings.max_length < 2:
+        raise ConfigError(f"config.eval.harness.max_length={settings.max_length} must be >= 2 (or 0: the model's)")
+    from pl_dpo.harness.run import TaskError, check_tasks
 
-    known = set(task_manager(settings.include_path, settings.tasks).all_tasks)
-    unknown = [t for t in settings.tasks if t not in known]
-    if unknown:
-        raise ConfigError(
-            f"config.eval.harness.tasks: unknown task(s) {', '.join(unknown)} (lm-eval's, or YAMLs in include_path)"
-        )
+    try:
+        check_tasks(settings)
+    except TaskError as e:
+        raise ConfigError(f"config.eval.harness.tasks: {e}") from None
 
 
 def run_settings(config: ml_collections.ConfigDict) -> RunSettings:

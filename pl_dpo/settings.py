@@ -44,6 +44,7 @@ class HarnessSettings:
     limit: int | None  # documents per task (None: all)
     batch_size: int
     apply_chat_template: bool
+    max_length: int | None  # None: the model's max_position_embeddings
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,6 +179,30 @@ def test_seed_from_donors_copies_only_stages_with_equal_settings(tmp_path):
     assert sweep.seed_from_donors(diff, resolve({}), donors) == []
 
 
+def test_the_report_has_a_column_per_harness_metric_with_its_spread():
+    import report_harness
+
+    assert report_harness.stderr_name("harness/arc/acc") == "harness/arc/acc_stderr"
+    assert report_harness.stderr_name("harness/gsm/exact_match/strict") == "harness/gsm/exact_match_stderr/strict"
+    spin = collect.Cell(mode="spin", K=2, T=0.1, num_train=64, sft_steps=0)
+
+    def record(seed, t, acc, em):
+        metrics = {"exact_match": 0.1, "harness/mc/acc": acc, "harness/mc/acc_stderr": 0.05,
+                   "harness/gen/exact_match/last": em, "harness/gen/exact_match_stderr/last": 0.04}  # fmt: skip
+        return collect.Record(cell=spin, seed=seed, round=t, metrics=metrics, job=f"job{seed}")
+
+    one_seed = [record(0, 0, 0.25, 0.1), record(0, 1, 0.5, 0.2)]
+    text = report_harness.harness_section(one_seed, [spin], lambda c: [0, 1], report.arm_label)
+    assert "| policy | gen/exact_match/last | mc/acc |" in text
+    assert "| SFT start (round 0) | 0.100 ± 0.040 se | 0.250 ± 0.050 se |" in text
+    assert "| spin (K=2) round 1 | 0.200 ± 0.040 se | 0.500 ± 0.050 se |" in text
+    three_seeds = one_seed + [record(1, 1, 0.6, 0.2), record(2, 1, 0.7, 0.2), record(1, 0, 0.25, 0.1)]
+    text = report_harness.harness_section(three_seeds, [spin], lambda c: [0, 1], report.arm_label)
+    assert "| spin (K=2) round 1 | 0.200 ± 0.000 | 0.600 ± 0.100 |" in text  # over seeds, as the rest of the report
+    assert "| SFT start (round 0) | 0.100 ± 0.000 (n=2) | 0.250 ± 0.000 (n=2) |" in text
+    assert report_harness.harness_section([record(0, 0, 0.1, 0.1)] * 0, [spin], lambda c: [0], str) == ""
+
+
 def test_stat_matches_numpy():
     values = [0.2, 0.25, 0.31]
     s = collect.stat(values)

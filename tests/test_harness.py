@@ -50,19 +50,31 @@ def test_token_logprobs_and_greedy_match_float64():
     np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(-1) == targets)
 
 
-def test_continuation_scores_match_each_row_scored_alone(tiny):
-    rng = np.random.default_rng(1)
+def _requests_with_shared_contexts(rng, tiny) -> list[tuple[list[int], list[int]]]:
     requests = []
     for n_ctx, n_cont in [(1, 1), (5, 3), (12, 1), (30, 6), (45, 8), (3, 2), (7, 7)]:
         requests.append((rng.integers(1, VOCAB, n_ctx).tolist(), rng.integers(1, VOCAB, n_cont).tolist()))
-    # A continuation that greedy decoding gives: each token the argmax after the ones before.
+    # Multiple choice: contexts with 2-4 continuations of different lengths (one near max_length: the choices
+    # cut its start differently, so it packs as separate contexts).
+    for n_ctx, choices in [(6, (1, 2, 1, 3)), (20, (4, 1)), (38, (1, 3, 5)), (2, (2, 2, 2))]:
+        context = rng.integers(1, VOCAB, n_ctx).tolist()
+        requests += [(context, rng.integers(1, VOCAB, n).tolist()) for n in choices]
+    # A continuation that greedy decoding gives (each token the argmax after the ones before), as one choice of three.
     context = [5, 9, 2]
     cont = []
     for _ in range(3):
         cont.append(int(_reference_logps(tiny, context + cont)[-1].argmax()))
-    requests.append((context, cont))
+    requests += [(context, [7, 1]), (context, cont), (context, [4])]
+    return requests
+
+
+@pytest.mark.parametrize("share_contexts", [True, False])
+def test_continuation_scores_match_each_row_scored_alone(tiny, share_contexts):
+    requests = _requests_with_shared_contexts(np.random.default_rng(1), tiny)
     max_length = 40
-    got = harness_requests.continuation_scores(tiny, requests, batch_size=3, max_length=max_length)
+    got = harness_requests.continuation_scores(
+        tiny, requests, batch_size=3, max_length=max_length, share_contexts=share_contexts
+    )
     for (context, continuation), (logp, greedy) in zip(requests, got, strict=True):
         whole = (context + continuation)[-(max_length + 1) :]  # left-truncated as lm-eval's hf backend does
         ref = _reference_logps(tiny, whole[:-1])
@@ -71,7 +83,19 @@ def test_continuation_scores_match_each_row_scored_alone(tiny):
         targets = np.asarray(whole[-n:])
         assert logp == pytest.approx(rows[np.arange(n), targets].sum(), rel=1e-5, abs=1e-5)
         assert greedy == bool((rows.argmax(-1) == targets).all())
-    assert got[-1][1]  # the greedy continuation is said to be greedy
+    assert got[-2][1] and not got[-1][1]  # the greedy continuation is said to be greedy, its neighbours not
+
+
+def test_shared_contexts_pack_each_context_once():
+    from pl_dpo.harness import shared_context
+
+    groups = [([1, 2, 3], [(0, [4]), (1, [5, 6]), (2, [7])]), ([9] * 10, [(3, [1, 2, 3]), (4, [4, 5, 6])])]
+    rows = shared_context.pack_rows(groups, max_slots=14)
+    assert rows == [
+        ([1, 2, 3], [(0, [4]), (1, [5, 6]), (2, [7])]),
+        ([9] * 10, [(3, [1, 2, 3])]),
+        ([9] * 10, [(4, [4, 5, 6])]),
+    ]
 
 
 def test_continuation_scores_on_a_mesh_equal_one_device(tiny):
@@ -83,8 +107,7 @@ def test_continuation_scores_on_a_mesh_equal_one_device(tiny):
     graphdef, state = nnx.split(tiny)
     shardings = sharding.logical_to_shardings(state, mesh, sharding.DEFAULT_DECODER_RULES)
     sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
-    rng = np.random.default_rng(2)
-    requests = [(rng.integers(1, VOCAB, n).tolist(), rng.integers(1, VOCAB, 3).tolist()) for n in (4, 9, 20, 2, 30)]
+    requests = _requests_with_shared_contexts(np.random.default_rng(2), tiny)
     one = harness_requests.continuation_scores(tiny, requests, batch_size=2, max_length=40)
     many = harness_requests.continuation_scores(sharded, requests, batch_size=2, max_length=40)
     np.testing.assert_allclose([s for s, _ in many], [s for s, _ in one], rtol=1e-5)
@@ -106,10 +129,21 @@ def test_generate_gives_each_prompt_what_the_sampler_gives_it_alone(tiny):
     [
         pytest.param(  # ~15 s: lm-eval indexes its own thousands of task files to say a name is in none of them
             {"tasks": "pl_dpo_nope", "include_path": "TASKS"},
-            r"config.eval.harness.tasks: unknown task\(s\) pl_dpo_nope",
+            r"config.eval.harness.tasks: unknown task\(s\) pl_dpo_nope \(lm-eval's, or YAMLs in include_path\); "
+            r"tasks in .*: pl_dpo_gen, pl_dpo_hub, pl_dpo_ll, pl_dpo_mc, pl_dpo_rolling$",
             marks=pytest.mark.slow,
         ),
         ({"tasks": "pl_dpo_mc", "include_path": "/no/such/folder"}, r"include_path=/no/such/folder: no such folder"),
+        (
+            {"tasks": "pl_dpo_hub", "include_path": "TASKS"},
+            r"config.eval.harness.tasks: task pl_dpo_hub: its dataset is not on this machine and nothing is "
+            r"downloaded \(ConnectionError: .*\); write a task YAML with dataset_path: json",
+        ),
+        (
+            {"tasks": "pl_dpo_mc", "include_path": "TASKS", "num_fewshot": 5},
+            r"config.eval.harness.tasks: task pl_dpo_mc: num_fewshot=5, but its few-shot split has 4 examples",
+        ),
+        ({"tasks": "pl_dpo_mc", "include_path": "TASKS", "max_length": -1}, r"max_length=-1 must be >= 2"),
     ],
 )
 def test_harness_settings_a_run_cannot_use_are_named_before_it_starts(tmp_path, harness, message):
@@ -118,11 +152,18 @@ def test_harness_settings_a_run_cannot_use_are_named_before_it_starts(tmp_path, 
     from pl_dpo import config_lib
 
     _write_tasks(tmp_path, 0)
+    # A task whose dataset is on the Hugging Face Hub: lm-eval would download it.
+    (tmp_path / "pl_dpo_hub.yaml").write_text(
+        "task: pl_dpo_hub\ndataset_path: pl-dpo-nobody/no-such-dataset\noutput_type: loglikelihood\n"
+        "test_split: test\ndoc_to_text: q\ndoc_to_target: a\n"
+    )
     config = demo.get_config("quick")
     config.eval.harness.update({k: str(tmp_path) if v == "TASKS" else v for k, v in harness.items()})
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config)
-    config.eval.harness.update(tasks="pl_dpo_mc,pl_dpo_gen", include_path=str(tmp_path), num_fewshot=1, limit=3)
+    config.eval.harness.update(
+        tasks="pl_dpo_mc,pl_dpo_gen", include_path=str(tmp_path), num_fewshot=1, limit=3, max_length=0
+    )
     config_lib.validate(config)  # known tasks: accepted, and read as typed settings
     settings = config_lib.run_settings(config)
     assert settings.harness.tasks == ("pl_dpo_mc", "pl_dpo_gen") and settings.harness.num_fewshot == 1
@@ -329,3 +370,16 @@ def test_a_run_policy_that_is_not_there_is_one_line_naming_what_is(tmp_path, mai
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == f"error: {missing}: no saved policy 3 of spin (saved: none)"
     assert "Traceback" not in done.stderr
+
+
+def test_a_chat_template_asked_of_a_tokenizer_without_one_is_named(tiny, tmp_path):
+    pytest.importorskip("lm_eval")
+    from pl_dpo.harness.lm import NoChatTemplate, PlDpoLM
+    from pl_dpo.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(str(tmp_path / "tok"), vocab_size=384)  # only its template is used
+    lm = PlDpoLM(model=tiny, tokenizer=tokenizer)
+    assert "What is 2 + 2?" in lm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
+    tokenizer.chat_template = None
+    with pytest.raises(NoChatTemplate, match="--apply_chat_template: the tokenizer .* has no chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])

@@ -1,5 +1,6 @@
 """The self-play job as 2 real JAX processes (2 CPU devices each) against 1 process with 4 devices."""
 
+import json
 import os
 import subprocess
 
@@ -15,7 +16,10 @@ from pl_dpo.data import load_ranked_set
 from pl_dpo.selfplay import rounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.modes=spin", "--config.mesh.num_devices=0", "--config.rounds.max_steps=4"]
+# With two lm-evaluation-harness tasks of the repository (configs/harness_tasks), 4 documents each.
+HARNESS = ["--config.eval.harness.tasks=pl_dpo_arith_mc,pl_dpo_arith_gen", "--config.eval.harness.limit=4",
+           "--config.eval.harness.include_path=configs/harness_tasks"]  # fmt: skip
+OVERRIDES = ["--config.modes=spin", "--config.mesh.num_devices=0", "--config.rounds.max_steps=4", *HARNESS]
 
 
 pytestmark = pytest.mark.slow
@@ -74,6 +78,14 @@ def test_two_processes_match_one_process(runs):
     same_samples = (two.tokens_NxKxL == one.tokens_NxKxL).all(axis=(1, 2))
     assert same_samples.mean() > 0.99
     np.testing.assert_allclose(two.ref_logps_NxK[same_samples], one.ref_logps_NxK[same_samples], rtol=1e-4, atol=1e-3)
+    # The harness: every process scores every request on the mesh of all of them; process 0 writes the scores.
+    for lineage, index in (("sft", 0), ("spin", 1)):
+        scores = [
+            {k: v for k, v in json.loads((root / run / lineage / f"eval_{index}.json").read_text())["metrics"].items()
+             if k.startswith("harness/")}
+            for run in ("two", "one")
+        ]  # fmt: skip
+        assert "harness/pl_dpo_arith_mc/acc" in scores[0] and scores[0] == pytest.approx(scores[1], rel=1e-6)
     sp, policy = _params(root / "two", "spin", 1)
     again = scoring.score_ranked(policy, two, sp.config.eval.batch_size, batch_type=sp.settings.batch_type)
     assert np.isfinite(again).all()

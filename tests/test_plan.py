@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import jax
@@ -21,6 +22,8 @@ from pl_dpo import (  # noqa: E402
 )
 from pl_dpo.models import preset_config  # noqa: E402
 from pl_dpo.plan import advice, bounds, cli, compiler, programs, slices  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from pl_dpo.training import train  # noqa: E402
 
 
@@ -188,17 +191,20 @@ def test_planner_figures_are_memory_analysis_of_the_same_step():
     assert 0 < row.compiler_total_bytes <= row.total_bytes
 
 
-@pytest.mark.slow  # ~25 s: six programs compiled, each with the compiler's memory report
+@pytest.mark.slow  # ~60 s: seven programs compiled, each with the compiler's memory report
 def test_cli_plans_the_demo_config_and_every_program_fits(capsys):
-    # SPIN alone: every kind of program (SFT step, Plackett-Luce step, scoring, sampler, evaluation) at 5 compiles
-    # of libtpu's ~10 s each; aSFT would add the K=3 step and scoring and the assistant's sampler.
+    # SPIN alone: every kind of program (SFT step, Plackett-Luce step, scoring, sampler, evaluation, the harness's
+    # scoring and generation) at 7 compiles of libtpu's ~10 s each; aSFT would add the K=3 step and scoring and
+    # the assistant's sampler.
     code, out, err = run_plan(
-        capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--json", "--config.modes=spin"
-    )
+        capsys, "--config=configs/demo.py:quick", "--topology=v5e-4", "--json", "--config.modes=spin",
+        "--config.eval.harness.tasks=pl_dpo_arith_mc", f"--config.eval.harness.include_path={REPO}/configs/harness_tasks",
+    )  # fmt: skip
     assert code == 0, err
     result = json.loads(out)
     names = [p["program"] for p in result["programs"]]
-    assert names == ["sft step", "pl-dpo step K=2", "scoring K=2", "sampler", "evaluation (greedy)"]
+    assert names == ["sft step", "pl-dpo step K=2", "scoring K=2", "sampler", "evaluation (greedy)",
+                     "harness log-likelihood", "harness generation (greedy)"]  # fmt: skip
     assert result["fits"] and all(p["fits"] and p["compiler_total_bytes"] > 0 for p in result["programs"])
 
 
@@ -270,6 +276,24 @@ def test_missing_libtpu_says_which_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     with pytest.raises(slices.PlanError, match=r"pip install -e '\.\[tpu\]'"):
         slices.abstract_devices(slices.get_slice("v5e-4"))
+
+
+def test_the_harness_is_planned_at_its_longest_rows_and_generations():
+    from configs import spin
+
+    config = spin.get_config(None)
+    config.eval.harness.update(tasks="arc_easy", batch_size=8, max_length=4096)
+    by_name = {p.name: p for p in programs.programs_of(config, [])}
+    scoring = by_name["harness log-likelihood"]
+    assert (scoring.kind, scoring.harness, scoring.batch, scoring.length) == ("score", True, 8, 4096)
+    assert programs.settings_text(scoring) == "batch 8, rows of 4096 tokens"
+    generation = by_name["harness generation (greedy)"]
+    assert generation.new_tokens == 256 and generation.sampling.greedy
+    assert generation.prompt_len + generation.new_tokens >= 4096  # the prompt bucket holds the longest prompt
+    config.eval.harness.max_length = 0  # the model's own: mistral-7b's 32768 positions
+    assert {p.name: p for p in programs.programs_of(config, [])}["harness log-likelihood"].length == 32768
+    config.eval.harness.tasks = ""
+    assert not any(p.name.startswith("harness") for p in programs.programs_of(config, []))
 
 
 def test_folder_absent_takes_the_preset_and_says_so():

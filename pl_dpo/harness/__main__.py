@@ -13,6 +13,6 @@ from pl_dpo.selfplay.policies import SavedPolicyError
 if __name__ == "__main__":
     try:
         cli_evaluate()
-    except (ModelFolderError, SavedPolicyError) as e:
+    except (ModelFolderError, SavedPolicyError, pl_dpo.harness.lm.NoChatTemplate) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

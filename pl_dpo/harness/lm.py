@@ -38,6 +38,10 @@ def _batch_size(value) -> int:
     return size
 
 
+class NoChatTemplate(ValueError):
+    """The chat template was asked for, and the tokenizer has none."""
+
+
 @register_model("pl_dpo")
 class PlDpoLM(TemplateLM):
     """A pl_dpo `Decoder` and its tokenizer, given as objects (a run's policy, in the run) or by `path`: a Hugging
@@ -52,7 +56,7 @@ class PlDpoLM(TemplateLM):
         tokenizer=None,
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
-        max_gen_toks: int = 256,
+        max_gen_toks: int = harness_requests.MAX_GEN_TOKS,
         dtype: str = "float32",
         seed: int = 0,
         add_bos_token: bool | None = None,
@@ -131,6 +135,10 @@ class PlDpoLM(TemplateLM):
                 continue_final_message=not add_generation_prompt,
             )
 
+        if not self.tokenizer.chat_template:
+            raise NoChatTemplate(
+                f"--apply_chat_template: the tokenizer {self.tokenizer.name_or_path} has no chat template"
+            )
         try:
             return render(chat_history)
         except jinja2.exceptions.TemplateError:  # templates without a system role (as the `hf` backend does)

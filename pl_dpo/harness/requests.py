@@ -1,7 +1,8 @@
 """lm-evaluation-harness's requests on pl_dpo's own model, as token lists (no lm_eval here; `harness.lm` wraps it).
 
 `continuation_scores`: the log-prob of each continuation after its context and whether greedy decoding would
-give it (`loglikelihood`; `loglikelihood_rolling` is a list of such windows). `generate`: the sampler's decode
+give it (`loglikelihood`, the choices of a multiple-choice question behind one copy of their context:
+`shared_context`; `loglikelihood_rolling` is a list of such windows). `generate`: the sampler's decode
 (`generate_until`). Both split the rows over the weights' mesh as scoring and the sampler do, every process
 passing the same requests and getting every answer. Compiles stay bounded: rows are sorted by length, padded to
 a few length buckets, and every batch has the same number of rows.
@@ -18,9 +19,12 @@ import numpy as np
 from flax import nnx
 
 from pl_dpo import decode_layout, logprobs, sampler, sharding
+from pl_dpo.harness import shared_context
 from pl_dpo.models import Decoder
 from pl_dpo.models.decoder import positions_from_valid
 
+# New tokens of a `generate_until` request whose task names no max_gen_toks (lm-eval's hf backend's default too).
+MAX_GEN_TOKS = 256
 # Row lengths are padded up to one of these (then to a multiple of the largest): one compile per bucket used.
 LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -46,22 +50,49 @@ def continuation_scores(
     batch_size: int,
     max_length: int,
     chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE,
+    share_contexts: bool = True,
 ) -> list[tuple[float, bool]]:
     """(log p(continuation | context), is greedy) per (context tokens, continuation tokens) request.
 
     As lm-eval's `hf` backend reads a request: the model sees (context + continuation)[-(max_length + 1):][:-1]
-    (left-truncated), and the continuation's tokens are the last ones predicted."""
-    graphdef, params = nnx.split(model)
-    mesh, rows, shards = sharding.row_placement(params)
-    batch_size = -(-batch_size // shards) * shards
-    seqs = []
+    (left-truncated), and the continuation's tokens are the last ones predicted. Continuations that share their
+    context (multiple choice) go behind one copy of it (`shared_context`, with `share_contexts`); the others,
+    one row each."""
+    seqs, splits = [], []
     for context, continuation in requests:
         if not continuation:
             raise ValueError("continuation_scores: a request has an empty continuation")
-        seqs.append(np.asarray((list(context) + list(continuation))[-(max_length + 1) :], np.int32))
-    cont_lens = [min(len(c), len(s) - 1) for (_, c), s in zip(requests, seqs, strict=True)]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: each batch's first row sets L
+        seq = (list(context) + list(continuation))[-(max_length + 1) :]
+        seqs.append(np.asarray(seq, np.int32))
+        splits.append(len(seq) - min(len(continuation), len(seq) - 1))  # where the scored tokens start
     out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, split) in enumerate(zip(seqs, splits, strict=True)):
+        groups.setdefault(tuple(seq[:split].tolist()) if share_contexts else (i,), []).append(i)
+    alone = [members[0] for members in groups.values() if len(members) == 1]
+    shared = [(list(key), [(i, seqs[i][splits[i] :]) for i in m]) for key, m in groups.items() if len(m) > 1]
+    if shared:
+        shared_context.scores(
+            model,
+            shared_context.pack_rows(shared, max_length),
+            out,
+            batch_size=batch_size,
+            bucket_length=bucket_length,
+            chunk_size=chunk_size,
+        )
+    _one_row_each(model, [seqs[i] for i in alone], [len(seqs[i]) - splits[i] for i in alone], alone, out,
+                  batch_size=batch_size, chunk_size=chunk_size)  # fmt: skip
+    return out
+
+
+def _one_row_each(model, seqs, cont_lens, indices, out, *, batch_size: int, chunk_size: int) -> None:
+    """out[indices[j]] for sequence j scored in a row of its own (its last cont_lens[j] tokens)."""
+    if not seqs:
+        return
+    graphdef, params = nnx.split(model)
+    mesh, rows, shards = sharding.row_placement(params)
+    batch_size = -(-batch_size // shards) * shards
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: each batch's first row sets L
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         length = bucket_length(len(seqs[batch[0]]) - 1)
@@ -81,8 +112,7 @@ def continuation_scores(
         logps, greedy = sharding.to_host(logps), sharding.to_host(greedy)
         for row, i in enumerate(batch):
             mask = scored[row]
-            out[i] = (float(logps[row][mask].sum(dtype=np.float64)), bool(greedy[row][mask].all()))
-    return out
+            out[indices[i]] = (float(logps[row][mask].sum(dtype=np.float64)), bool(greedy[row][mask].all()))
 
 
 def generate(

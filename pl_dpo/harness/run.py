@@ -4,6 +4,7 @@ export (`pl_dpo.selfplay.rounds` calls `scores` for πθ(0) and every round's po
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from pl_dpo.settings import HarnessSettings
@@ -30,15 +31,57 @@ def task_manager(include_path: str | None, tasks: tuple[str, ...]):
     return TaskManager(include_path=include_path)
 
 
+class TaskError(ValueError):
+    """A harness task the run cannot score offline as configured; names the task and what to do."""
+
+
+def offline() -> None:
+    """Nothing is downloaded: lm-eval's datasets come from local files (or an existing Hugging Face cache)."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def check_tasks(settings: HarnessSettings) -> None:
+    """Every task is known, its dataset is on disk, and it has the few-shot examples asked for (its documents
+    loaded once, offline: ~0.1 s for a local file)."""
+    offline()
+    manager = task_manager(settings.include_path, settings.tasks)
+    unknown = [t for t in settings.tasks if t not in set(manager.all_tasks)]
+    if unknown:
+        local = sorted(task_manager(settings.include_path, ()).all_tasks) if settings.include_path else []
+        found = f"; tasks in {settings.include_path}: {', '.join(local) or 'none'}" if settings.include_path else ""
+        raise TaskError(f"unknown task(s) {', '.join(unknown)} (lm-eval's, or YAMLs in include_path){found}")
+    for name in settings.tasks:
+        try:
+            loaded = manager.load([name])["tasks"]
+        except (ConnectionError, FileNotFoundError) as e:
+            raise TaskError(
+                f"task {name}: its dataset is not on this machine and nothing is downloaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}); write a task YAML with dataset_path: json and dataset_kwargs.data_files "
+                "naming local files, in include_path"
+            ) from None
+        for task in loaded.values():
+            shots = task.config.num_fewshot if settings.num_fewshot is None else settings.num_fewshot
+            docs = task.fewshot_docs()
+            available = len(docs) if docs is not None else len(task.eval_docs) - 1
+            if shots and shots > available:
+                raise TaskError(
+                    f"task {task.config.task}: num_fewshot={shots}, but its few-shot split has {available} examples"
+                )
+
+
 def scores(model, tokenizer, settings: HarnessSettings, seed: int) -> dict[str, Any]:
     """Every numeric metric (and its stderr) of `settings.tasks` for `model`, as {"<task>/<metric>": value}."""
     import lm_eval
 
     from pl_dpo.harness.lm import PlDpoLM
 
+    offline()
     # lm-eval logs every task's settings at INFO; the run's log says what is evaluated and the scores.
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    lm = PlDpoLM(model=model, tokenizer=tokenizer, batch_size=settings.batch_size, seed=seed)
+    lm = PlDpoLM(
+        model=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length, seed=seed
+    )
     result = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(settings.tasks),

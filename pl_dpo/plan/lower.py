@@ -13,6 +13,7 @@ from flax import nnx
 
 from pl_dpo import decode_layout, sampler, scoring, sharding
 from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, assemble_ranked
+from pl_dpo.harness import requests as harness_requests
 from pl_dpo.models import create_model
 from pl_dpo.plan.programs import Program
 from pl_dpo.plan.slices import chip_of
@@ -82,6 +83,11 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
             )
             step = train.make_train_step(graphdef, objective, tx, train.TrainState(param_sh, opt_sh), bsh)
             return step.lower(params, opt, abstract_batch(p, bsh, with_ref=p.objective != "sft"))
+        if p.kind == "score" and p.harness:  # as `harness.requests.continuation_scores`: rows split as in scoring
+            rows = -(-p.batch // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
+            tokens = _abstract((rows, p.length), jnp.int32, bsh)
+            valid = _abstract((rows, p.length), jnp.bool_, bsh)
+            return harness_requests._token_scores.lower(graphdef, params, tokens, tokens, valid, chunk_size=chunk_size)
         if p.kind == "score":
             # As `scoring.score_ranked`: the batch split over ("data", "fsdp") (padded to a multiple of that),
             # the weights as trained (FSDP: XLA gathers each layer's weights as the forward reaches it).

@@ -13,6 +13,7 @@ from typing import Any
 
 from pl_dpo import config_lib, sampler
 from pl_dpo.data import PackedBatch, default_buckets
+from pl_dpo.harness.requests import MAX_GEN_TOKS, bucket_length
 from pl_dpo.models import DecoderConfig, preset_config
 from pl_dpo.selfplay import modes
 from pl_dpo.settings import RunSettings
@@ -32,6 +33,7 @@ class Program:
     prompt_len: int = 0
     new_tokens: int = 0
     packed: bool = False  # train / score: PackedBatch rows (data.pack_prompt), else RankedBatch
+    harness: bool = False  # score: lm-eval requests (`harness.requests`: token rows of `length`), not ranked lists
     optim: Any = None  # train.OptimizerConfig
     objective: str = "pl_dpo"  # "pl_dpo" | "sft"
     # The config fields this program's batch comes from (for advice), e.g. "rounds.batch_size".
@@ -47,6 +49,8 @@ def settings_text(p: Program) -> str:
     remat = p.model.remat
     if p.kind == "sample":
         return f"batch {p.batch}, prompt {p.prompt_len} + {p.new_tokens} new"
+    if p.harness:
+        return f"batch {p.batch}, rows of {p.length} tokens"
     layout = "packed" if p.packed else "plain"
     accum = p.optim.grad_accum_steps if p.optim is not None and p.optim.grad_accum_steps > 1 else 1
     acc = f" x{accum} accum" if accum > 1 else ""
@@ -122,9 +126,11 @@ def programs_of(config, notes: list[str]) -> list[Program]:
             Program(f"scoring K={k}", "score", policy, s.eval_batch_size, k=k, **rows, batch_field="eval.batch_size")
         )
 
-    def sample(name: str, model, batch: int, field: str, sampling: sampler.SamplingConfig, tp: int) -> Program:
+    def sample(
+        name: str, model, batch: int, field: str, sampling: sampler.SamplingConfig, tp: int, prompt_len: int = prompt
+    ) -> Program:
         """A sampler program at the shapes `sampler.generate` compiles for (its padded batch and prompt bucket)."""
-        batch, prompt_len = sampler.bucket_shapes(batch, prompt, sampling)
+        batch, prompt_len = sampler.bucket_shapes(batch, prompt_len, sampling)
         return Program(
             name,
             "sample",
@@ -146,6 +152,16 @@ def programs_of(config, notes: list[str]) -> list[Program]:
     # greedily up to sampling.max_new_tokens <= max_response_len: a smaller cache, no sampling temporaries).
     evaluation = dataclasses.replace(sampling, max_new_tokens=s.tokenize.max_response_len)
     out.append(sample("evaluation (greedy)", policy, s.eval_batch_size, "eval.batch_size", evaluation, 0))
+    if s.harness is not None:  # config.eval.harness on every policy: its longest rows and generations
+        length = s.harness.max_length or policy.max_position_embeddings
+        h_batch, field = s.harness.batch_size, "eval.harness.batch_size"
+        out.append(
+            Program("harness log-likelihood", "score", policy, h_batch, length=bucket_length(length), harness=True,
+                    batch_field=field)
+        )  # fmt: skip
+        new = min(MAX_GEN_TOKS, length // 2)
+        greedy = dataclasses.replace(sampling, max_new_tokens=new, greedy=True)
+        out.append(sample("harness generation (greedy)", policy, h_batch, field, greedy, 0, prompt_len=length - new))
     # The assistants whose samples some arm ranks (the first ones; ladder: every one of them).
     ranked = max((mode.assistants_ranked(k) for mode, k in s.arms), default=0)
     for i, a in enumerate(config.assistants[:ranked]):

@@ -52,6 +52,11 @@ class SelfPlay:
         agreement.check_workdir_config(self.workdir, config, agreement.WORKDIR_KEYS)
         self.tokenizer = run_tokenizer(config, self.workdir)
         config_lib.check_vocab(config, len(self.tokenizer))
+        if s.harness is not None and s.harness.apply_chat_template and not self.tokenizer.chat_template:
+            raise config_lib.ConfigError(
+                f"config.eval.harness.apply_chat_template=True, but the run's tokenizer "
+                f"({config.tokenizer.path or config.model.hf_path or 'built in the workdir'}) has no chat template"
+            )
         self.policies = PolicyStore(self.workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
         self.metric_log = MetricLog(self.workdir)
         self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)
