@@ -9,6 +9,8 @@
 2. train_step       tokens/s, MFU, memory: pl_dpo plain and packed vs a TRL-style Hugging Face PyTorch step
 3. sampler          new tokens/s vs Hugging Face `generate`, fraction of the memory-bandwidth bound
 4. self_play_round  one SPIN round of the demo, split into generation, reference scoring and training
+5. harness_backend  lm-eval requests/s on SmolLM2-135M-Instruct: pl_dpo's backend vs lm-eval's own `hf` backend
+6. trl_step         one DPO step on SmolLM2-135M-Instruct, 8 pairs: pl_dpo plain and packed vs TRL's own DPOTrainer
 
 Writes `<out>/<profile>.json` (the machine, the command, every row) and `<out>/<profile>.md` (the tables
 for BENCHMARKS.md). With --gpu, set XLA_PYTHON_CLIENT_PREALLOCATE=false so that JAX and torch share the
@@ -23,7 +25,7 @@ import os
 import sys
 import time
 
-BENCHMARKS = ("logprob_kernel", "train_step", "sampler", "self_play_round")
+BENCHMARKS = ("logprob_kernel", "train_step", "sampler", "self_play_round", "harness_backend", "trl_step")
 
 # Columns of each benchmark's table: (heading, row key, format).
 COLUMNS = {
@@ -53,6 +55,18 @@ COLUMNS = {
         ("reference scoring", "reference_scoring_s", "s"),
         ("training", "training_s", "s"),
     ],
+    "harness_backend": [
+        ("simple_evaluate", "step_s", "s"),
+        ("requests", "requests", "int"),
+        ("requests/s", "requests_per_s", "f1"),
+        ("score", "score", "f3"),
+        ("same answers as hf", "agreement", "pct"),
+    ],
+    "trl_step": [
+        ("step", "step_s", "ms"),
+        ("pairs/s", "pairs_per_s", "f1"),
+        ("model tokens/step", "model_tokens", "int"),
+    ],
 }
 # The figure a speed-up is taken on, per benchmark (higher is better unless it is a time).
 SPEED_KEY = {
@@ -60,6 +74,8 @@ SPEED_KEY = {
     "train_step": "step_s",
     "sampler": "step_s",
     "self_play_round": "round_s",
+    "harness_backend": "step_s",
+    "trl_step": "step_s",
 }
 
 
@@ -73,6 +89,8 @@ def fmt(value, kind: str) -> str:
         "pct": lambda v: f"{100 * v:.1f}%",
         "gib": lambda v: f"{v / 2**30:.2f} GiB",
         "x": lambda v: f"{v:.2f}x",
+        "f1": lambda v: f"{v:.1f}",
+        "f3": lambda v: f"{v:.3f}",
     }[kind](value)
 
 
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from benchmarks import common, logprob_kernel, sampler, self_play_round, train_step
+    from benchmarks import common, harness_backend, logprob_kernel, sampler, self_play_round, train_step, trl_step
 
     profile = common.PROFILES["gpu" if args.gpu else "quick" if args.quick else "cpu"]
     if args.gpu and jax.devices()[0].platform != "gpu":
@@ -151,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_step": lambda: train_step.run(profile, with_torch=with_torch),
         "sampler": lambda: sampler.run(profile, with_torch=with_torch),
         "self_play_round": lambda: self_play_round.run(profile),
+        "harness_backend": lambda: harness_backend.run(profile, with_torch=with_torch),
+        "trl_step": lambda: trl_step.run(profile, with_torch=with_torch),
     }
     header = {
         "machine": common.machine(),

@@ -12,7 +12,7 @@ lm-evaluation-harness tasks from this repository (configs/harness_tasks: the sam
 choice, and answered freely, graded on the last number) are scored in the run, on the same mesh; the table in
 the README (measured time included) is this config's.
 
-`get_config("quick")`: one round of 8 steps on 16 prompts, the tasks cut to 8 documents (tests/test_harness.py).
+`get_config("quick")`: one round of one step on 8 prompts, the tasks cut to 4 documents (tests/test_harness.py).
 """
 
 import os
@@ -31,23 +31,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base(seed=0)
     c.modes = "spin"
     c.model = model(hf_path=smollm2_folder(), param_dtype="float32", compute_dtype="float32")
-    prompts = 16 if quick else 64
+    prompts = 8 if quick else 64
     c.data.options = dict(
-        seed=0, n_train=prompts, n_test=16 if quick else 48, tasks=("add",), min_difficulty=2, max_difficulty=2
+        seed=0, n_train=prompts, n_test=8 if quick else 48, tasks=("add",), min_difficulty=2, max_difficulty=2
     )
     # ChatML around "What is 37 + 45?" is ~30 tokens; an answer is 2-3 tokens and EOS, a sample up to 12.
     c.data.update(max_prompt_len=40, max_response_len=12, length_buckets=(56,))
     c.sft.steps = 0  # πθ(0): the instruct model as shipped
     c.loss.T = 0.1  # the paper's β
     c.rounds.update(
-        num=1 if quick else 2, epochs=1, batch_size=8, max_steps=2 if quick else 0, optim=optimizer(2e-5, warmup=2)
+        num=1 if quick else 2, epochs=1, batch_size=8, max_steps=1 if quick else 0, optim=optimizer(2e-5, warmup=2)
     )
     c.sampling.update(max_new_tokens=12, batch_size=64)
     c.eval.update(batch_size=16)
     c.eval.harness.update(
         tasks="pl_dpo_arith_mc,pl_dpo_arith_gen",
         include_path=TASKS_DIR,
-        limit=8 if quick else 0,
+        limit=4 if quick else 0,
         batch_size=16,
         apply_chat_template=True,  # a chat model: questions as user turns, as the training prompts are
     )
@@ -55,3 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.save_every_steps = 1000  # a round is minutes: no mid-round train state
     c.logprob_chunk = 512
     return c
+
+
+def sweep() -> list[dict]:
+    """β (T) and the learning rate of the rounds."""
+    return [{"loss.T": t, "rounds.optim.lr": lr} for t in (0.1, 1.0) for lr in (1e-5, 2e-5)]

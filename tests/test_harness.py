@@ -383,3 +383,20 @@ def test_a_chat_template_asked_of_a_tokenizer_without_one_is_named(tiny, tmp_pat
     tokenizer.chat_template = None
     with pytest.raises(NoChatTemplate, match="--apply_chat_template: the tokenizer .* has no chat template"):
         lm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
+
+
+@pytest.mark.slow  # ~2 min: configs/smollm2.py:quick, one SPIN step on SmolLM2-135M-Instruct with two harness tasks
+def test_a_spin_round_of_the_real_model_in_the_command(smollm2, tmp_path, main_command):
+    pytest.importorskip("lm_eval")
+    from pl_dpo.workdir import layout
+
+    done = main_command.run(tmp_path / "run", config="configs/smollm2.py:quick", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "harness/pl_dpo_arith_mc/acc" in table and "harness/pl_dpo_arith_gen/exact_match/last_number" in table
+    start, after = (
+        json.loads(open(layout.eval_path(str(tmp_path / "run"), lineage, t)).read())["metrics"]
+        for lineage, t in (("sft", 0), ("spin", 1))
+    )
+    # One step towards the dataset's bare answers ("82", not "37 + 45 = 82 ...") raises their likelihood.
+    assert after["answer_logp"] > start["answer_logp"] + 0.5, (start["answer_logp"], after["answer_logp"])

@@ -60,6 +60,7 @@ class PlDpoLM(TemplateLM):
         dtype: str = "float32",
         seed: int = 0,
         add_bos_token: bool | None = None,
+        share_contexts: bool = True,
         **unused,  # lm-eval's device, max_batch_size: placement is the mesh's
     ):
         super().__init__()
@@ -80,6 +81,9 @@ class PlDpoLM(TemplateLM):
         self._max_length = int(max_length) if max_length else model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
+        # Multiple-choice continuations behind one copy of their context (`harness.shared_context`); False: one row
+        # each, as lm-eval's hf backend (the benchmark's comparison). lm-eval passes model_args as strings.
+        self.share_contexts = str(share_contexts).lower() not in ("0", "false")
         self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in ("1", "true")
 
     # ------------------------------------------------------------------ what lm-eval asks of a model
@@ -149,7 +153,11 @@ class PlDpoLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
         pairs = [(context_enc, continuation_enc) for _, context_enc, continuation_enc in requests]
         scores = harness_requests.continuation_scores(
-            self.model, pairs, batch_size=self.batch_size, max_length=self.max_length
+            self.model,
+            pairs,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            share_contexts=self.share_contexts,
         )
         for (key, _, _), answer in zip(requests, scores, strict=True):
             if key is not None:

@@ -143,7 +143,8 @@ def generate(
             tokens[row, plen - len(prompts[i]) :], valid[row, plen - len(prompts[i]) :] = prompts[i], True
         keys = sampler.prompt_keys(seed, np.asarray(batch, np.int64))
         result = sampler.generate(model, tokens, valid, keys, sampling, weights=weights)
-        new, lengths = np.asarray(result.tokens_BxT), np.asarray(result.lengths_B)
+        # Every process gets the whole result (each holds the rows of its own chips).
+        new, lengths = sharding.to_host(result.tokens_BxT), sharding.to_host(result.lengths_B)
         for row, i in enumerate(batch):
             out[i] = new[row, : lengths[row]].tolist()
     return out
