@@ -1,20 +1,31 @@
 """lm-evaluation-harness on a real model: pl_dpo's backend against lm-eval's own `hf` backend, in the same run.
 
-SmolLM2-135M-Instruct (pl_dpo/models/smollm2.py) in float32 on the repository's arithmetic tasks
-(configs/harness_tasks): multiple choice with 5 shots (the choices share their few-shot context: pl_dpo scores
-them behind one copy of it, `harness.shared_context`; also timed without, one row per choice), and greedy
-generation through the chat template. Both backends get the same requests and batch size; the figure is
-requests per second of `lm_eval.simple_evaluate` (what a user waits for), and how often the two agree (the
-chosen answer / the generated text, per document). The `quick` profile cuts the tasks to 8 documents.
+SmolLM2-135M-Instruct (pl_dpo/models/smollm2.py) in float32 on three tasks:
+
+- the repository's arithmetic multiple choice (configs/harness_tasks), 5 shots: answers of 2-3 digit tokens that
+  often share their first digit, where the `hf` backend runs one row for every choices that differ only in their
+  last token (its "one-token continuation" grouping);
+- endings: 3-shot multiple choice between four different endings of ~16 words (the shape of HellaSwag), written
+  here from a fixed word list (what is measured is speed, not a score);
+- the arithmetic questions answered by greedy generation through the chat template.
+
+pl_dpo scores the choices of a question behind one copy of their context (`harness.shared_context`), also timed
+without (one row per choice). Both backends get the same requests and batch size; the figure is requests per
+second of `lm_eval.simple_evaluate` (what a user waits for), and how often the two agree (the chosen answer / the
+generated text, per document). The `quick` profile cuts the tasks to 8 documents.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import statistics
+import tempfile
 import time
+
+import numpy as np
 
 from benchmarks.common import Profile, row
 
@@ -31,9 +42,39 @@ class Case:
 
 
 CASES = (
-    Case("multiple choice, 5-shot", "pl_dpo_arith_mc", 5, chat=False),
-    Case("generation, chat, greedy", "pl_dpo_arith_gen", 0, chat=True),
+    Case("arithmetic multiple choice, 5-shot", "pl_dpo_arith_mc", 5, chat=False),
+    Case("endings multiple choice, 3-shot", "pl_dpo_endings_mc", 3, chat=False),
+    Case("arithmetic generation, chat, greedy", "pl_dpo_arith_gen", 0, chat=True),
 )
+MULTIPLE_CHOICE = ("pl_dpo_arith_mc", "pl_dpo_endings_mc")
+WORDS = (
+    "the model reads a short story about river stone light garden window friend morning city music paper quiet "
+    "green small old new bright cold warm runs walks finds keeps opens brings under over near after before because"
+).split()
+
+
+def write_endings_task(folder: str, docs: int = 24, shots: int = 3) -> None:
+    """`pl_dpo_endings_mc`: a ~30-word context and four different ~16-word endings per document (the first is the
+    label), random words from a fixed list and seed."""
+    rng = np.random.default_rng(0)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS, n))
+
+    rows = [
+        {"ctx": text(30), "endings": [text(int(rng.integers(12, 20))) for _ in range(4)]} for _ in range(docs + shots)
+    ]
+    for split, part in (("train", rows[:shots]), ("test", rows[shots:])):
+        with open(os.path.join(folder, f"endings_{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    with open(os.path.join(folder, "pl_dpo_endings_mc.yaml"), "w") as f:
+        f.write(
+            f"task: pl_dpo_endings_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    train: {folder}/endings_train.jsonl\n    test: {folder}/endings_test.jsonl\n"
+            "training_split: train\nfewshot_split: train\ntest_split: test\noutput_type: multiple_choice\n"
+            'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: 0\n'
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        )
 
 
 def _answers(samples: list[dict], task_type: str) -> list:
@@ -53,9 +94,12 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
 
     offline()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    profile = dataclasses.replace(profile, repeats=min(profile.repeats, 3), warmup=1)
+    # A run of simple_evaluate is seconds to a minute on CPU: 2 timed runs after a warm-up one.
+    profile = dataclasses.replace(profile, repeats=min(profile.repeats, 2), warmup=1)
     folder = smollm2_folder()
-    manager = TaskManager(include_path=TASKS_DIR, include_defaults=False)
+    endings = tempfile.TemporaryDirectory()
+    write_endings_task(endings.name)
+    manager = TaskManager(include_path=[TASKS_DIR, endings.name], include_defaults=False)
     backends = {
         "pl_dpo": PlDpoLM(path=folder, batch_size=BATCH_SIZE),
         "pl_dpo, one row per choice": PlDpoLM(path=folder, batch_size=BATCH_SIZE, share_contexts=False),
@@ -77,7 +121,7 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
 
         answers, scores, times = {}, {}, {}
         for name, lm in backends.items():
-            if name.endswith("per choice") and case.task != "pl_dpo_arith_mc":
+            if name.endswith("per choice") and case.task not in MULTIPLE_CHOICE:
                 continue
             for _ in range(profile.warmup):
                 result = evaluate(lm)
@@ -88,7 +132,7 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
                 took.append(time.perf_counter() - start)
             samples = result["samples"][case.task]
             requests = sum(len(s["arguments"]) for s in samples)
-            answers[name] = _answers(samples, "mc" if case.task == "pl_dpo_arith_mc" else "gen")
+            answers[name] = _answers(samples, "mc" if case.task in MULTIPLE_CHOICE else "gen")
             scores[name] = next(
                 v for k, v in result["results"][case.task].items() if k.split(",")[0] in ("acc", "exact_match")
             )
@@ -102,4 +146,5 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
                 row("harness_backend", case.name, name, baseline=base if name != base else None, step_s=seconds,
                     requests=requests, requests_per_s=requests / seconds, score=scores[name], agreement=agree)
             )  # fmt: skip
+    endings.cleanup()
     return rows

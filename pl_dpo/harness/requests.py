@@ -26,7 +26,9 @@ from pl_dpo.models.decoder import positions_from_valid
 # New tokens of a `generate_until` request whose task names no max_gen_toks (lm-eval's hf backend's default too).
 MAX_GEN_TOKS = 256
 # Row lengths are padded up to one of these (then to a multiple of the largest): one compile per bucket used.
-LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+# Steps of 1.5x and 2x in turn: a row wastes at most a third of its slots on padding (a 5-shot question of ~90
+# tokens takes 96, not 128), at two compiles per doubling of the length.
+LENGTH_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 def bucket_length(n: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
