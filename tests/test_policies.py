@@ -96,3 +96,28 @@ def test_initial_from_a_hugging_face_folder_is_sharded_and_exact(initial, store,
     hf = model_section(hf_path=str(folder))
     loaded = store.initial(hf, seed=123)  # the seed does not matter: the weights are the folder's
     _assert_same(loaded, initial)
+
+
+def test_a_saved_policy_is_read_back_with_its_runs_config_and_tokenizer(tmp_path, mesh):
+    from configs import demo
+    from pl_dpo.selfplay import policies
+    from pl_dpo.selfplay.run_data import run_tokenizer
+    from pl_dpo.workdir import agreement, layout
+
+    config = demo.get_config("quick")  # the policy and two assistants of other widths
+    workdir = str(tmp_path / "run")
+    agreement.check_workdir_config(workdir, config, ())  # config.json as a run writes it (assistants as YAML)
+    tokenizer = run_tokenizer(config, workdir)
+    store = PolicyStore(workdir, mesh, sharding.DEFAULT_DECODER_RULES, len(tokenizer))
+    saved = {}
+    for lineage, section in (("spin", config.model), ("assistant_1", config.assistants[1].model)):
+        saved[lineage] = store.initial(section, seed=3)
+        store.save(lineage, 2, saved[lineage], {"lineage": lineage})
+    for lineage, model in saved.items():
+        again, its_tokenizer = policies.saved_policy(layout.policy_dir(workdir, lineage, 2), mesh=mesh)
+        _assert_same(again, model)
+        assert len(its_tokenizer) == len(tokenizer)
+    with pytest.raises(policies.SavedPolicyError, match=r"spin/policies/5: no saved policy 5 of spin \(saved: 2\)"):
+        policies.saved_policy(layout.policy_dir(workdir, "spin", 5), mesh=mesh)
+    with pytest.raises(policies.SavedPolicyError, match="not a run's policy folder"):
+        policies.saved_policy(str(tmp_path / "run" / "spin" / "policies" / "last"))

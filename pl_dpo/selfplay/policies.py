@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import yaml  # PyYAML: a dependency of ml-collections
 from etils import epath
 from flax import nnx
 
@@ -102,10 +103,13 @@ def saved_policy(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | 
         )
         saved = [t for t in saved if wd.policy_committed(workdir, lineage, int(t))]
         raise SavedPolicyError(f"{path}: no saved policy {index} of {lineage} (saved: {', '.join(saved) or 'none'})")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    saved_config = json.loads(config_path.read_text())
+    # config.json writes the assistants (ConfigDicts in a list) as their YAML text.
+    assistants = [yaml.safe_load(a) if isinstance(a, str) else a for a in saved_config.get("assistants") or []]
+    config = ml_collections.ConfigDict({**saved_config, "assistants": []})
     model_cfg, tokenizer_path = config.model, ""
     if lineage.startswith("assistant_"):
-        section = config.assistants[int(lineage.removeprefix("assistant_"))]
+        section = ml_collections.ConfigDict(assistants[int(lineage.removeprefix("assistant_"))])
         model_cfg, tokenizer_path = section.model, config_lib.foreign_tokenizer(section)
     if dtype:
         model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
