@@ -144,7 +144,8 @@ def run(profile: Profile, with_torch: bool = True) -> list[dict]:
                 agree = sum(a == b for a, b in zip(answers[name], answers[base], strict=True)) / len(answers[base])
             rows.append(
                 row("harness_backend", case.name, name, baseline=base if name != base else None, step_s=seconds,
-                    requests=requests, requests_per_s=requests / seconds, score=scores[name], agreement=agree)
+                    requests=requests, requests_per_s=requests / seconds, score=scores[name], agreement=agree,
+                    timed_runs=profile.repeats, warmup_runs=profile.warmup)
             )  # fmt: skip
     endings.cleanup()
     return rows

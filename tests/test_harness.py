@@ -400,3 +400,17 @@ def test_a_spin_round_of_the_real_model_in_the_command(smollm2, tmp_path, main_c
     )
     # One step towards the dataset's bare answers ("82", not "37 + 45 = 82 ...") raises their likelihood.
     assert after["answer_logp"] > start["answer_logp"] + 0.5, (start["answer_logp"], after["answer_logp"])
+
+
+def test_a_run_that_asks_for_a_chat_template_its_tokenizer_lacks_is_refused(tmp_path):
+    from pl_dpo.harness import run as harness_run
+    from pl_dpo.settings import HarnessSettings
+    from pl_dpo.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(str(tmp_path / "tok"), vocab_size=384)
+    settings = HarnessSettings(("pl_dpo_mc",), None, None, None, 8, apply_chat_template=True, max_length=None)
+    harness_run.check_chat_template(settings, tokenizer)  # the tiny tokenizer has one
+    harness_run.check_chat_template(None, tokenizer)  # no harness: nothing to check
+    tokenizer.chat_template = None
+    with pytest.raises(harness_run.TaskError, match=r"apply_chat_template=True, but the run's tokenizer .* has no"):
+        harness_run.check_chat_template(settings, tokenizer)

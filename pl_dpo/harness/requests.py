@@ -82,8 +82,8 @@ def continuation_scores(
             bucket_length=bucket_length,
             chunk_size=chunk_size,
         )
-    _one_row_each(model, [seqs[i] for i in alone], [len(seqs[i]) - splits[i] for i in alone], alone, out,
-                  batch_size=batch_size, chunk_size=chunk_size)  # fmt: skip
+    cont_lens = [len(seqs[i]) - splits[i] for i in alone]
+    _one_row_each(model, [seqs[i] for i in alone], cont_lens, alone, out, batch_size=batch_size, chunk_size=chunk_size)
     return out
 
 

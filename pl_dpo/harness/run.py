@@ -70,6 +70,15 @@ def check_tasks(settings: HarnessSettings) -> None:
                 )
 
 
+def check_chat_template(settings: HarnessSettings | None, tokenizer) -> None:
+    """The chat template asked for is there (lm-eval would fail at the first request, after πθ(0)'s training)."""
+    if settings is not None and settings.apply_chat_template and not tokenizer.chat_template:
+        raise TaskError(
+            f"config.eval.harness.apply_chat_template=True, but the run's tokenizer ({tokenizer.name_or_path}) "
+            "has no chat template"
+        )
+
+
 def scores(model, tokenizer, settings: HarnessSettings, seed: int) -> dict[str, Any]:
     """Every numeric metric (and its stderr) of `settings.tasks` for `model`, as {"<task>/<metric>": value}."""
     import lm_eval

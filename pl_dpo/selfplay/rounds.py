@@ -52,11 +52,10 @@ class SelfPlay:
         agreement.check_workdir_config(self.workdir, config, agreement.WORKDIR_KEYS)
         self.tokenizer = run_tokenizer(config, self.workdir)
         config_lib.check_vocab(config, len(self.tokenizer))
-        if s.harness is not None and s.harness.apply_chat_template and not self.tokenizer.chat_template:
-            raise config_lib.ConfigError(
-                f"config.eval.harness.apply_chat_template=True, but the run's tokenizer "
-                f"({config.tokenizer.path or config.model.hf_path or 'built in the workdir'}) has no chat template"
-            )
+        try:
+            harness_run.check_chat_template(s.harness, self.tokenizer)
+        except harness_run.TaskError as e:
+            raise config_lib.ConfigError(str(e)) from None
         self.policies = PolicyStore(self.workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
         self.metric_log = MetricLog(self.workdir)
         self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)
