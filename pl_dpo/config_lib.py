@@ -397,6 +397,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"config.assistants[{i}] has its own tokenizer: it must be a pretrained "
                 "model.hf_path used as is (sft_steps=0)"
             )
-    for section in [config.model] + [a.model for a in config.assistants]:
-        if section.hf_path:  # its config.json read now: a folder pl_dpo cannot load is named before any work
+    sections = [("model", config.model)] + [
+        (f"assistants[{i}].model", a.model) for i, a in enumerate(config.assistants)
+    ]
+    for where, section in (s for s in sections if s[1].hf_path):
+        try:  # its config.json read now: a folder pl_dpo cannot load is named before any work
             model_config(section, vocab_size=0)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config.model.", f"config.{where}.", 1)) from None

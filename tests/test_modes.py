@@ -13,11 +13,19 @@ from pl_dpo.data import SyntheticConfig, generate_examples, load_arrays, load_ra
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_paper_configs_are_valid():
+def test_paper_configs_are_valid(tmp_path):
+    from pl_dpo.models import preset_config
+    from pl_dpo.models.config import to_hf_config
+
     for module in (spin, offline, demo):
         config_lib.validate(module.get_config())
     c = asft.get_config()
-    c.assistants[0].model.hf_path = "/models/assistant"
+    c.assistants[0].model.hf_path = str(tmp_path / "absent")
+    with pytest.raises(config_lib.ConfigError, match=r"config.assistants\[0\].model.hf_path='.*absent'"):
+        config_lib.validate(c)
+    (tmp_path / "assistant").mkdir()  # an assistant's folder: validate reads its config.json
+    (tmp_path / "assistant" / "config.json").write_text(json.dumps(to_hf_config(preset_config("tiny-llama"))))
+    c.assistants[0].model.hf_path = str(tmp_path / "assistant")
     config_lib.validate(c)
     assert config_lib.list_size(c, "asft") == 3 and spin.get_config().rounds.lr_per_round == (5e-7, 5e-7, 1e-7)
     with pytest.raises(config_lib.ConfigError, match="needs sft_steps >= 1 or a model.hf_path"):
