@@ -18,7 +18,6 @@ import os
 from typing import Any, Iterable
 
 import numpy as np
-import yaml  # PyYAML: a dependency of ml-collections
 
 from pl_dpo.selfplay import modes
 from pl_dpo.workdir import layout as wd
@@ -54,14 +53,6 @@ class Record:
 def _read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def read_config(path: str) -> dict[str, Any]:
-    """A workdir's config.json; its assistants (ConfigDicts inside a list, which the main job
-    writes as their YAML text) back as dicts."""
-    cfg = _read_json(path)
-    cfg["assistants"] = [yaml.safe_load(a) if isinstance(a, str) else a for a in cfg.get("assistants") or []]
-    return cfg
 
 
 def _k(mode: str, cfg: dict[str, Any]) -> int:
@@ -156,7 +147,7 @@ def read_job(job: str) -> list[Record]:
     start_path = wd.eval_path(job, "sft", 0)
     if not (os.path.exists(cfg_path) and os.path.exists(start_path)):
         return []
-    cfg = read_config(cfg_path)
+    cfg = wd.read_config_json(cfg_path)
     num_train = int(cfg["data"].get("num_train") or cfg["data"].get("options", {}).get("n_train", 0))
     seed = int(cfg["seed"])
     start = dict(_read_json(start_path)["metrics"])

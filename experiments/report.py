@@ -27,10 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collect import Cell, Record, aggregate, read_config, read_sweep, stat  # noqa: E402
+from collect import Cell, Record, aggregate, read_sweep, stat  # noqa: E402
 from report_harness import harness_section  # noqa: E402
 
 from pl_dpo.selfplay import modes  # noqa: E402
+from pl_dpo.workdir import layout as wd  # noqa: E402
 
 # The control arm first, then the modes in the order of their table.
 ARM_ORDER = {"sft": 0, **{name: i + 1 for i, name in enumerate(m for m in modes.MODES if m != "sft")}}
@@ -123,7 +124,7 @@ class Report:
         self.agg = {m: aggregate(records, m) for m in (*METRICS, *diag)}
         self.plots: list[str] = []
         # Lists per training step (one value per sweep: the studies keep it fixed across arms).
-        self.batch_size = int(read_config(os.path.join(records[0].job, "config.json"))["rounds"]["batch_size"])
+        self.batch_size = int(wd.read_config_json(os.path.join(records[0].job, "config.json"))["rounds"]["batch_size"])
 
     def rounds(self, cell: Cell) -> list[int]:
         return sorted({r.round for r in self.records if r.cell == cell})

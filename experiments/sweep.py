@@ -45,7 +45,6 @@ from pl_dpo.config_lib import apply_overrides, lookup, plain  # noqa: E402
 from pl_dpo.workdir import layout as wd  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collect import read_config  # noqa: E402
 
 # Config fields each deterministic stage depends on (pl_dpo.workdir.layout.STAGE_FIELDS): a stage is copied
 # only when all of them agree, the mesh too (shared work must be bit-identical), and for πθ(0),
@@ -194,7 +193,7 @@ def _finished_jobs(sweep_dir: str) -> list[tuple[str, dict[str, Any]]]:
     for cfg_path in sorted(glob.glob(os.path.join(sweep_dir, "*", "config.json"))):
         job = os.path.dirname(cfg_path)
         if os.path.exists(os.path.join(job, "results.md")):
-            out.append((job, read_config(cfg_path)))
+            out.append((job, wd.read_config_json(cfg_path)))
     return out
 
 

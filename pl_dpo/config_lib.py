@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -202,27 +201,6 @@ def harness(section: ml_collections.ConfigDict) -> HarnessSettings | None:
     )
 
 
-def check_harness(section: ml_collections.ConfigDict) -> None:
-    """The harness tasks can run: lm-eval installed, the include folder there, every task name known."""
-    settings = harness(section)
-    if settings is None:
-        return
-    if settings.include_path and not os.path.isdir(settings.include_path):
-        raise ConfigError(f"config.eval.harness.include_path={settings.include_path}: no such folder")
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ConfigError("config.eval.harness.tasks needs lm-eval: pip install -e '.[eval]'") from None
-    if settings.max_length is not None and settings.max_length < 2:
-        raise ConfigError(f"config.eval.harness.max_length={settings.max_length} must be >= 2 (or 0: the model's)")
-    from pl_dpo.harness.run import TaskError, check_tasks
-
-    try:
-        check_tasks(settings)
-    except TaskError as e:
-        raise ConfigError(f"config.eval.harness.tasks: {e}") from None
-
-
 def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     """The typed settings the stages of a run read (pl_dpo.settings); defaults live in configs/common.py:base()."""
     c, r = config, config.rounds
@@ -370,7 +348,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         check_options(config.data.source, dict(plain(config.data.options)))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.data.options: {e}") from None
-    check_harness(config.eval)
+    harness_settings = harness(config.eval)
+    if harness_settings is not None:  # lm-eval and its tasks: the harness's own checks (pl_dpo.harness.run)
+        from pl_dpo.harness.run import check
+
+        check(harness_settings)
     m = config.mesh
     if num_devices is None and m.num_devices > len(jax.devices()):
         raise ConfigError(f"config.mesh.num_devices={m.num_devices}, but there are {len(jax.devices())} devices")

@@ -8,8 +8,8 @@ set on the host side (a round's reference log-probs, the held-out evaluation).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -123,10 +123,7 @@ def score_ranked(
     for batch in it:
         ids.append(batch.example_ids_B)
         batch = dataclasses.replace(batch, example_ids_B=None, ref_logps_BxK=None, labels_BxK=None)
-        inputs = batch if rows is None else jax.tree.map(lambda x: sharding.put_rows(x, rows), batch)
-        # Under the weights' mesh, where they have one: splash attention runs inside shard_map over it.
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            scored.append(_score_batch(graphdef, params, inputs))
+        scored.append(sharding.call_on_rows(functools.partial(_score_batch, graphdef, params), mesh, rows, batch))
     out = np.zeros((n, k), np.float32)
     if scored:
         example_ids = np.concatenate(ids)

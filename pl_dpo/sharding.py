@@ -14,6 +14,7 @@ so no device ever holds a whole copy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -291,6 +292,14 @@ def row_placement(params: Any) -> tuple[Mesh | None, NamedSharding | None, int]:
     if replicated is None:
         return None, None, 1
     return replicated.mesh, batch_sharding(replicated.mesh), batch_shards(replicated.mesh)
+
+
+def call_on_rows(fn, mesh: Mesh | None, rows: NamedSharding | None, *arrays):
+    """fn(*arrays), the host arrays (pytrees of them) split by rows as `row_placement` says and the call under the
+    weights' mesh (splash attention runs inside shard_map over it); on one device, as they are."""
+    placed = arrays if rows is None else jax.tree.map(lambda x: put_rows(x, rows), arrays)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return fn(*placed)
 
 
 def put_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

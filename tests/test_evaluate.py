@@ -44,15 +44,14 @@ def test_prepare_data_tokenises_both_splits_once_in_the_round_layout(prepared):
 
 def test_evaluate_policy_metrics(prepared):
     config, tokenizer, data, model, _ = prepared
-    metrics, responses, correct = evaluate.evaluate_policy(
-        model,
-        data.heldout,
-        tokenizer,
-        batch_size=8,
-        max_new_tokens=config.sampling.max_new_tokens,
-        baseline=None,
-        batch_type=RankedBatch,
-    )
+
+    def evaluated(baseline):
+        return evaluate.evaluate_policy(
+            model, data.heldout, tokenizer, batch_size=8, max_new_tokens=config.sampling.max_new_tokens,
+            baseline=baseline, batch_type=RankedBatch,
+        )  # fmt: skip
+
+    metrics, responses, correct = evaluated(baseline=None)
     logps_N = scoring.score_ranked(model, data.heldout.answers, 8, batch_type=RankedBatch)[:, 0]
     np.testing.assert_allclose(metrics["answer_logp"], logps_N.mean(), rtol=1e-6)
     tokens = data.heldout.answers.loss_mask_NxKxL.sum()
@@ -73,15 +72,7 @@ def test_evaluate_policy_metrics(prepared):
     baseline = evaluate.sft_baseline(
         model, data.heldout, responses, correct, pad_id=tokenizer.pad_token_id, batch_size=8, batch_type=RankedBatch
     )
-    again, _, _ = evaluate.evaluate_policy(
-        model,
-        data.heldout,
-        tokenizer,
-        batch_size=8,
-        max_new_tokens=config.sampling.max_new_tokens,
-        baseline=baseline,
-        batch_type=RankedBatch,
-    )
+    again, _, _ = evaluated(baseline)
     assert baseline.lists is not None  # a random policy's greedy answers differ from the dataset's
     assert again["win_rate_vs_sft"] == 0.5 and again["reward_accuracy"] == 0.0
 

@@ -10,7 +10,6 @@ a few length buckets, and every batch has the same number of rows.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -107,10 +106,8 @@ def _one_row_each(model, seqs, cont_lens, indices, out, *, batch_size: int, chun
             inputs[row, :n], targets[row, :n], valid[row, :n] = seqs[i][:-1], seqs[i][1:], True
             scored[row, n - cont_lens[i] : n] = True
         valid[len(batch) :, 0] = True  # filler rows: one token each, their scores dropped
-        arrays = (inputs, targets, valid)
-        placed = arrays if rows is None else tuple(sharding.put_rows(x, rows) for x in arrays)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            logps, greedy = _token_scores(graphdef, params, *placed, chunk_size=chunk_size)
+        score = functools.partial(_token_scores, graphdef, params, chunk_size=chunk_size)
+        logps, greedy = sharding.call_on_rows(score, mesh, rows, inputs, targets, valid)
         logps, greedy = sharding.to_host(logps), sharding.to_host(greedy)
         for row, i in enumerate(batch):
             mask = scored[row]

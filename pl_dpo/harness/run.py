@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+from pl_dpo.config_lib import ConfigError
 from pl_dpo.settings import HarnessSettings
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ def task_manager(include_path: str | None, tasks: tuple[str, ...]):
     return TaskManager(include_path=include_path)
 
 
-class TaskError(ValueError):
-    """A harness task the run cannot score offline as configured; names the task and what to do."""
+class TaskError(ConfigError):
+    """config.eval.harness asks for what the run cannot score offline; names the field, the task, what to do."""
 
 
 def offline() -> None:
@@ -41,22 +42,32 @@ def offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def check_tasks(settings: HarnessSettings) -> None:
-    """Every task is known, its dataset is on disk, and it has the few-shot examples asked for (its documents
-    loaded once, offline: ~0.1 s for a local file)."""
+def check(settings: HarnessSettings) -> None:
+    """The harness can run (`config_lib.validate`): lm-eval installed, the include folder there, every task known,
+    its dataset on disk, and the few-shot examples asked for there (each task's documents loaded once, offline:
+    ~0.1 s for a local file)."""
+    if settings.include_path and not os.path.isdir(settings.include_path):
+        raise TaskError(f"config.eval.harness.include_path={settings.include_path}: no such folder")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise TaskError("config.eval.harness.tasks needs lm-eval: pip install -e '.[eval]'") from None
+    if settings.max_length is not None and settings.max_length < 2:
+        raise TaskError(f"config.eval.harness.max_length={settings.max_length} must be >= 2 (or 0: the model's)")
     offline()
+    where = "config.eval.harness.tasks:"
     manager = task_manager(settings.include_path, settings.tasks)
     unknown = [t for t in settings.tasks if t not in set(manager.all_tasks)]
     if unknown:
         local = sorted(task_manager(settings.include_path, ()).all_tasks) if settings.include_path else []
         found = f"; tasks in {settings.include_path}: {', '.join(local) or 'none'}" if settings.include_path else ""
-        raise TaskError(f"unknown task(s) {', '.join(unknown)} (lm-eval's, or YAMLs in include_path){found}")
+        raise TaskError(f"{where} unknown task(s) {', '.join(unknown)} (lm-eval's, or YAMLs in include_path){found}")
     for name in settings.tasks:
         try:
             loaded = manager.load([name])["tasks"]
         except (ConnectionError, FileNotFoundError) as e:
             raise TaskError(
-                f"task {name}: its dataset is not on this machine and nothing is downloaded ({type(e).__name__}: "
+                f"{where} task {name}: its dataset is not on this machine and nothing is downloaded ({type(e).__name__}: "
                 f"{str(e).splitlines()[0]}); write a task YAML with dataset_path: json and dataset_kwargs.data_files "
                 "naming local files, in include_path"
             ) from None
@@ -66,7 +77,7 @@ def check_tasks(settings: HarnessSettings) -> None:
             available = len(docs) if docs is not None else len(task.eval_docs) - 1
             if shots and shots > available:
                 raise TaskError(
-                    f"task {task.config.task}: num_fewshot={shots}, but its few-shot split has {available} examples"
+                    f"{where} task {task.config.task}: num_fewshot={shots}, but its few-shot split has {available} examples"
                 )
 
 

@@ -16,7 +16,6 @@ choice's first token), so logits are computed for them only.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -98,10 +97,8 @@ def scores(
                 spans.append((index, row, k, r))
                 slot, k = slot + r, k + r
         segments[len(batch) :, 0] = 0  # filler rows: one token each, their scores dropped
-        arrays = (tokens, segments, positions, source, targets)
-        placed = arrays if placement is None else tuple(sharding.put_rows(x, placement) for x in arrays)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            logps, greedy = _packed_scores(graphdef, params, *placed, chunk_size=chunk_size)
+        score = functools.partial(_packed_scores, graphdef, params, chunk_size=chunk_size)
+        logps, greedy = sharding.call_on_rows(score, mesh, placement, tokens, segments, positions, source, targets)
         logps, greedy = sharding.to_host(logps), sharding.to_host(greedy)
         for index, row, k, r in spans:
             out[index] = (float(logps[row, k : k + r].sum(dtype=np.float64)), bool(greedy[row, k : k + r].all()))

@@ -8,14 +8,12 @@ Policies are created and restored directly onto the mesh: never whole on one dev
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
-import yaml  # PyYAML: a dependency of ml-collections
 from etils import epath
 from flax import nnx
 
@@ -103,9 +101,8 @@ def saved_policy(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | 
         )
         saved = [t for t in saved if wd.policy_committed(workdir, lineage, int(t))]
         raise SavedPolicyError(f"{path}: no saved policy {index} of {lineage} (saved: {', '.join(saved) or 'none'})")
-    saved_config = json.loads(config_path.read_text())
-    # config.json writes the assistants (ConfigDicts in a list) as their YAML text.
-    assistants = [yaml.safe_load(a) if isinstance(a, str) else a for a in saved_config.get("assistants") or []]
+    saved_config = wd.read_config_json(config_path)
+    assistants = saved_config["assistants"]
     config = ml_collections.ConfigDict({**saved_config, "assistants": []})
     model_cfg, tokenizer_path = config.model, ""
     if lineage.startswith("assistant_"):

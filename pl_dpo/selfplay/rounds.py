@@ -52,10 +52,7 @@ class SelfPlay:
         agreement.check_workdir_config(self.workdir, config, agreement.WORKDIR_KEYS)
         self.tokenizer = run_tokenizer(config, self.workdir)
         config_lib.check_vocab(config, len(self.tokenizer))
-        try:
-            harness_run.check_chat_template(s.harness, self.tokenizer)
-        except harness_run.TaskError as e:
-            raise config_lib.ConfigError(str(e)) from None
+        harness_run.check_chat_template(s.harness, self.tokenizer)  # a ConfigError: one line, exit 2
         self.policies = PolicyStore(self.workdir, self.mesh, self.rules, vocab_size=len(self.tokenizer))
         self.metric_log = MetricLog(self.workdir)
         self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)

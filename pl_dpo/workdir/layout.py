@@ -36,6 +36,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+import yaml  # PyYAML: a dependency of ml-collections
 from etils import epath
 
 from pl_dpo.workdir import bucket
@@ -165,6 +166,14 @@ def ranked_set_path(workdir: str, mode: str, t: int, one_set: bool = False) -> s
 
 def export_dir(workdir: str, mode: str, index: int) -> str:
     return os.path.join(workdir, mode, "hf_export", f"round_{index}")
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """A workdir's config.json (`agreement.check_workdir_config`) as a dict, its assistants (ConfigDicts inside a
+    list, which the JSON writer stores as their YAML text) back as dicts."""
+    config = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+    config["assistants"] = [yaml.safe_load(a) if isinstance(a, str) else a for a in config.get("assistants") or []]
+    return config
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
