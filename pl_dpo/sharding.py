@@ -47,6 +47,11 @@ DEFAULT_DECODER_RULES: tuple[tuple[str, P], ...] = (
     (r"norm[^/]*/(scale|bias)$", P()),
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
     (r"lm_head/bias$", P("tensor")),
+    # LoRA adapters (pl_dpo.models.lora): A [in, r] shards `in` as its kernel does, B [r, out] shards `out`.
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head)/lora_a$", P("fsdp", None)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head)/lora_b$", P(None, "tensor")),
+    (r"(o_proj|down_proj)/lora_a$", P("tensor", None)),
+    (r"(o_proj|down_proj)/lora_b$", P(None, "fsdp")),
 )
 
 
@@ -204,6 +209,11 @@ def logical_to_shardings(
 def with_shardings(abstract_state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying their target sharding (a restore target for Orbax)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), abstract_state, shardings)
+
+
+def placement(mesh: Mesh, rules: Rules) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """`(parameter path, shape) -> NamedSharding` by the rules: where a parameter made later goes (an adapter)."""
+    return lambda path, shape: NamedSharding(mesh, spec_for(path, shape, mesh, rules))
 
 
 # ----------------------------------------------------------------------------- creation

@@ -36,6 +36,13 @@ for _p in ("q_proj", "k_proj", "v_proj", "o_proj"):
     _NAMES[f"layers/attn/{_p}/bias"] = (f"model.layers.{{i}}.self_attn.{_p}.bias", False)
 for _p in ("gate_proj", "up_proj", "down_proj"):
     _NAMES[f"layers/mlp/{_p}/kernel"] = (f"model.layers.{{i}}.mlp.{_p}.weight", True)
+
+
+def hf_module(path: str) -> str:
+    """The Hugging Face module name of a projection's path ("layers/attn/q_proj" -> "model.layers.{i}.self_attn.q_proj")."""
+    return _NAMES[f"{path}/kernel"][0].removesuffix(".weight")
+
+
 _IGNORED = re.compile(r"(.*\.rotary_emb\.inv_freq)$")
 
 Shardings = Callable[[str, tuple[int, ...]], jax.sharding.Sharding | None] | Any
@@ -189,7 +196,7 @@ def from_pretrained(
     return nnx.merge(graphdef, state)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
     if not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -205,7 +212,7 @@ def save_pretrained(model: Decoder, path: str, *, dtype: str | None = None) -> N
     tensors: dict[str, np.ndarray] = {}
     for pth, var in _flat_params(nnx.state(model, nnx.Param)):
         hf_name, transpose = _NAMES[pth]
-        value = _to_host(var[...]).astype(jnp.dtype(dtype))
+        value = to_host(var[...]).astype(jnp.dtype(dtype))
         parts = list(value) if pth.startswith("layers/") else [value]
         for i, part in enumerate(parts):
             tensors[hf_name.format(i=i)] = np.ascontiguousarray(part.T if transpose else part)

@@ -33,9 +33,18 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (*stack, d_in, d_out), jnp.float32).astype(pdt))
         self.bias = nnx.Param(jnp.zeros((*stack, d_out), pdt)) if bias else None
         self.compute_dtype = _dtype(config.compute_dtype)
+        # A low-rank adapter (`pl_dpo.models.lora`): lora_a [*stack, in, r], lora_b [*stack, r, out], while a
+        # phase trains with LoRA; merged into the kernel at its end.
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        x = x.astype(self.compute_dtype)
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.compute_dtype))
+        if self.lora_a is not None:
+            x_r = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.compute_dtype))
+            y = y + self.lora_scale * jnp.einsum("...r,ro->...o", x_r, self.lora_b[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pl_dpo import sharding
 from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, RankedSet
 from pl_dpo.models import Decoder
+from pl_dpo.models import lora as lora_lib
 from pl_dpo.training import checkpoint, train
 from pl_dpo.training.preemption import Preempted
 from pl_dpo.workdir import layout as wd
@@ -58,6 +59,8 @@ class PhaseSpec:
     # What the progress bar says; None: `name`. Rounds count from 1 on screen, as in the results table
     # ("spin round 1" trains πθ(0) into πθ(1)), and from 0 in files and metric names ("spin/round_0").
     label: str | None = None
+    # LoRA: train fresh adapters on the frozen start policy instead of every weight (`pl_dpo.models.lora`).
+    lora: lora_lib.LoraConfig | None = None
 
 
 def epochs_for_steps(steps: int, num_examples: int, batch_size: int) -> int:
@@ -98,7 +101,9 @@ def train_phase(
     """Trains `model` on the ranked set (K=1 for SFT) for `spec.num_epochs` epochs and returns the trained model.
 
     The step donates its state, so `model`'s buffers are consumed: the caller must
-    not use `model` afterwards (no second copy of the weights is ever held). With
+    not use `model` afterwards (no second copy of the weights is ever held). With `spec.lora` the model
+    gets fresh adapters (or keeps those it has, e.g. from a PEFT folder) and only they train: the model is
+    returned with its adapters, unmerged (`lora.merge` makes the phase's policy of it). With
     `heldout_score` and `spec.eval_every`, the phase stops early (the model of the stopping
     step is returned: `patience` readings after the best one)."""
     # ------------------------------------------------------------------ setup
@@ -128,8 +133,12 @@ def train_phase(
             )
         num_steps = min(num_steps, spec.max_steps)
     tx = spec.optim.build(num_steps // max(spec.optim.grad_accum_steps, 1))
+    if spec.lora is not None and not lora_lib.has_adapters(model):
+        lora_lib.add_adapters(model, spec.lora, jax.random.key(spec.seed), sharding.placement(mesh, rules))
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, rules)
     train_step = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))
+    frozen = () if state.frozen is None else (state.frozen,)
+    model_of = lambda state: nnx.merge(graphdef, state.params, *frozen)  # noqa: E731
     ckpts = checkpoint.TrainCheckpoints(wd.train_state_dir(spec.directory), spec.save_every_steps)
     ckpts.install_sigterm_handler()
 
@@ -143,7 +152,7 @@ def train_phase(
     )
     if restored is not None:
         start_step, params, opt_state, extra = restored
-        state = train.TrainState(params, opt_state)
+        state = dataclasses.replace(state, params=params, opt_state=opt_state)
         batches.restore(extra["data"])
         early.update(extra.get("early_stop", {}))
         # Steps after the checkpoint are trained (and logged) again: one record per step. The
@@ -176,7 +185,7 @@ def train_phase(
 
     def should_stop_early(step: int) -> bool:
         """Reads `heldout_score` at `step`; True once `patience` readings in a row brought no new best."""
-        value = float(heldout_score(nnx.merge(graphdef, state.params)))
+        value = float(heldout_score(model_of(state)))
         if early["best"] is None or value > early["best"]:
             early.update(best=value, best_step=step, bad_readings=0)
         else:
@@ -206,9 +215,9 @@ def train_phase(
                 # Under the mesh: Pallas kernels (splash attention) are traced inside shard_map over it.
                 with jax.set_mesh(mesh):
                     params, opt_state, metrics = train_step(
-                        state.params, state.opt_state, sharding.shard_batch(host_batch, mesh)
+                        state.params, state.opt_state, sharding.shard_batch(host_batch, mesh), *frozen
                     )
-                state = train.TrainState(params, opt_state)
+                state = dataclasses.replace(state, params=params, opt_state=opt_state)
                 # The previous step's metrics are read only now, with this step already queued.
                 read_metrics()
                 num_tokens = model_tokens(host_batch) * jax.process_count()
@@ -231,4 +240,4 @@ def train_phase(
             f"{spec.name}: SIGTERM, state saved at step {done} in {ckpts.directory}; "
             "run the same command again to resume"
         )
-    return nnx.merge(graphdef, state.params)
+    return model_of(state)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from pl_dpo import losses, sharding
 from pl_dpo.data import PackedBatch
-from pl_dpo.models import Decoder
+from pl_dpo.models import Decoder, lora
 from pl_dpo.scoring import batch_logps, response_logps, response_token_counts
 
 Metrics = dict[str, jax.Array]
@@ -155,25 +155,38 @@ def global_norm(tree: Any) -> jax.Array:
 
 @dataclasses.dataclass
 class TrainState:
-    """What a phase trains: parameters and optimizer state (device pytrees)."""
+    """What a phase trains: parameters and optimizer state (device pytrees). With LoRA (`pl_dpo.models.lora`)
+    `params` are the adapters only and `frozen` holds the rest of the model, an input of every step that is never
+    differentiated, updated or checkpointed with the train state (it is the phase's start policy, saved already)."""
 
     params: Any
     opt_state: Any
+    frozen: Any = None
+
+
+def trainable(model: Decoder) -> type[nnx.Variable]:
+    """What a phase differentiates: the adapters when the model has them, else every parameter."""
+    return nnx.LoRAParam if lora.has_adapters(model) else nnx.Param
 
 
 def init_train_state(
     model: Decoder, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules
 ) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """Split the model, create the optimizer state sharded like the parameters.
+    """Split the model into what trains and what stays frozen, create the optimizer state sharded like the
+    trained parameters. The frozen part (LoRA's base weights) stays where it is.
 
     Returns (graphdef, state, state_shardings)."""
-    graphdef, params = nnx.split(model)
+    if lora.has_adapters(model):
+        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+        frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
+    else:
+        (graphdef, params), frozen, frozen_sh = nnx.split(model), None, None
     param_sh = sharding.logical_to_shardings(params, mesh, rules)
     params = jax.device_put(params, param_sh)
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_sh = sharding.logical_to_shardings(abstract_opt, mesh, rules, rank_mismatch="replicate")
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    return graphdef, TrainState(params, opt_state), TrainState(param_sh, opt_sh)
+    return graphdef, TrainState(params, opt_state, frozen), TrainState(param_sh, opt_sh, frozen_sh)
 
 
 def make_train_step(
@@ -183,11 +196,12 @@ def make_train_step(
     state_shardings: TrainState,
     batch_sharding: Any,
 ):
-    """The jitted pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`."""
+    """The jitted pure step `(params, opt_state, batch[, frozen]) -> (params, opt_state, metrics)`; `frozen`
+    (LoRA's base weights) is an argument when `state_shardings.frozen` is set, and is not donated."""
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, *frozen):
         def loss_fn(p):
-            return objective(nnx.merge(graphdef, p), batch)
+            return objective(nnx.merge(graphdef, p, *frozen), batch)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -195,9 +209,10 @@ def make_train_step(
         metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads))
         return params, opt_state, metrics
 
+    frozen_sh = () if state_shardings.frozen is None else (state_shardings.frozen,)
     return jax.jit(
         step,
-        in_shardings=(state_shardings.params, state_shardings.opt_state, batch_sharding),
+        in_shardings=(state_shardings.params, state_shardings.opt_state, batch_sharding, *frozen_sh),
         out_shardings=(state_shardings.params, state_shardings.opt_state, None),
         donate_argnums=(0, 1),
     )

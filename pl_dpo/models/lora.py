@@ -1,0 +1,131 @@
+"""Low-rank adapters (LoRA) on the decoder's projections, written for its stacked, scanned layers.
+
+A targeted `Linear` gains `lora_a` [*stack, in, r] and `lora_b` [*stack, r, out] (`nnx.LoRAParam`) and computes
+
+    y = x @ kernel + scale * (x @ lora_a) @ lora_b,      scale = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+The adapters carry the same leading layer axis as the kernel, so the scan over layers slices them with it and the
+backward pass never forms a full-size weight gradient. `lora_b` starts at zero (PEFT's init; `lora_a` is
+Kaiming-uniform like PEFT's), so a fresh adapter leaves the model's output bit for bit as it was.
+
+Why not qwix (tunix's LoRA library): its provider intercepts a module's matmul at trace time and creates the
+adapter there with that call's shapes. Inside `Decoder.__call__`'s `lax.scan` the call sees one layer's
+[in, out] slice, so an adapter would be per-call, unstacked state created inside a traced loop; the decoder's
+layer axis, partition rules and checkpoints need the adapter stacked like its kernel.
+
+A training phase (`pl_dpo.training.phase`) adds adapters to its start policy, trains only them (`nnx.LoRAParam`
+is the trainable filter, the rest stays frozen in its dtype), and at the end `merge` folds them into the kernels:
+the merged model is the phase's policy, and the next phase starts from fresh adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pl_dpo.models.layers import Linear
+
+# The decoder's projections; the default targets are every one of them (attention and MLP), as PEFT's
+# "all-linear" is for a Llama model (lm_head excluded).
+DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
+
+
+class LoraError(ValueError):
+    """A LoRA setting or adapter file that does not fit the model; names the field or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """`config.model.lora` when enabled (configs/common.py:lora() holds the defaults)."""
+
+    rank: int
+    alpha: float
+    rslora: bool  # scale alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank
+    targets: str  # a regex searched in each projection's module path, e.g. "layers/attn/q_proj"
+
+    def __post_init__(self):
+        if int(self.rank) != self.rank or self.rank < 1:
+            raise LoraError(f"rank={self.rank!r} must be an integer >= 1")
+        if not self.alpha > 0:
+            raise LoraError(f"alpha={self.alpha!r} must be > 0")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise LoraError(f"targets={self.targets!r} is not a regular expression ({e})") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def projections(model: nnx.Module) -> dict[str, Linear]:
+    """Every `Linear` of the model by its '/'-joined module path ("layers/attn/q_proj", "lm_head")."""
+    return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+
+
+def targets(model: nnx.Module, lora: LoraConfig) -> dict[str, Linear]:
+    """The projections `lora.targets` selects; refuses a pattern that selects none, listing the module paths."""
+    found = {path: m for path, m in projections(model).items() if re.search(lora.targets, path)}
+    if not found:
+        names = ", ".join(sorted(projections(model)))
+        raise LoraError(f"targets={lora.targets!r} matches no projection of the model; its projections: {names}")
+    return found
+
+
+def add_adapters(model: nnx.Module, lora: LoraConfig, key: jax.Array, shardings=None) -> None:
+    """Adds fresh adapters (A Kaiming-uniform, B zero; float32) to the targeted projections, in place.
+
+    `shardings(path, shape) -> Sharding | None` places each adapter (the run passes its partition rules)."""
+    for index, (path, linear) in enumerate(sorted(targets(model, lora).items())):
+        *stack, d_in, d_out = linear.kernel.shape
+        # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(jax.random.fold_in(key, index), (*stack, d_in, lora.rank), jnp.float32, -bound, bound)
+        b = jnp.zeros((*stack, lora.rank, d_out), jnp.float32)
+        set_adapter(linear, a, b, lora.scale, path, shardings)
+
+
+def set_adapter(linear: Linear, a, b, scale: float, path: str, shardings=None) -> None:
+    """Puts adapter `a` [*stack, in, r], `b` [*stack, r, out] on `linear` (placed by `shardings` when given)."""
+    for name, value in (("lora_a", a), ("lora_b", b)):
+        sharding = None if shardings is None else shardings(f"{path}/{name}", tuple(value.shape))
+        setattr(
+            linear, name, nnx.LoRAParam(jnp.asarray(value) if sharding is None else jax.device_put(value, sharding))
+        )
+    linear.lora_scale = float(scale)
+
+
+def has_adapters(model: nnx.Module) -> bool:
+    return any(m.lora_a is not None for m in projections(model).values())
+
+
+def adapters(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Module path -> (lora_a, lora_b) of every adapted projection."""
+    return {p: (m.lora_a[...], m.lora_b[...]) for p, m in projections(model).items() if m.lora_a is not None}
+
+
+def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    def fold(kernel, a, b):
+        update = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        return (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
+
+    return jax.jit(fold, out_shardings=getattr(kernel, "sharding", None))(kernel, a, b)
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its kernel (kernel + scale * A @ B, in float32, cast back to the kernel's dtype) and
+    removes the adapters, in place; returns the model, whose kernels keep their shardings."""
+    for linear in projections(model).values():
+        if linear.lora_a is None:
+            continue
+        linear.kernel.set_value(
+            _merged_kernel(linear.kernel[...], linear.lora_a[...], linear.lora_b[...], linear.lora_scale)
+        )
+        linear.lora_a = linear.lora_b = None
+        linear.lora_scale = 0.0
+    return model
