@@ -64,6 +64,25 @@ def optimizer(
     )
 
 
+def lora(
+    enabled: bool = False,
+    rank: int = 16,
+    alpha: float = 32.0,
+    rslora: bool = False,
+    targets: str = r"(q|k|v|o|gate|up|down)_proj$",
+    init_adapter: str = "",
+) -> ml_collections.ConfigDict:
+    """A model's LoRA section (pl_dpo.models.lora). enabled: every phase that trains this model (its SFT, the rounds)
+    trains adapters of `rank` on frozen weights, scaled alpha/rank (rslora: alpha/sqrt(rank)), and merges them
+    into the phase's policy at its end. targets: a regex searched in the projections' module paths
+    ("layers/attn/q_proj", "layers/mlp/down_proj", "lm_head"); the default is every attention and MLP projection.
+    init_adapter: a PEFT adapter folder the model's SFT starts from (with sft steps 0: πθ(0) is the model with it
+    merged)."""
+    return ml_collections.ConfigDict(
+        dict(enabled=enabled, rank=rank, alpha=alpha, rslora=rslora, targets=targets, init_adapter=init_adapter)
+    )
+
+
 def model(
     preset: str = "tiny-llama",
     hf_path: str = "",
@@ -85,6 +104,7 @@ def model(
             remat=remat,
             attention_impl=attention_impl,
             overrides=overrides or {},
+            lora=lora(),
         )
     )
 

@@ -2,27 +2,28 @@
 
 The config is an `ml_collections.ConfigDict` (configs/common.py:base() declares every field and its default).
 Library code takes the frozen dataclasses built below instead: `run_settings` (pl_dpo.settings.RunSettings,
-with the SFT and round PhaseSettings), `optimizer`, `loss`, `sampling`, `model_config`. Only the stages that
+with the SFT and round PhaseSettings), `optimizer`, `loss`, `sampling`, `model_config`, `lora`. Only the stages that
 create or restore models (selfplay.rounds / policies / run_data, the planner) still read a model, data or
-assistant section. The same `plain` / `lookup` / `apply_overrides` serve the workdir check, experiments/sweep.py
-and the tests.
+assistant section. The plain-value helpers (`plain`, `lookup`, `apply_overrides`, `parse_flag_overrides`) live in
+`pl_dpo.config_values` and are re-exported here: the workdir check, experiments/sweep.py and the tests use them.
 """
 
 from __future__ import annotations
 
-import ast
-import copy
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
 from pl_dpo import losses, sampler, sharding
+from pl_dpo.config_values import MISSING, apply_overrides, lookup, parse_flag_overrides, plain  # noqa: F401
 from pl_dpo.data import TokenizeConfig
 from pl_dpo.data.builders import check_options
-from pl_dpo.models import DecoderConfig, preset_config
+from pl_dpo.models import DecoderConfig, create_model, peft_io, preset_config
+from pl_dpo.models import lora as lora_lib
 from pl_dpo.models.hf_io import ModelFolderError, read_hf_config
+from pl_dpo.models.lora import LoraConfig, LoraError
 from pl_dpo.selfplay import modes
 from pl_dpo.settings import HarnessSettings, PhaseSettings, RunSettings
 from pl_dpo.training import train
@@ -31,72 +32,6 @@ from pl_dpo.workdir import layout
 
 class ConfigError(ValueError):
     """A config value out of range or inconsistent with another one."""
-
-
-# ----------------------------------------------------------------------------- plain values
-
-
-def plain(value: Any) -> Any:
-    """ConfigDicts (also inside lists, which `to_dict()` leaves alone) as plain dicts and lists."""
-    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-MISSING = "<missing>"
-
-
-def lookup(cfg: Mapping[str, Any], dotted: str) -> Any:
-    """The value at a dotted key (`loss.K`) of a config or plain dict; MISSING if absent."""
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, (Mapping, ml_collections.ConfigDict)) or part not in node:
-            return MISSING
-        node = node[part]
-    return node
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted fields set (what `--config.a.b=v` does), checking each exists."""
-    config = copy.deepcopy(config)  # to_dict() would share the ConfigDicts inside lists (assistants)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            if p not in node:
-                raise KeyError(f"override {key!r}: the config has no field {p!r}")
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"override {key!r}: the config has no field {leaf!r}")
-        node[leaf] = value
-    return config
-
-
-def parse_flag_overrides(config: ml_collections.ConfigDict, flags: Sequence[str]) -> dict[str, Any]:
-    """`["--config.rounds.num=2", ...]` as {dotted key: value}, each value parsed like the field's
-    current value (as ml_collections' config flags do: ints, floats, bools, tuples, strings)."""
-    out = {}
-    for flag in flags:
-        key, eq, text = flag.removeprefix("--config.").partition("=")
-        current = lookup(config, key)
-        if not eq or current is MISSING:
-            raise KeyError(f"{flag!r}: expected --config.<existing field>=<value>")
-        if isinstance(current, str):
-            out[key] = text
-        elif isinstance(current, bool):
-            if text.lower() not in ("true", "false"):
-                raise ValueError(f"{flag!r}: expected True or False")
-            out[key] = text.lower() == "true"
-        else:
-            value = ast.literal_eval(text)
-            if isinstance(current, float) and isinstance(value, int):
-                value = float(value)
-            elif isinstance(current, int) and not isinstance(value, int):
-                raise ValueError(f"{flag!r}: expected an integer")
-            out[key] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- modes
@@ -277,6 +212,32 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> Decod
     return preset_config(model_cfg.preset, **{**overrides, **numerics})
 
 
+def lora(model_cfg: ml_collections.ConfigDict, where: str = "model") -> LoraConfig | None:
+    """A model section's LoRA (configs/common.py:lora) as a LoraConfig; None when off (or absent: older configs)."""
+    section = model_cfg.get("lora")
+    if not section or not section.enabled:
+        return None
+    try:
+        return LoraConfig(rank=section.rank, alpha=section.alpha, rslora=bool(section.rslora), targets=section.targets)
+    except LoraError as e:
+        raise ConfigError(f"config.{where}.lora.{e}") from None
+
+
+def check_lora(model_cfg: ml_collections.ConfigDict, where: str, vocab_size: int) -> None:
+    """LoRA's settings against the model's projections (on an abstract model: nothing allocated), and the
+    PEFT folder it starts from against the model's shapes."""
+    settings = lora(model_cfg, where)
+    if settings is None:
+        return
+    model = nnx.eval_shape(lambda: create_model(model_config(model_cfg, vocab_size), seed=0))
+    try:
+        lora_lib.targets(model, settings)
+        if model_cfg.lora.init_adapter:
+            peft_io.load_peft_adapter(model, model_cfg.lora.init_adapter)
+    except LoraError as e:
+        raise ConfigError(f"config.{where}.lora: {e}") from None
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Every check that can be made from the config alone, for a mesh over `num_devices` devices (default: this
     host's, at most config.mesh.num_devices, as the run builds it; the planner passes the slice's chips)."""
@@ -382,6 +343,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     sections = [("model", config.model)] + [
         (f"assistants[{i}].model", a.model) for i, a in enumerate(config.assistants)
     ]
+    for where, section in sections:
+        check_lora(section, where, config.tokenizer.vocab_size)
     for where, section in (s for s in sections if s[1].hf_path):
         try:  # its config.json read now: a folder pl_dpo cannot load is named before any work
             model_config(section, vocab_size=0)

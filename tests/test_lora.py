@@ -17,7 +17,7 @@ from pl_dpo.models import create_model, lora, peft_io, positions_from_valid, pre
 from pl_dpo.training import train
 
 CFG = preset_config("tiny-llama", vocab_size=96)
-LORA = lora.LoraConfig(rank=4, alpha=8.0, rslora=False, targets=lora.DEFAULT_TARGETS)
+LORA = lora.LoraConfig(rank=4, alpha=8.0, rslora=False, targets=r"(q|k|v|o|gate|up|down)_proj$")
 
 
 def _tokens(batch: int = 3, length: int = 10):

@@ -13,7 +13,7 @@ from flax import nnx
 from configs.common import optimizer
 from pl_dpo import config_lib, losses, scoring, sharding
 from pl_dpo.data import BatchIterator, RankedBatch, assemble_ranked
-from pl_dpo.models import create_model, preset_config
+from pl_dpo.models import create_model, lora, preset_config
 from pl_dpo.training import phase, train
 from pl_dpo.workdir.metric_log import MetricLog
 
@@ -73,8 +73,10 @@ def train_tiny_phase(directory, arrays, objective, heldout_score=None, **spec_fi
     )
 
 
-def run_steps(mesh, arrays, steps=3):
+def run_steps(mesh, arrays, steps=3, adapters: lora.LoraConfig | None = None):
     model = tiny_model()
+    if adapters is not None:
+        lora.add_adapters(model, adapters, jax.random.key(0))
     tx = OPTIM.build(steps)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, sharding.DEFAULT_DECODER_RULES)
     step_fn = train.make_train_step(
@@ -84,20 +86,24 @@ def run_steps(mesh, arrays, steps=3):
     losses_ = []
     for _ in range(steps):
         batch = sharding.shard_batch(next(it), mesh)
-        params, opt_state, metrics = step_fn(state.params, state.opt_state, batch)
-        state = train.TrainState(params, opt_state)
+        params, opt_state, metrics = step_fn(state.params, state.opt_state, batch, *[state.frozen] * bool(adapters))
+        state = train.TrainState(params, opt_state, state.frozen)
         losses_.append(float(metrics["loss"]))
     return losses_, jax.tree.map(np.asarray, state.params)
 
 
-def test_sharded_step_matches_single_device():
-    """8 simulated devices on a 2x2x2 mesh vs 1 device: same losses and parameters
+@pytest.mark.parametrize(
+    "adapters", [None, lora.LoraConfig(rank=4, alpha=8.0, rslora=False, targets="_proj$")], ids=["full", "lora"]
+)
+def test_sharded_step_matches_single_device(adapters):
+    """8 simulated devices on a 2x2x2 mesh vs 1 device: same losses and parameters (with LoRA: adapters)
     after 3 AdamW steps (tolerance 1e-5: only the reduction order differs)."""
     arrays = ranked_arrays()
     mesh8 = sharding.make_mesh(2, 2, 2)
     mesh1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    losses8, params8 = run_steps(mesh8, arrays)
-    losses1, params1 = run_steps(mesh1, arrays)
+    losses8, params8 = run_steps(mesh8, arrays, adapters=adapters)
+    losses1, params1 = run_steps(mesh1, arrays, adapters=adapters)
+    assert losses8[-1] != losses8[0]  # the adapters do train
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -30,10 +30,6 @@ from flax import nnx
 
 from pl_dpo.models.layers import Linear
 
-# The decoder's projections; the default targets are every one of them (attention and MLP), as PEFT's
-# "all-linear" is for a Llama model (lm_head excluded).
-DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
-
 
 class LoraError(ValueError):
     """A LoRA setting or adapter file that does not fit the model; names the field or tensor."""

@@ -28,11 +28,10 @@ _PREFIX = "base_model.model."
 _TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
-def save_peft_adapter(model, folder: str, lora: lora_lib.LoraConfig, base_model: str) -> None:
-    """Writes the model's adapters as a PEFT folder; `base_model` is the path of the weights they adapt.
-    Every process must call it (gathering sharded adapters is collective); process 0 writes."""
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+    """The model's adapters by PEFT name, on the host (float32). Every process must call it: gathering sharded
+    adapters is collective."""
     tensors: dict[str, np.ndarray] = {}
-    modules = set()
     for path, (a, b) in lora_lib.adapters(model).items():
         a, b = to_host(a).astype(np.float32), to_host(b).astype(np.float32)
         stacked = path.startswith("layers/")
@@ -40,9 +39,12 @@ def save_peft_adapter(model, folder: str, lora: lora_lib.LoraConfig, base_model:
             name = _PREFIX + hf_module(path).format(i=i)
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
-        modules.add(path.rsplit("/", 1)[-1])
-    if jax.process_index() != 0:
-        return
+    return tensors
+
+
+def write_peft_adapter(folder: str, tensors: dict[str, np.ndarray], lora: lora_lib.LoraConfig, base_model: str) -> None:
+    """Writes `adapter_tensors` as a PEFT folder; `base_model` names the weights they adapt."""
+    modules = sorted({_TENSOR.match(name)["module"].rsplit(".", 1)[-1] for name in tensors})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -50,7 +52,7 @@ def save_peft_adapter(model, folder: str, lora: lora_lib.LoraConfig, base_model:
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "use_rslora": lora.rslora,
-        "target_modules": sorted(modules),
+        "target_modules": modules,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -60,6 +62,13 @@ def save_peft_adapter(model, folder: str, lora: lora_lib.LoraConfig, base_model:
     save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def save_peft_adapter(model, folder: str, lora: lora_lib.LoraConfig, base_model: str) -> None:
+    """`adapter_tensors` + `write_peft_adapter` (process 0 writes). Every process must call it."""
+    tensors = adapter_tensors(model)
+    if jax.process_index() == 0:
+        write_peft_adapter(folder, tensors, lora, base_model)
 
 
 def read_peft_config(folder: str) -> lora_lib.LoraConfig:

@@ -22,7 +22,7 @@ from etils import epath
 
 from pl_dpo import config_lib, evaluate, sharding
 from pl_dpo.harness import run as harness_run
-from pl_dpo.models import Decoder, save_pretrained
+from pl_dpo.models import Decoder, lora, peft_io, save_pretrained
 from pl_dpo.selfplay import modes, seeds, stages
 from pl_dpo.selfplay.policies import PolicyStore
 from pl_dpo.selfplay.ranked_sets import RankedSets
@@ -97,13 +97,23 @@ class SelfPlay:
         s, steps = self.settings, phase.steps
         seed = seeds.sft_seed(s.seed, lineage)
         saved = self.policies.saved(lineage, 0)
-        if steps == 0 and lineage != "sft" and not saved:
-            return self.policies.initial(model_cfg, seed)  # a pretrained assistant as is: its folder is its checkpoint
+        adapter = config_lib.lora(model_cfg)
+        init_adapter = model_cfg.lora.init_adapter if adapter else ""
+
+        def initial() -> Decoder:
+            """The model as loaded (or created), with the PEFT adapter it starts from."""
+            model = self.policies.initial(model_cfg, seed)
+            if init_adapter:
+                peft_io.load_peft_adapter(model, init_adapter, sharding.placement(self.mesh, self.rules))
+            return model
+
+        if steps == 0 and lineage != "sft" and not saved and not init_adapter:
+            return initial()  # a pretrained assistant as is: its folder is its checkpoint
 
         def sft() -> Decoder:
-            model = self.policies.initial(model_cfg, seed)
+            model = initial()
             if steps == 0:
-                return model
+                return lora.merge(model)
             spec = self._phase_spec(
                 lineage,
                 wd.lineage_dir(self.workdir, lineage),
@@ -112,9 +122,10 @@ class SelfPlay:
                 seed=seed,
                 optim=phase.optim,
                 max_steps=steps,
+                lora=adapter,
             )
             heldout = self.data.heldout
-            return train_phase(
+            trained = train_phase(
                 model,
                 self.data.sft_set,
                 train.sft_objective(s.logprob_chunk),
@@ -126,6 +137,7 @@ class SelfPlay:
                     m, heldout, s.eval_batch_size, batch_type=s.batch_type
                 ),
             )
+            return self._merged(spec, trained, base=model_cfg.hf_path or f"preset {model_cfg.preset} (seed {seed})")
 
         model = stages.load_or_make(
             saved,
@@ -229,11 +241,30 @@ class SelfPlay:
             optim=s.rounds.round_optim(t),
             max_steps=s.rounds.max_steps,
             label=f"{mode.name} round {t + 1}",
+            lora=config_lib.lora(self.config.model),
         )
         with self.metric_log.timed(spec.name, "training"):
-            return train_phase(
+            trained = train_phase(
                 start, lists, objective, spec, mesh=self.mesh, rules=self.rules, metric_log=self.metric_log
             )
+        base = (
+            wd.export_dir(self.workdir, mode.name, t)
+            if s.export_hf and t > 0
+            else os.path.join(wd.policies_dir(self.workdir, "sft" if t == 0 else mode.name), str(t))
+        )
+        return self._merged(spec, trained, base)
+
+    def _merged(self, spec: PhaseSpec, model: Decoder, base: str) -> Decoder:
+        """The policy of a phase: with LoRA, its adapters are first written as a PEFT folder `<phase>/adapter`
+        (`base`: where the weights they adapt are), then merged into the weights; else the model as trained."""
+        if spec.lora is None:
+            return model
+        out = wd.adapter_dir(spec.directory)
+        tensors = peft_io.adapter_tensors(model)  # every process: gathering is collective
+        if jax.process_index() == 0 and not stages.exists(os.path.join(out, peft_io.CONFIG_FILE)):
+            with bucket.staged_folder(out, marker=peft_io.CONFIG_FILE) as folder:
+                peft_io.write_peft_adapter(folder, tensors, spec.lora, base)
+        return lora.merge(model)
 
     def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:
         """πθ(t+1) of an arm: restored if round t is done, else round t is run."""

@@ -173,12 +173,13 @@ def init_train_state(
     model: Decoder, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules: sharding.Rules
 ) -> tuple[nnx.GraphDef, TrainState, Any]:
     """Split the model into what trains and what stays frozen, create the optimizer state sharded like the
-    trained parameters. The frozen part (LoRA's base weights) stays where it is.
+    trained parameters; the frozen part (LoRA's base weights) is placed by the same rules.
 
     Returns (graphdef, state, state_shardings)."""
     if lora.has_adapters(model):
         graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
-        frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
+        frozen_sh = sharding.logical_to_shardings(frozen, mesh, rules)
+        frozen = jax.device_put(frozen, frozen_sh)  # no copy when the start policy is placed by the rules already
     else:
         (graphdef, params), frozen, frozen_sh = nnx.split(model), None, None
     param_sh = sharding.logical_to_shardings(params, mesh, rules)

@@ -93,6 +93,19 @@ def _parent(tree: Any, dotted: str) -> tuple[dict | None, str]:
     return (tree if isinstance(tree, dict) else None), leaf
 
 
+def _without_switched_off(value: Any) -> Any:
+    """`value` without the sections of `layout.SWITCHED_SECTIONS` that are switched off, at any depth."""
+    if isinstance(value, list):
+        return [_without_switched_off(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        k: _without_switched_off(v)
+        for k, v in value.items()
+        if not (k in layout.SWITCHED_SECTIONS and isinstance(v, dict) and not v.get(layout.SWITCHED_SECTIONS[k]))
+    }
+
+
 def _without_numerics(value: Any, key: str) -> Any:
     """`value` (found at dotted `key`) without the NUMERICS_FIELDS below it: a resumed run may change those."""
     if not isinstance(value, dict):
@@ -130,7 +143,7 @@ def check_workdir_config(
         if node is not None:
             node.setdefault(leaf, value)
     for key in keys_that_must_match:
-        a, b = _without_numerics(lookup(old, key), key), _without_numerics(lookup(new, key), key)
+        a, b = (_without_switched_off(_without_numerics(lookup(c, key), key)) for c in (old, new))
         if a != b:
             field, was, now = _first_difference(a, b, key)
             raise WorkdirConfigMismatch(

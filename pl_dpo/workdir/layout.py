@@ -13,6 +13,8 @@ each stage's output depends on (no jax here, so that tools can import it).
                                  (a mode with one fixed set, offline: <mode>/ranked.npz)
     <mode>/round_<t>/mixed.npz   with rounds.mix_previous: the previous rounds' sets and this one
     <mode>/round_<t>/train       mid-round train state (deleted once πθ(t+1) is committed)
+    <mode>/round_<t>/adapter     with model.lora: round t's adapters as a PEFT folder (their base: πθ(t));
+                                 sft/adapter, assistant_<i>/adapter: those of the SFT phases
     <mode>/policies/<t+1>        πθ(t+1);  <mode>/eval_<t+1>.json its metrics
     <mode>/hf_export/round_<t+1> πθ(t+1) as a Hugging Face folder (with export_hf)
     metrics.jsonl, tensorboard/  every step and every evaluation (`metric_log`)
@@ -70,6 +72,10 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Fields added after workdirs were first written: an older config.json without one ran with this value.
 FIELDS_ADDED_LATER = {"rounds.prompts_per_round": 0}
+# Sections with an on/off switch: switched off (or absent, in a config.json written before they existed), the
+# rest of the section changes nothing, so it compares as absent (here: a model's LoRA, in `model` and in every
+# `assistants[i].model`).
+SWITCHED_SECTIONS = {"lora": "enabled"}
 # Fields the held-out evaluation depends on: eval_<t>.json records them, and a resumed run with other values
 # evaluates again instead of mixing results. Not in STAGE_FIELDS for that reason, although sampling.max_new_tokens
 # also shapes the rounds' samples (through "sampling" in STAGE_FIELDS["rounds"]).
@@ -162,6 +168,11 @@ def ranked_set_path(workdir: str, mode: str, t: int, one_set: bool = False) -> s
         if one_set
         else os.path.join(round_dir(workdir, mode, t), "ranked.npz")
     )
+
+
+def adapter_dir(phase_dir: str) -> str:
+    """A LoRA phase's adapters as a PEFT folder (`adapter_config.json`, `adapter_model.safetensors`)."""
+    return os.path.join(phase_dir, "adapter")
 
 
 def export_dir(workdir: str, mode: str, index: int) -> str:
