@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
     from pl_dpo import config_lib, evaluate  # after distributed init: they touch devices
     from pl_dpo.data import DataError
     from pl_dpo.models.hf_io import ModelFolderError
+    from pl_dpo.models.lora import LoraError
     from pl_dpo.selfplay import modes, rounds
     from pl_dpo.training.preemption import Preempted, sigterm_stops_the_run
     from pl_dpo.workdir import agreement, plots
@@ -73,6 +74,7 @@ def main(argv: list[str]) -> None:
         agreement.WorkdirConfigMismatch,
         DataError,
         ModelFolderError,
+        LoraError,
         modes.ListSizeError,
         WorkdirLocked,
     )

@@ -58,6 +58,14 @@ def _config(**overrides):
         ({"rounds.optim.clip_norm": -1.0}, r"clip_norm=-1.0 must be >= 0"),
         ({"rounds.optim.grad_accum_steps": 0}, r"grad_accum_steps=0 must be an integer >= 1"),
         ({"sft.optim.name": "sgd"}, r"config.sft.optim.name='sgd' choose 'adamw' or 'rmsprop'"),
+        ({"model.lora.enabled": True, "model.lora.rank": 0}, r"config.model.lora.rank=0 must be an integer >= 1"),
+        ({"model.lora.enabled": True, "model.lora.rank": -4}, r"config.model.lora.rank=-4 must be an integer >= 1"),
+        ({"model.lora.enabled": True, "model.lora.alpha": 0.0}, r"config.model.lora.alpha=0.0 must be > 0"),
+        (
+            {"model.lora.enabled": True, "model.lora.targets": "qkv_proj"},
+            r"config.model.lora: targets='qkv_proj' matches no projection of the model; its projections: "
+            r"layers/attn/k_proj, .*layers/mlp/up_proj",
+        ),
     ],
 )
 def test_settings_refused_before_anything_trains(overrides, message):
@@ -69,6 +77,35 @@ def test_an_assistants_optimizer_is_checked_too():
     config = _config()
     config.assistants[0].optim.lr = -1.0
     with pytest.raises(config_lib.ConfigError, match=r"config.assistants\[0\].optim.lr=-1.0 must be > 0"):
+        config_lib.validate(config)
+
+
+def test_an_assistants_lora_is_checked_and_named():
+    config = _config()
+    config.assistants[0].model.lora.update(enabled=True, targets="attention")
+    with pytest.raises(config_lib.ConfigError, match=r"config.assistants\[0\].model.lora: targets='attention' matches"):
+        config_lib.validate(config)
+
+
+def test_a_peft_adapter_of_another_shape_is_named_before_anything_trains(tmp_path):
+    """A PEFT folder made for a wider model: the tensor, its shape and the model's, from validate."""
+    import jax
+
+    from pl_dpo.models import create_model, lora, peft_io
+
+    hidden = config_lib.model_config(_config().model, 384).hidden_size
+    overrides = {**_config().model.overrides.to_dict(), "hidden_size": 2 * hidden}
+    wide = config_lib.model_config(_config(**{"model.overrides": overrides}).model, 384)
+    model = create_model(wide, seed=0)
+    settings = lora.LoraConfig(rank=2, alpha=4.0, rslora=False, targets="q_proj$")
+    lora.add_adapters(model, settings, jax.random.key(0))
+    peft_io.save_peft_adapter(model, str(tmp_path / "adapter"), settings, base_model="wide")
+    config = _config(**{"model.lora.enabled": True, "model.lora.init_adapter": str(tmp_path / "adapter")})
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config.model.lora: .*adapter_model.safetensors: tensor 'base_model.model.model.layers.0.self_attn."
+        rf"q_proj.lora_A.weight' has shape \(2, {2 * hidden}\), the model needs \(2, {hidden}\)",
+    ):
         config_lib.validate(config)
 
 
