@@ -11,6 +11,7 @@
 4. self_play_round  one SPIN round of the demo, split into generation, reference scoring and training
 5. harness_backend  lm-eval requests/s on SmolLM2-135M-Instruct: pl_dpo's backend vs lm-eval's own `hf` backend
 6. trl_step         one DPO step on SmolLM2-135M-Instruct, 8 pairs: pl_dpo plain and packed vs TRL's own DPOTrainer
+7. lora_step        the Plackett-Luce step with LoRA adapters (rank 16) vs training every weight: time and memory
 
 Writes `<out>/<profile>.json` (the machine, the command, every row) and `<out>/<profile>.md` (the tables
 for BENCHMARKS.md). With --gpu, set XLA_PYTHON_CLIENT_PREALLOCATE=false so that JAX and torch share the
@@ -25,7 +26,7 @@ import os
 import sys
 import time
 
-BENCHMARKS = ("logprob_kernel", "train_step", "sampler", "self_play_round", "harness_backend", "trl_step")
+BENCHMARKS = ("logprob_kernel", "train_step", "sampler", "self_play_round", "harness_backend", "trl_step", "lora_step")
 
 # Columns of each benchmark's table: (heading, row key, format).
 COLUMNS = {
@@ -62,6 +63,13 @@ COLUMNS = {
         ("score", "score", "f3"),
         ("same answers as hf", "agreement", "pct"),
     ],
+    "lora_step": [
+        ("step", "step_s", "ms"),
+        ("trained parameters", "trained_params", "int"),
+        ("train state", "train_state_bytes", "gib"),
+        ("compiled arguments", "argument_bytes", "gib"),
+        ("compiled temporaries", "temp_bytes", "gib"),
+    ],
     "trl_step": [
         ("step", "step_s", "ms"),
         ("pairs/s", "pairs_per_s", "f1"),
@@ -76,6 +84,7 @@ SPEED_KEY = {
     "self_play_round": "round_s",
     "harness_backend": "step_s",
     "trl_step": "step_s",
+    "lora_step": "step_s",
 }
 
 
@@ -151,7 +160,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from benchmarks import common, harness_backend, logprob_kernel, sampler, self_play_round, train_step, trl_step
+    from benchmarks import (
+        common,
+        harness_backend,
+        logprob_kernel,
+        lora_step,
+        sampler,
+        self_play_round,
+        train_step,
+        trl_step,
+    )
 
     profile = common.PROFILES["gpu" if args.gpu else "quick" if args.quick else "cpu"]
     if args.gpu and jax.devices()[0].platform != "gpu":
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "self_play_round": lambda: self_play_round.run(profile),
         "harness_backend": lambda: harness_backend.run(profile, with_torch=with_torch),
         "trl_step": lambda: trl_step.run(profile, with_torch=with_torch),
+        "lora_step": lambda: lora_step.run(profile),
     }
     header = {
         "machine": common.machine(),

@@ -81,9 +81,10 @@ def loss(section: ml_collections.ConfigDict) -> losses.LossConfig:
 
 
 def sampling(
-    section: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...] = (), pad_id: int = 0
+    section: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...] = (), pad_id: int = 0, int8: bool = False
 ) -> sampler.SamplingConfig:
-    """The sampling section as the sampler's SamplingConfig (EOS and padding come from the tokenizer)."""
+    """The sampling section as the sampler's SamplingConfig (EOS and padding come from the tokenizer; `int8`: the
+    sampled model section's `sample_int8`)."""
     return sampler.SamplingConfig(
         max_new_tokens=section.max_new_tokens,
         temperature=section.temperature,
@@ -91,7 +92,13 @@ def sampling(
         top_p=section.top_p,
         eos_ids=tuple(eos_ids),
         pad_id=pad_id,
+        int8=bool(int8),
     )
+
+
+def sample_int8(model_cfg: ml_collections.ConfigDict) -> bool:
+    """A model section's `sample_int8` (False in configs written before it existed)."""
+    return bool(model_cfg.get("sample_int8", False))
 
 
 def sft_phase(section: ml_collections.ConfigDict) -> PhaseSettings:

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from pl_dpo import sharding
 from pl_dpo.models.decoder import Decoder
+from pl_dpo.models.quant import Int8Kernel, quantize_int8
 
 DECODE_AXES = ("data", "fsdp", "tp", "tensor")
 DECODE_BATCH = ("data", "fsdp")
@@ -33,7 +34,9 @@ DECODE_TENSOR = ("tp", "tensor")
 DECODE_MEMORY_SHARE = 0.5
 
 
-def decode_tp_split(cfg, mesh_shape: tuple[int, int, int], batch: int, max_len: int, hbm_bytes: float | None) -> int:
+def decode_tp_split(
+    cfg, mesh_shape: tuple[int, int, int], batch: int, max_len: int, hbm_bytes: float | None, int8: bool = False
+) -> int:
     """How many chips of each "fsdp" group join tensor parallelism while decoding (the size of "tp").
 
     The rule: the fewest chips that hold the weights. `tp` is the smallest divisor of the fsdp size for which
@@ -45,6 +48,8 @@ def decode_tp_split(cfg, mesh_shape: tuple[int, int, int], batch: int, max_len: 
     d, f, t = mesh_shape
     cdt = jnp.dtype(cfg.compute_dtype).itemsize
     weights = cfg.num_params() * cdt
+    if int8:  # the layers' projections at one byte a weight (the embedding and head stay in the compute dtype)
+        weights -= cfg.num_layer_params() * (cdt - 1)
     kv = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * cdt
     for tp in (x for x in range(1, f + 1) if f % x == 0):
         if d * f // tp > batch:
@@ -150,42 +155,62 @@ def _size(mesh: Mesh, entry) -> int:
     return int(np.prod([mesh.shape[n] for n in names]))
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "cdt", "rest_sh", "layer_sh"))
-def _relayout(layers_state, rest_state, *, num_layers, cdt, rest_sh, layer_sh):
+@functools.partial(jax.jit, static_argnames=("num_layers", "cdt", "rest_sh", "layer_sh", "int8_leaves"))
+def _relayout(layers_state, rest_state, *, num_layers, cdt, rest_sh, layer_sh, int8_leaves=()):
     def move(x, shardings):
         x = x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x
         for sh in shardings:
             x = jax.lax.with_sharding_constraint(x, sh)
         return x
 
+    def move_int8(x, shardings):
+        # Quantized where the weight is (its training layout), so the gathers move int8, not the compute dtype.
+        kernel = quantize_int8(x)
+        scale_specs = [NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:2])) for sh in shardings]  # the `out` entry
+        q, scale = kernel.q, kernel.scale
+        for sh, scale_sh in zip(shardings, scale_specs):
+            q = jax.lax.with_sharding_constraint(q, sh)
+            scale = jax.lax.with_sharding_constraint(scale, scale_sh)
+        return Int8Kernel(q, scale)
+
     leaves, treedef = jax.tree.flatten(rest_state)
     rest = treedef.unflatten([move(x, s) for x, s in zip(leaves, rest_sh)])
     leaves, treedef = jax.tree.flatten(layers_state)
-    layers = tuple(treedef.unflatten([move(x[i], s) for x, s in zip(leaves, layer_sh)]) for i in range(num_layers))
+    layers = tuple(
+        treedef.unflatten(
+            [(move_int8 if j in int8_leaves else move)(x[i], s) for j, (x, s) in enumerate(zip(leaves, layer_sh))]
+        )
+        for i in range(num_layers)
+    )
     return rest, layers
 
 
-def decode_weights(model: Decoder, batch: int, max_len: int, *, tp: int | None = None, hbm_bytes=None) -> DecodeWeights:
+def decode_weights(
+    model: Decoder, batch: int, max_len: int, *, tp: int | None = None, hbm_bytes=None, int8: bool = False
+) -> DecodeWeights:
     """The model's weights moved once into the decode layout for batches of up to `batch` rows of `max_len` slots
     (prompt + new tokens). `tp`: override `decode_tp_split`'s choice; `hbm_bytes`: a chip's memory (default: what
-    the device reports; none on CPU)."""
+    the device reports; none on CPU); `int8`: the layers' projections as weight-only int8 (`models.quant`)."""
     cfg = model.config
     graphdef, layers_state, rest_state = nnx.split(model, nnx.PathContains("layers"), ...)
     mesh_shape, devices = training_mesh_shape(rest_state)
     if tp is None:
         hbm = hbm_bytes if hbm_bytes is not None else _chip_memory(devices)
-        tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm)
+        tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm, int8)
     layout = decode_layout(devices, mesh_shape, tp)
-    rest, layers = _relayout(layers_state, rest_state, **relayout_settings(cfg, layers_state, rest_state, layout))
+    settings = relayout_settings(cfg, layers_state, rest_state, layout, int8)
+    rest, layers = _relayout(layers_state, rest_state, **settings)
     return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)
 
 
-def relayout_settings(cfg, layers_state, rest_state, layout: DecodeLayout) -> dict[str, Any]:
+def relayout_settings(cfg, layers_state, rest_state, layout: DecodeLayout, int8: bool = False) -> dict[str, Any]:
     """The static arguments of `_relayout` that move this model's weights into `layout` (also what the
-    planner compiles: `pl_dpo.plan.lower`)."""
+    planner compiles: `pl_dpo.plan.lower`); with `int8`, which layer leaves (the projections' kernels) quantize."""
+    paths = [sharding.path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(layers_state)]
     return dict(
         num_layers=cfg.num_layers,
         cdt=jnp.dtype(cfg.compute_dtype),
         rest_sh=_weight_shardings(rest_state, layout, stacked=False),
         layer_sh=_weight_shardings(layers_state, layout, stacked=True),
+        int8_leaves=tuple(j for j, path in enumerate(paths) if int8 and path.endswith("_proj/kernel")),
     )

@@ -37,6 +37,9 @@ class SamplingConfig:
     pad_id: int = 0
     prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
     batch_multiple: int = 1  # e.g. the number of data-parallel devices
+    # Decode with the layers' projections as weight-only int8 (`models.quant`; model.sample_int8): half the
+    # weight bytes of bf16, samples from an approximation of the model.
+    int8: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in np.atleast_1d(self.eos_ids)))
@@ -233,7 +236,7 @@ def generate(
     keys_B = _row_keys(rng, batch)
     bb, pb = bucket_shapes(batch, plen, sampling)
     if weights is None:
-        weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens)
+        weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens, int8=sampling.int8)
     layout = weights.layout
     bb = -(-bb // layout.groups) * layout.groups
     tokens_p = np.full((bb, pb), sampling.pad_id, np.int32)
@@ -303,7 +306,7 @@ def generate_responses(
     grouped["example_ids_N"] = order_N
     bb, pb = bucket_shapes(batch_size, longest, sampling)
     # Moved once, reused by every batch.
-    weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens, tp=tp)
+    weights = decode_layout.decode_weights(model, bb, pb + sampling.max_new_tokens, tp=tp, int8=sampling.int8)
     tokens, lengths, example_ids = [], [], []
 
     def done(i: int) -> None:  # batch i finished on this process's chips (no cross-host wait)

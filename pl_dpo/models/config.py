@@ -109,6 +109,12 @@ class DecoderConfig:
         per_layer = attn + 3 * d * f + 2 * d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
+    def num_layer_params(self) -> int:
+        """The weights of the layers' projections (attention and MLP kernels): what `sample_int8` quantizes."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        return self.num_layers * (2 * d * q + 2 * d * kv + 3 * d * f)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hugging Face config.json <-> DecoderConfig.

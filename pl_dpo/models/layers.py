@@ -14,6 +14,7 @@ from flax import nnx
 
 from pl_dpo.models import splash
 from pl_dpo.models.config import DecoderConfig
+from pl_dpo.models.quant import Int8Kernel
 
 _MASKED = -1e30  # finite, so a fully masked row gives a uniform softmax, never NaN
 
@@ -41,7 +42,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.compute_dtype)
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.compute_dtype))
+        kernel = self.kernel[...]
+        if isinstance(kernel, Int8Kernel):  # a sampler's weight-only int8 (`pl_dpo.models.quant`)
+            y = jnp.einsum("...i,io->...o", x, kernel.q.astype(self.compute_dtype))
+            y = y * kernel.scale.astype(self.compute_dtype)
+        else:
+            y = jnp.einsum("...i,io->...o", x, kernel.astype(self.compute_dtype))
         if self.lora_a is not None:
             x_r = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.compute_dtype))
             y = y + self.lora_scale * jnp.einsum("...r,ro->...o", x_r, self.lora_b[...].astype(self.compute_dtype))

@@ -14,7 +14,7 @@ from flax import nnx
 from pl_dpo import decode_layout, sampler, scoring, sharding
 from pl_dpo.data import BatchIterator, PackedBatch, RankedBatch, assemble_ranked
 from pl_dpo.harness import requests as harness_requests
-from pl_dpo.models import create_model
+from pl_dpo.models import create_model, lora
 from pl_dpo.plan.programs import Program
 from pl_dpo.plan.slices import chip_of
 from pl_dpo.training import train
@@ -24,12 +24,28 @@ def _abstract(shape, dtype, sh):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
 
+def _placed(state, mesh):
+    """(abstract `state` carrying the run's shardings, those shardings)."""
+    shardings = sharding.logical_to_shardings(state, mesh, sharding.DEFAULT_DECODER_RULES)
+    return jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), state, shardings), shardings
+
+
 def abstract_model(cfg, mesh):
     """(graphdef, abstract params with their shardings, param shardings)."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(cfg, seed=0)))
-    param_sh = sharding.logical_to_shardings(params, mesh, sharding.DEFAULT_DECODER_RULES)
-    with_sh = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), params, param_sh)
-    return graphdef, with_sh, param_sh
+    return graphdef, *_placed(params, mesh)
+
+
+def abstract_lora_model(cfg, adapters: lora.LoraConfig, mesh):
+    """The model as a LoRA phase trains it: (graphdef, adapters, their shardings, frozen rest, its shardings)."""
+
+    def adapted():
+        model = create_model(cfg, seed=0)
+        lora.add_adapters(model, adapters, jax.random.key(0))
+        return model
+
+    graphdef, params, frozen = nnx.split(nnx.eval_shape(adapted), nnx.LoRAParam, ...)
+    return graphdef, *_placed(params, mesh), *_placed(frozen, mesh)
 
 
 def largest_batch(p: Program, with_ref: bool) -> RankedBatch | PackedBatch:
@@ -70,6 +86,10 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
     """The program lowered for `mesh` (abstract devices), ready for `.compile()`."""
     graphdef, params, param_sh = abstract_model(p.model, mesh)
     bsh = sharding.batch_sharding(mesh)
+    frozen, frozen_sh = (), None
+    if p.kind == "train" and p.lora is not None:  # as train.init_train_state splits a model with adapters
+        graphdef, params, param_sh, frozen_state, frozen_sh = abstract_lora_model(p.model, p.lora, mesh)
+        frozen = (frozen_state,)
     with jax.set_mesh(mesh):
         if p.kind == "train":
             tx = p.optim.build(1000)
@@ -81,8 +101,8 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
                 if p.objective == "sft"
                 else train.pl_dpo_objective(loss_cfg, chunk_size=chunk_size)
             )
-            step = train.make_train_step(graphdef, objective, tx, train.TrainState(param_sh, opt_sh), bsh)
-            return step.lower(params, opt, abstract_batch(p, bsh, with_ref=p.objective != "sft"))
+            step = train.make_train_step(graphdef, objective, tx, train.TrainState(param_sh, opt_sh, frozen_sh), bsh)
+            return step.lower(params, opt, abstract_batch(p, bsh, with_ref=p.objective != "sft"), *frozen)
         if p.kind == "score" and p.harness:  # as `harness.requests.continuation_scores`: rows split as in scoring
             rows = -(-p.batch // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh)
             tokens = _abstract((rows, p.length), jnp.int32, bsh)
@@ -107,12 +127,12 @@ def _lower_sample(p: Program, mesh, graphdef, params):
     mesh_shape = tuple(int(mesh.shape[a]) for a in sharding.MESH_AXES)
     max_len = p.prompt_len + p.new_tokens
     tp = p.decode_tp or decode_layout.decode_tp_split(
-        p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None
+        p.model, mesh_shape, p.batch, max_len, chip.hbm_bytes if chip else None, sampling.int8
     )
     layout = decode_layout.decode_layout(mesh.devices, mesh_shape, tp)
     batch = -(-p.batch // layout.groups) * layout.groups
     g, layers_state, rest_state = nnx.split(nnx.merge(graphdef, params), nnx.PathContains("layers"), ...)
-    static = decode_layout.relayout_settings(p.model, layers_state, rest_state, layout)
+    static = decode_layout.relayout_settings(p.model, layers_state, rest_state, layout, sampling.int8)
 
     def sample(layers_state, rest_state, tokens, valid, keys):
         rest, layers = decode_layout._relayout(layers_state, rest_state, **static)

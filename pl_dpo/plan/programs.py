@@ -15,6 +15,7 @@ from pl_dpo import config_lib, sampler
 from pl_dpo.data import PackedBatch, default_buckets
 from pl_dpo.harness.requests import MAX_GEN_TOKS, bucket_length
 from pl_dpo.models import DecoderConfig, preset_config
+from pl_dpo.models.lora import LoraConfig
 from pl_dpo.selfplay import modes
 from pl_dpo.settings import RunSettings
 
@@ -42,19 +43,23 @@ class Program:
     decode_tp: int = 0  # sample: config.sampling.decode_tp (0: decode_layout.decode_tp_split's rule)
     # sample: the SamplingConfig it decodes with (None: plain sampling of `new_tokens`, no stop token).
     sampling: sampler.SamplingConfig | None = None
+    # train: LoRA (config.model.lora) -- adapters train, the rest is a frozen input of the step.
+    lora: LoraConfig | None = None
 
 
 def settings_text(p: Program) -> str:
     """The program's setting as a plan row names it, e.g. "batch 64, K=2, L=1024 plain, remat full"."""
     remat = p.model.remat
     if p.kind == "sample":
-        return f"batch {p.batch}, prompt {p.prompt_len} + {p.new_tokens} new"
+        int8 = ", int8 weights" if p.sampling is not None and p.sampling.int8 else ""
+        return f"batch {p.batch}, prompt {p.prompt_len} + {p.new_tokens} new{int8}"
     if p.harness:
         return f"batch {p.batch}, rows of {p.length} tokens"
     layout = "packed" if p.packed else "plain"
     accum = p.optim.grad_accum_steps if p.optim is not None and p.optim.grad_accum_steps > 1 else 1
     acc = f" x{accum} accum" if accum > 1 else ""
-    return f"batch {p.batch}{acc}, K={p.k}, L={p.length} {layout}, remat {remat}"
+    adapters = f", LoRA r={p.lora.rank}" if p.kind == "train" and p.lora is not None else ""
+    return f"batch {p.batch}{acc}, K={p.k}, L={p.length} {layout}, remat {remat}{adapters}"
 
 
 def model_of(section, vocab_size: int, notes: list[str], where: str) -> DecoderConfig:
@@ -101,6 +106,7 @@ def programs_of(config, notes: list[str]) -> list[Program]:
                 k=1,
                 optim=s.sft.optim,
                 objective="sft",
+                lora=config_lib.lora(config.model),
                 **rows,
                 batch_field="sft.batch_size",
                 accum_field="sft.optim.grad_accum_steps",
@@ -116,6 +122,7 @@ def programs_of(config, notes: list[str]) -> list[Program]:
                 s.rounds.batch_size,
                 k=k,
                 optim=s.rounds.optim,
+                lora=config_lib.lora(config.model),
                 **rows,
                 batch_field="rounds.batch_size",
                 accum_field="rounds.optim.grad_accum_steps",
@@ -147,7 +154,8 @@ def programs_of(config, notes: list[str]) -> list[Program]:
     sampling = config_lib.sampling(config.sampling, eos_ids=(0,), pad_id=0)
     # sampling.decode_tp sets the sampler's tensor-parallel group (evaluation always takes the rule's).
     tp = s.decode_tp or 0
-    out.append(sample("sampler", policy, s.sampling_batch_size, "sampling.batch_size", sampling, tp))
+    own = dataclasses.replace(sampling, int8=config_lib.sample_int8(config.model))
+    out.append(sample("sampler", policy, s.sampling_batch_size, "sampling.batch_size", own, tp))
     # Evaluation planned from above: max_response_len new tokens, sampled (the run's `evaluate_policy` decodes
     # greedily up to sampling.max_new_tokens <= max_response_len: a smaller cache, no sampling temporaries).
     evaluation = dataclasses.replace(sampling, max_new_tokens=s.tokenize.max_response_len)
@@ -166,7 +174,8 @@ def programs_of(config, notes: list[str]) -> list[Program]:
     ranked = max((mode.assistants_ranked(k) for mode, k in s.arms), default=0)
     for i, a in enumerate(config.assistants[:ranked]):
         assistant = model_of(a.model, vocab, notes, f"config.assistants[{i}].model")
+        theirs = dataclasses.replace(sampling, int8=config_lib.sample_int8(a.model))
         out.append(
-            sample(f"assistant {i} sampler", assistant, s.sampling_batch_size, "sampling.batch_size", sampling, tp)
+            sample(f"assistant {i} sampler", assistant, s.sampling_batch_size, "sampling.batch_size", theirs, tp)
         )
     return out

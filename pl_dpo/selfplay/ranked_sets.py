@@ -31,7 +31,8 @@ class RankedSets:
     """Builds (or loads, when committed) the ranked sets of a run's rounds.
 
     `assistant(i)` gives assistant i (trained or loaded once by the caller) and `assistant_tokenizers[i]` its
-    own tokenizer folder ("" when it shares the policy's); `sft_policy()` restores πθ(0)."""
+    own tokenizer folder ("" when it shares the policy's), `assistant_int8[i]` whether it samples with int8
+    weights; `sft_policy()` restores πθ(0). `sampling` is the policy's (its `int8`: config.model.sample_int8)."""
 
     def __init__(
         self,
@@ -44,12 +45,14 @@ class RankedSets:
         *,
         assistant: Callable[[int], Decoder],
         assistant_tokenizers: tuple[str, ...],
+        assistant_int8: tuple[bool, ...],
         sft_policy: Callable[[], Decoder],
         round_start: Callable[[modes.Mode, int], Decoder],
     ):
         self.workdir, self.settings, self.sampling, self.data = workdir, settings, sampling, data
         self.tokenizer, self.metric_log = tokenizer, metric_log
         self.assistant, self.assistant_tokenizers, self.sft_policy = assistant, assistant_tokenizers, sft_policy
+        self.assistant_int8 = assistant_int8  # each assistant's model.sample_int8
         self.round_start = round_start  # πθ(t) of a mode, from disk: remakes a damaged earlier set for mixing
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
@@ -67,14 +70,16 @@ class RankedSets:
         rng = np.random.default_rng(seeds.stage_seed(self.settings.seed, f"{mode.name}/round_{t}/prompts"))
         return np.sort(rng.choice(n, p, replace=False))
 
-    def samples(self, model: Decoder, label: str, desc: str, prompts: np.ndarray | None = None) -> list[TokenIds]:
+    def samples(
+        self, model: Decoder, label: str, desc: str, prompts: np.ndarray | None = None, sampling=None
+    ) -> list[TokenIds]:
         """One sampled response per training prompt (or per prompt of the indices `prompts`, in that order),
-        the key drawn from `label`."""
+        the key drawn from `label`; `sampling`: the policy's unless given."""
         sft_set = self.data.sft_set
         if prompts is not None:  # responses come back in the subset's order
             sft_set = sft_set.take(prompts).replace(example_ids_N=np.arange(len(prompts)))
         with self.metric_log.timed(label, "generation"):
-            return self._sample(model, sft_set.prompts(), self.sampling, label, desc)
+            return self._sample(model, sft_set.prompts(), sampling or self.sampling, label, desc)
 
     def _sample(self, model, prompts, sampling, label: str, desc: str) -> list[TokenIds]:
         key = seeds.stage_key(self.settings.seed, label)
@@ -93,7 +98,9 @@ class RankedSets:
         answers decoded to text and tokenised again with the policy's tokenizer."""
         tok = load_tokenizer(tokenizer_path)
         own, _ = tokenize_examples(tok, self.data.train_examples, self.data.tokenize, k=1)
-        sampling = dataclasses.replace(self.sampling, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+        sampling = dataclasses.replace(
+            self.sampling, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, int8=self.assistant_int8[index]
+        )
         label = f"assistant_{index}/samples"
         ids = self._sample(model, own.prompts(), sampling, label, f"assistant_{index} samples")
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
@@ -108,7 +115,8 @@ class RankedSets:
             model = self.assistant(index)
             if self.assistant_tokenizers[index]:
                 return self._foreign_samples(index, model, self.assistant_tokenizers[index])
-            return self.samples(model, f"{lineage}/samples", f"{lineage} samples")
+            sampling = dataclasses.replace(self.sampling, int8=self.assistant_int8[index])
+            return self.samples(model, f"{lineage}/samples", f"{lineage} samples", sampling=sampling)
 
         return stages.load_or_make(
             stages.exists(path),

@@ -58,7 +58,10 @@ class SelfPlay:
         self.data: RunData = prepare_data(config, self.tokenizer, self.workdir, self.metric_log)
         self.table: list[dict[str, Any]] = []
         sampling = config_lib.sampling(
-            config.sampling, eos_ids=(self.tokenizer.eos_token_id,), pad_id=self.tokenizer.pad_token_id
+            config.sampling,
+            eos_ids=(self.tokenizer.eos_token_id,),
+            pad_id=self.tokenizer.pad_token_id,
+            int8=config_lib.sample_int8(config.model),
         )
         self.sets = RankedSets(
             self.workdir,
@@ -69,6 +72,7 @@ class SelfPlay:
             self.metric_log,
             assistant=self.assistant,
             assistant_tokenizers=tuple(config_lib.foreign_tokenizer(a) for a in config.assistants),
+            assistant_int8=tuple(config_lib.sample_int8(a.model) for a in config.assistants),
             sft_policy=lambda: self.policies.restore("sft", config.model, 0),
             round_start=self.round_start,
         )

@@ -94,16 +94,13 @@ def _parent(tree: Any, dotted: str) -> tuple[dict | None, str]:
 
 
 def _without_switched_off(value: Any) -> Any:
-    """`value` without the sections of `layout.SWITCHED_SECTIONS` that are switched off, at any depth."""
+    """`value` without the fields of `layout.OFF_BY_DEFAULT` that are off, at any depth."""
     if isinstance(value, list):
         return [_without_switched_off(v) for v in value]
     if not isinstance(value, dict):
         return value
-    return {
-        k: _without_switched_off(v)
-        for k, v in value.items()
-        if not (k in layout.SWITCHED_SECTIONS and isinstance(v, dict) and not v.get(layout.SWITCHED_SECTIONS[k]))
-    }
+    off = layout.OFF_BY_DEFAULT
+    return {k: _without_switched_off(v) for k, v in value.items() if not (k in off and off[k](v))}
 
 
 def _without_numerics(value: Any, key: str) -> Any:

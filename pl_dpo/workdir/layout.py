@@ -72,10 +72,13 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Fields added after workdirs were first written: an older config.json without one ran with this value.
 FIELDS_ADDED_LATER = {"rounds.prompts_per_round": 0}
-# Sections with an on/off switch: switched off (or absent, in a config.json written before they existed), the
-# rest of the section changes nothing, so it compares as absent (here: a model's LoRA, in `model` and in every
-# `assistants[i].model`).
-SWITCHED_SECTIONS = {"lora": "enabled"}
+# Fields of a model section that are off by default: off (or absent, in a config.json written before they
+# existed), they compare as absent, in `model` and in every `assistants[i].model` (a switched-off LoRA section
+# changes nothing, whatever its rank).
+OFF_BY_DEFAULT = {
+    "lora": lambda section: isinstance(section, dict) and not section.get("enabled"),
+    "sample_int8": lambda value: value is False,
+}
 # Fields the held-out evaluation depends on: eval_<t>.json records them, and a resumed run with other values
 # evaluates again instead of mixing results. Not in STAGE_FIELDS for that reason, although sampling.max_new_tokens
 # also shapes the rounds' samples (through "sampling" in STAGE_FIELDS["rounds"]).
