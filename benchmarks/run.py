@@ -12,6 +12,7 @@
 5. harness_backend  lm-eval requests/s on SmolLM2-135M-Instruct: pl_dpo's backend vs lm-eval's own `hf` backend
 6. trl_step         one DPO step on SmolLM2-135M-Instruct, 8 pairs: pl_dpo plain and packed vs TRL's own DPOTrainer
 7. lora_step        the Plackett-Luce step with LoRA adapters (rank 16) vs training every weight: time and memory
+8. int8_sampler     the sampler with int8 weights (model.sample_int8) vs as trained, SmolLM2: tokens/s, agreement
 
 Writes `<out>/<profile>.json` (the machine, the command, every row) and `<out>/<profile>.md` (the tables
 for BENCHMARKS.md). With --gpu, set XLA_PYTHON_CLIENT_PREALLOCATE=false so that JAX and torch share the
@@ -26,7 +27,16 @@ import os
 import sys
 import time
 
-BENCHMARKS = ("logprob_kernel", "train_step", "sampler", "self_play_round", "harness_backend", "trl_step", "lora_step")
+BENCHMARKS = (
+    "logprob_kernel",
+    "train_step",
+    "sampler",
+    "self_play_round",
+    "harness_backend",
+    "trl_step",
+    "lora_step",
+    "int8_sampler",
+)
 
 # Columns of each benchmark's table: (heading, row key, format).
 COLUMNS = {
@@ -70,6 +80,13 @@ COLUMNS = {
         ("compiled arguments", "argument_bytes", "gib"),
         ("compiled temporaries", "temp_bytes", "gib"),
     ],
+    "int8_sampler": [
+        ("new tokens/s", "new_tokens_per_s", "int"),
+        ("compile", "compile_s", "s"),
+        ("same rows", "rows_agreement", "pct"),
+        ("same tokens before a difference", "tokens_agreement", "pct"),
+        ("of bandwidth bound", "bandwidth_fraction", "pct"),
+    ],
     "trl_step": [
         ("step", "step_s", "ms"),
         ("pairs/s", "pairs_per_s", "f1"),
@@ -85,6 +102,7 @@ SPEED_KEY = {
     "harness_backend": "step_s",
     "trl_step": "step_s",
     "lora_step": "step_s",
+    "int8_sampler": "step_s",
 }
 
 
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import (
         common,
         harness_backend,
+        int8_sampler,
         logprob_kernel,
         lora_step,
         sampler,
@@ -190,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "harness_backend": lambda: harness_backend.run(profile, with_torch=with_torch),
         "trl_step": lambda: trl_step.run(profile, with_torch=with_torch),
         "lora_step": lambda: lora_step.run(profile),
+        "int8_sampler": lambda: int8_sampler.run(profile),
     }
     header = {
         "machine": common.machine(),

@@ -2,8 +2,8 @@
 
     python -m pl_dpo.main --config=configs/asft.py --workdir=/mnt/shared/asft \
         --config.model.hf_path=/data/zephyr-7b-sft-full \
-        --config.assistants.0.model.hf_path=/data/Llama-3.1-70B-Instruct \
-        --config.assistants.0.tokenizer_path=/data/Llama-3.1-70B-Instruct \
+        "--config.assistants[0].model.hf_path=/data/Llama-3.1-70B-Instruct" \
+        "--config.assistants[0].tokenizer_path=/data/Llama-3.1-70B-Instruct" \
         --config.data.files.train=/data/ultrachat_200k/train_sft.parquet \
         --config.data.files.test=/data/ultrachat_200k/test_sft.parquet
 
@@ -27,6 +27,10 @@ from configs.common import model, optimizer
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = spin.get_config(arg)
     c.modes = "asft"
+    # The 70B assistant is only sampled, once: its layers' weights decode as int8 (pl_dpo.models.quant), which
+    # is what makes its sampler fit a v5e-16 (README, "Scaling"); its samples come from that approximation.
+    assistant = model(preset="llama-3.1-70b", hf_path="", param_dtype="bfloat16", compute_dtype="bfloat16")
+    assistant.sample_int8 = True
     c.assistants = [
         ml_collections.ConfigDict(
             dict(
@@ -34,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 batch_size=64,
                 optim=optimizer(1e-5),
                 tokenizer_path="",
-                model=model(preset="llama-3.1-70b", hf_path="", param_dtype="bfloat16", compute_dtype="bfloat16"),
+                model=assistant,
             )
         )
     ]

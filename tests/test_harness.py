@@ -390,7 +390,7 @@ def test_a_spin_round_of_the_real_model_in_the_command(smollm2, tmp_path, main_c
     pytest.importorskip("lm_eval")
     from pl_dpo.workdir import layout
 
-    done = main_command.run(tmp_path / "run", config="configs/smollm2.py:quick", timeout=900)
+    done = main_command.run(tmp_path / "run", config="configs/smollm2.py:quick,lora", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "run" / "results.md").read_text()
     assert "harness/pl_dpo_arith_mc/acc" in table and "harness/pl_dpo_arith_gen/exact_match/last_number" in table
@@ -398,8 +398,22 @@ def test_a_spin_round_of_the_real_model_in_the_command(smollm2, tmp_path, main_c
         json.loads(open(layout.eval_path(str(tmp_path / "run"), lineage, t)).read())["metrics"]
         for lineage, t in (("sft", 0), ("spin", 1))
     )
-    # One step towards the dataset's bare answers ("82", not "37 + 45 = 82 ...") raises their likelihood.
+    # One LoRA step towards the dataset's bare answers ("82", not "37 + 45 = 82 ...") raises their likelihood.
     assert after["answer_logp"] > start["answer_logp"] + 0.5, (start["answer_logp"], after["answer_logp"])
+
+    # The round's adapters as PEFT wrote them: peft on the shipped model (πθ(0)) gives πθ(1)'s logits.
+    torch, peft, transformers = (pytest.importorskip(m) for m in ("torch", "peft", "transformers"))
+    from pl_dpo.selfplay.policies import saved_policy
+
+    policy, tokenizer = saved_policy(str(tmp_path / "run" / "spin" / "policies" / "1"))
+    ids = np.asarray([tokenizer("What is 37 + 45? The answer is 82.")["input_ids"]], np.int32)
+    valid = np.ones_like(ids, bool)
+    ours = np.asarray(policy.logits(policy(ids, np.arange(ids.shape[1])[None], valid)))[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "run" / "spin" / "round_0" / "adapter")).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits[0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
 def test_a_run_that_asks_for_a_chat_template_its_tokenizer_lacks_is_refused(tmp_path):

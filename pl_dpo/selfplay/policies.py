@@ -103,7 +103,9 @@ def saved_policy(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | 
         raise SavedPolicyError(f"{path}: no saved policy {index} of {lineage} (saved: {', '.join(saved) or 'none'})")
     saved_config = wd.read_config_json(config_path)
     assistants = saved_config["assistants"]
-    config = ml_collections.ConfigDict({**saved_config, "assistants": []})
+    # Not the record of the input files' fingerprints (agreement.INPUTS_KEY: file paths as keys, not config fields).
+    fields = {k: v for k, v in saved_config.items() if not k.startswith("_")}
+    config = ml_collections.ConfigDict({**fields, "assistants": []})
     model_cfg, tokenizer_path = config.model, ""
     if lineage.startswith("assistant_"):
         section = ml_collections.ConfigDict(assistants[int(lineage.removeprefix("assistant_"))])
