@@ -96,6 +96,12 @@ def sampling(
     )
 
 
+def used_as_shipped(assistant: ml_collections.ConfigDict) -> bool:
+    """An assistant section whose model is sampled as its folder has it (no SFT, no PEFT adapter to merge): the
+    run reads it straight into the sampler's layout (`decode_layout.ModelFolder`)."""
+    return assistant.sft_steps == 0 and not (lora(assistant.model) and assistant.model.lora.init_adapter)
+
+
 def sample_int8(model_cfg: ml_collections.ConfigDict) -> bool:
     """A model section's `sample_int8` (False in configs written before it existed)."""
     return bool(model_cfg.get("sample_int8", False))

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pl_dpo import sharding
+from pl_dpo.models import hf_io
 from pl_dpo.models.decoder import Decoder
 from pl_dpo.models.quant import Int8Kernel, quantize_int8
 
@@ -185,12 +186,55 @@ def _relayout(layers_state, rest_state, *, num_layers, cdt, rest_sh, layer_sh, i
     return rest, layers
 
 
+def abstract_decode_weights(layers_state, rest_state, static: dict[str, Any]):
+    """(rest, layers) as `_relayout` returns them, as ShapeDtypeStructs with their decode shardings: the arguments
+    of a sampler whose weights were read straight into the decode layout (`ModelFolder`; the planner)."""
+
+    def one(leaf, shardings, stacked: bool, int8: bool):
+        shape, final = tuple(leaf.shape[1:] if stacked else leaf.shape), shardings[-1]
+        if int8:
+            scale_sh = NamedSharding(final.mesh, P(*tuple(final.spec)[1:2]))
+            return Int8Kernel(
+                jax.ShapeDtypeStruct(shape, jnp.int8, sharding=final),
+                jax.ShapeDtypeStruct(shape[:-2] + shape[-1:], jnp.float32, sharding=scale_sh),
+            )
+        dtype = static["cdt"] if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=final)
+
+    leaves, treedef = jax.tree.flatten(rest_state)
+    rest = treedef.unflatten([one(x, s, False, False) for x, s in zip(leaves, static["rest_sh"])])
+    leaves, treedef = jax.tree.flatten(layers_state)
+    layer = treedef.unflatten(
+        [one(x, s, True, j in static["int8_leaves"]) for j, (x, s) in enumerate(zip(leaves, static["layer_sh"]))]
+    )
+    return rest, (layer,) * static["num_layers"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+    """A model that is only sampled (an assistant used as shipped), read from its Hugging Face folder straight into
+    the decode layout by `decode_weights`: no training-layout copy of its weights is ever made, so a chip holds
+    one copy (int8 with `int8`), not two. The sampler takes it where it takes a `Decoder`."""
+
+    path: str
+    config: Any  # DecoderConfig, numerics included (param dtype: what the file's tensors are cast to first)
+    mesh: Mesh  # the run's mesh: the decode layout re-reads its shape and devices
+
+
 def decode_weights(
-    model: Decoder, batch: int, max_len: int, *, tp: int | None = None, hbm_bytes=None, int8: bool = False
+    model: Decoder | ModelFolder,
+    batch: int,
+    max_len: int,
+    *,
+    tp: int | None = None,
+    hbm_bytes=None,
+    int8: bool = False,
 ) -> DecodeWeights:
     """The model's weights moved once into the decode layout for batches of up to `batch` rows of `max_len` slots
     (prompt + new tokens). `tp`: override `decode_tp_split`'s choice; `hbm_bytes`: a chip's memory (default: what
     the device reports; none on CPU); `int8`: the layers' projections as weight-only int8 (`models.quant`)."""
+    if isinstance(model, ModelFolder):
+        return _folder_weights(model, batch, max_len, tp, hbm_bytes, int8)
     cfg = model.config
     graphdef, layers_state, rest_state = nnx.split(model, nnx.PathContains("layers"), ...)
     mesh_shape, devices = training_mesh_shape(rest_state)
@@ -214,3 +258,43 @@ def relayout_settings(cfg, layers_state, rest_state, layout: DecodeLayout, int8:
         layer_sh=_weight_shardings(layers_state, layout, stacked=True),
         int8_leaves=tuple(j for j, path in enumerate(paths) if int8 and path.endswith("_proj/kernel")),
     )
+
+
+def _folder_weights(folder: ModelFolder, batch: int, max_len: int, tp, hbm_bytes, int8: bool) -> DecodeWeights:
+    """`decode_weights` of a ModelFolder: each tensor read, cast to the param dtype (as `from_pretrained` does),
+    placed on its decode sharding (each device takes its slice) and quantized or cast to the compute dtype there.
+    The same weights, bit for bit, as `decode_weights(from_pretrained(...))`."""
+    cfg = folder.config
+    mesh_shape = tuple(int(folder.mesh.shape[a]) for a in sharding.MESH_AXES)
+    devices = np.asarray(folder.mesh.devices)
+    if tp is None:
+        hbm = hbm_bytes if hbm_bytes is not None else _chip_memory(devices)
+        tp = decode_tp_split(cfg, mesh_shape, batch, max_len, hbm, int8)
+    layout = decode_layout(devices, mesh_shape, tp)
+    rules, cdt, pdt = layout.weight_rules(), jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+    graphdef, layers_state, rest_state = nnx.split(
+        nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.PathContains("layers"), ...
+    )
+    files = hf_io.TensorFiles(folder.path)
+
+    def load(path: str, layer: int | None):
+        name, transpose = hf_io.hf_tensor(path)
+        value = files.get(name.format(i=layer))
+        value = (value.T if transpose else value).astype(pdt)
+        final = NamedSharding(layout.mesh, sharding.spec_for(path, value.shape, layout.mesh, rules))
+        placed = jax.make_array_from_callback(value.shape, final, lambda idx: value[idx])
+        if int8 and layer is not None and path.endswith("_proj/kernel"):
+            scale_sh = NamedSharding(layout.mesh, P(*tuple(final.spec)[1:2]))
+            return jax.jit(quantize_int8, out_shardings=Int8Kernel(final, scale_sh))(placed)
+        return jax.jit(lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x)(placed)
+
+    def loaded(state, layer: int | None) -> nnx.State:
+        flat = nnx.to_flat_state(state)
+        return nnx.from_flat_state([(p, var.replace(value=load(sharding.path_to_str(p), layer))) for p, var in flat])
+
+    try:
+        rest = loaded(rest_state, None)
+        layers = tuple(loaded(layers_state, i) for i in range(cfg.num_layers))
+    finally:
+        files.close()
+    return DecodeWeights(graphdef, rest, layers, layout, cfg.num_kv_heads)

@@ -40,6 +40,10 @@ class SamplingConfig:
     # Decode with the layers' projections as weight-only int8 (`models.quant`; model.sample_int8): half the
     # weight bytes of bf16, samples from an approximation of the model.
     int8: bool = False
+    # Ids a sample may take: those below num_ids (the tokenizer's size; 0: every id of the model). A model whose
+    # embedding has more rows than the tokenizer has ids (padded vocabularies) never samples one it cannot decode
+    # or a smaller policy cannot embed.
+    num_ids: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in np.atleast_1d(self.eos_ids)))
@@ -130,6 +134,10 @@ def _row_keys(rng, batch: int) -> jax.Array:
 
 def sample_logits(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingConfig):
     """Returns (tokens_B, sampling-distribution log-probs_B, plain-model log-probs_B)."""
+    if (
+        0 < sampling.num_ids < logits_BxV.shape[-1]
+    ):  # ids past the tokenizer's: never drawn (plain log-probs over the rest)
+        logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < sampling.num_ids, logits_BxV, -jnp.inf)
     model_logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
     if sampling.greedy:
         tok_B = jnp.argmax(logits_BxV, axis=-1)

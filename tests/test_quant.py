@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from pl_dpo import decode_layout, sampler, sharding
-from pl_dpo.models import create_model, preset_config
+from pl_dpo.models import create_model, from_pretrained, preset_config, save_pretrained
 from pl_dpo.models.lora import projections
 from pl_dpo.models.quant import Int8Kernel, dequantize, quantize_int8
 
@@ -106,3 +106,61 @@ def test_the_decode_split_counts_int8_weights_at_one_byte():
     bf16 = decode_layout.decode_tp_split(cfg, (1, 8, 1), 16, 1024, hbm)
     int8 = decode_layout.decode_tp_split(cfg, (1, 8, 1), 16, 1024, hbm, int8=True)
     assert (bf16, int8) == (2, 1)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["as-trained", "int8"])
+def test_a_model_folder_loads_straight_into_the_decode_layout_as_from_pretrained_would(model, tmp_path, int8):
+    """An assistant sampled as shipped: read into the decode layout with no training-layout copy, the same weights
+    bit for bit and the same tokens as loading it for training and moving it, on a 2x2x2 mesh (tp 2)."""
+    save_pretrained(model, str(tmp_path))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    rules = sharding.DEFAULT_DECODER_RULES
+    _, target = nnx.split(nnx.eval_shape(lambda: create_model(model.config, seed=0)))
+    trained = from_pretrained(str(tmp_path), shardings=sharding.logical_to_shardings(target, mesh, rules))
+    want = decode_layout.decode_weights(trained, 16, 22, tp=2, int8=int8)
+    folder = decode_layout.ModelFolder(str(tmp_path), model.config, mesh)
+    got = decode_layout.decode_weights(folder, 16, 22, tp=2, int8=int8)
+    assert got.layout.mesh.shape == want.layout.mesh.shape
+    for a, b in zip(jax.tree.leaves((got.rest, got.layers)), jax.tree.leaves((want.rest, want.layers))):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    cfg = sampler.SamplingConfig(max_new_tokens=6, greedy=True, pad_id=0, int8=int8)
+    tokens, valid = _prompts(11)
+    out = sampler.generate(folder, tokens, valid, 7, cfg, weights=got)
+    ref = sampler.generate(trained, tokens, valid, 7, cfg, weights=want)
+    np.testing.assert_array_equal(np.asarray(out.tokens_BxT), np.asarray(ref.tokens_BxT))
+
+
+def test_no_sample_takes_an_id_past_the_tokenizers():
+    """A model with more embedding rows than its tokenizer has ids: those ids are never drawn, greedy or not."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, 10)), jnp.float32).at[:, 8:].add(50.0)
+    keys = jax.random.split(jax.random.key(0), 64)
+    for greedy in (True, False):
+        cfg = sampler.SamplingConfig(max_new_tokens=1, greedy=greedy, num_ids=8)
+        tokens, lp, model_lp = sampler.sample_logits(logits, keys, cfg)
+        assert int(tokens.max()) < 8 and np.isfinite(np.asarray(model_lp)).all()
+        full = sampler.sample_logits(logits, keys, dataclasses.replace(cfg, num_ids=0))[0]
+        assert int(full.min()) >= 8  # without the limit those ids win
+
+
+@pytest.mark.slow
+def test_an_assistant_used_as_shipped_samples_in_int8_from_its_folder(tmp_path, main_command):
+    """aSFT with an assistant from a model folder, no SFT, int8 sampling: read straight into the decode layout (no
+    training copy, no checkpoint of it), its samples within the tokenizer's ids although its embedding is larger."""
+    from pl_dpo.selfplay import stages
+    from pl_dpo.tokenizer import load_tokenizer
+
+    save_pretrained(create_model(preset_config("tiny-llama", vocab_size=384), seed=3), str(tmp_path / "assistant"))
+    run = main_command.run(
+        tmp_path / "run",
+        "--config.modes=asft",
+        f"--config.assistants[0].model.hf_path={tmp_path / 'assistant'}",
+        "--config.assistants[0].sft_steps=0",
+        "--config.assistants[0].model.sample_int8=True",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| asft round 1 |" in run.stdout
+    assert not (tmp_path / "run" / "assistant_0" / "policies").exists()
+    samples = stages.load_samples(str(tmp_path / "run" / "assistant_0" / "samples.npz"))
+    vocab = len(load_tokenizer(str(tmp_path / "run" / "tokenizer")))
+    assert vocab < 384 and samples and max(max(s) for s in samples if s) < vocab

@@ -38,6 +38,11 @@ for _p in ("gate_proj", "up_proj", "down_proj"):
     _NAMES[f"layers/mlp/{_p}/kernel"] = (f"model.layers.{{i}}.mlp.{_p}.weight", True)
 
 
+def hf_tensor(path: str) -> tuple[str, bool]:
+    """(Hugging Face tensor name with "{i}" for the layer, whether it is stored transposed) of a parameter path."""
+    return _NAMES[path]
+
+
 def hf_module(path: str) -> str:
     """The Hugging Face module name of a projection's path ("layers/attn/q_proj" -> "model.layers.{i}.self_attn.q_proj")."""
     return _NAMES[f"{path}/kernel"][0].removesuffix(".weight")
@@ -85,7 +90,7 @@ def _open(file: str):
         raise TensorFileError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
 
 
-class _TensorFiles:
+class TensorFiles:
     """Name -> file index over one or several safetensors files, read lazily one tensor at a time."""
 
     def __init__(self, folder: str):
@@ -154,7 +159,7 @@ def from_pretrained(
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat_shardings = {} if shardings is None or callable(shardings) else _flat_shardings(shardings)
-    files = _TensorFiles(path)
+    files = TensorFiles(path)
     used: set[str] = set()
     try:
         values = {}

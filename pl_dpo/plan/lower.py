@@ -121,7 +121,8 @@ def lower(p: Program, mesh, *, loss_cfg=None, chunk_size: int = 256):
 def _lower_sample(p: Program, mesh, graphdef, params):
     """As `sampler.generate_responses`: the weights as trained are the program's arguments (they stay resident);
     the program moves them into the decode layout (`decode_layout.decode_weights`: tensor parallel over the
-    fewest chips that hold them, per the chip's memory) and decodes a batch split over the rest."""
+    fewest chips that hold them, per the chip's memory) and decodes a batch split over the rest. A model read
+    straight from its folder (`Program.from_folder`): the decode-layout weights are the arguments."""
     sampling = p.sampling or sampler.SamplingConfig(max_new_tokens=p.new_tokens, eos_ids=(0,), pad_id=0)
     chip = chip_of(mesh.devices.flat[0].device_kind)
     mesh_shape = tuple(int(mesh.shape[a]) for a in sharding.MESH_AXES)
@@ -138,11 +139,18 @@ def _lower_sample(p: Program, mesh, graphdef, params):
         rest, layers = decode_layout._relayout(layers_state, rest_state, **static)
         return sampler._generate_padded(g, rest, layers, tokens, valid, keys, sampling, layout)
 
+    def sample_read_in_place(rest, layers, tokens, valid, keys):  # a ModelFolder: weights already in the layout
+        return sampler._generate_padded(g, rest, layers, tokens, valid, keys, sampling, layout)
+
     rows = layout.batch()
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    return jax.jit(sample).lower(
-        layers_state,
-        rest_state,
+    weights = (
+        decode_layout.abstract_decode_weights(layers_state, rest_state, static)
+        if p.from_folder
+        else (layers_state, rest_state)
+    )
+    return jax.jit(sample_read_in_place if p.from_folder else sample).lower(
+        *weights,
         _abstract((batch, p.prompt_len), jnp.int32, rows),
         _abstract((batch, p.prompt_len), jnp.bool_, rows),
         _abstract(keys.shape, keys.dtype, rows),

@@ -45,6 +45,9 @@ class Program:
     sampling: sampler.SamplingConfig | None = None
     # train: LoRA (config.model.lora) -- adapters train, the rest is a frozen input of the step.
     lora: LoraConfig | None = None
+    # sample: an assistant used as shipped, read from its folder straight into the decode layout
+    # (`decode_layout.ModelFolder`): its decode weights are the program's only copy.
+    from_folder: bool = False
 
 
 def settings_text(p: Program) -> str:
@@ -175,7 +178,7 @@ def programs_of(config, notes: list[str]) -> list[Program]:
     for i, a in enumerate(config.assistants[:ranked]):
         assistant = model_of(a.model, vocab, notes, f"config.assistants[{i}].model")
         theirs = dataclasses.replace(sampling, int8=config_lib.sample_int8(a.model))
-        out.append(
-            sample(f"assistant {i} sampler", assistant, s.sampling_batch_size, "sampling.batch_size", theirs, tp)
-        )
+        program = sample(f"assistant {i} sampler", assistant, s.sampling_batch_size, "sampling.batch_size", theirs, tp)
+        program.from_folder = config_lib.used_as_shipped(a)
+        out.append(program)
     return out

@@ -99,7 +99,11 @@ class RankedSets:
         tok = load_tokenizer(tokenizer_path)
         own, _ = tokenize_examples(tok, self.data.train_examples, self.data.tokenize, k=1)
         sampling = dataclasses.replace(
-            self.sampling, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id, int8=self.assistant_int8[index]
+            self.sampling,
+            eos_ids=(tok.eos_token_id,),
+            pad_id=tok.pad_token_id,
+            int8=self.assistant_int8[index],
+            num_ids=len(tok),
         )
         label = f"assistant_{index}/samples"
         ids = self._sample(model, own.prompts(), sampling, label, f"assistant_{index} samples")

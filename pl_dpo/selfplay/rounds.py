@@ -11,6 +11,7 @@ The workdir may be a gs:// bucket path: every file goes through etils.epath (pl_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from pl_dpo import config_lib, evaluate, sharding
+from pl_dpo.decode_layout import ModelFolder
 from pl_dpo.harness import run as harness_run
 from pl_dpo.models import Decoder, lora, peft_io, save_pretrained
 from pl_dpo.selfplay import modes, seeds, stages
@@ -63,6 +65,7 @@ class SelfPlay:
             pad_id=self.tokenizer.pad_token_id,
             int8=config_lib.sample_int8(config.model),
         )
+        sampling = dataclasses.replace(sampling, num_ids=len(self.tokenizer))
         self.sets = RankedSets(
             self.workdir,
             s,
@@ -111,9 +114,6 @@ class SelfPlay:
                 peft_io.load_peft_adapter(model, init_adapter, sharding.placement(self.mesh, self.rules))
             return model
 
-        if steps == 0 and lineage != "sft" and not saved and not init_adapter:
-            return initial()  # a pretrained assistant as is: its folder is its checkpoint
-
         def sft() -> Decoder:
             model = initial()
             if steps == 0:
@@ -152,9 +152,13 @@ class SelfPlay:
         self._drop_train_state(wd.lineage_dir(self.workdir, lineage))
         return model
 
-    def assistant(self, index: int) -> Decoder:
-        """Assistant `index` (config.assistants): trained by SFT once, or its pretrained folder as is."""
+    def assistant(self, index: int) -> Decoder | ModelFolder:
+        """Assistant `index` (config.assistants): trained by SFT once, or its pretrained folder as is. An assistant
+        is only sampled: used as shipped, its folder is read straight into the sampler's layout (one copy)."""
         section = self.config.assistants[index]
+        if config_lib.used_as_shipped(section):
+            decoder = config_lib.model_config(section.model, self.policies.vocab_size)
+            return ModelFolder(section.model.hf_path, decoder, self.mesh)
         return self.supervised_model(f"assistant_{index}", section.model, config_lib.sft_phase(section))
 
     # --------------------------------------------------------------------------- evaluation
