@@ -302,10 +302,12 @@ class SelfPlay:
                 self.tokenizer.save_pretrained(folder)
 
     def train_state_bytes(self) -> int:
-        """The bytes of a train-state checkpoint of the policy, the largest thing a run saves: its weights and
-        AdamW's two moments, of the weights' shapes and dtype (what a full disk needs before the first save)."""
+        """The bytes of the largest thing a run saves (what a full disk needs before the first save): a train-state
+        checkpoint of the policy, its weights and AdamW's two moments; with LoRA, whose train states hold the
+        small adapters, a policy."""
         _, state = self.policies.abstract(self.config.model)
-        return 3 * sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+        copies = 1 if config_lib.lora(self.config.model) else 3
+        return copies * sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
     def run(self) -> list[dict[str, Any]]:
         """Every arm of the config, round after round; returns the evaluation table."""
