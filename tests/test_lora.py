@@ -172,3 +172,18 @@ def test_peft_loads_the_adapter_on_the_hf_model_with_equal_logits(tmp_path):
         _logits(lora.merge(model), tokens, positions, valid)[mask], theirs_merged[mask], rtol=1e-4, atol=1e-4
     )
     assert os.path.exists(tmp_path / "adapter" / peft_io.WEIGHTS_FILE)
+
+
+def test_the_harness_backend_takes_a_peft_folder_on_its_model(tmp_path):
+    """`--model_args path=<base>,peft=<adapter>`, as lm-eval's hf backend takes peft=: the adapter merged in."""
+    pytest.importorskip("lm_eval")
+    from pl_dpo.harness.lm import PlDpoLM
+    from pl_dpo.tokenizer import build_tiny_tokenizer
+
+    model = _with_random_adapters()
+    peft_io.save_peft_adapter(model, str(tmp_path / "adapter"), LORA, base_model=str(tmp_path / "base"))
+    save_pretrained(create_model(CFG, seed=0), str(tmp_path / "base"))
+    build_tiny_tokenizer(str(tmp_path / "base"))  # the backend reads a tokenizer beside the weights
+    lm = PlDpoLM(path=str(tmp_path / "base"), peft=str(tmp_path / "adapter"))
+    batch = _tokens()
+    np.testing.assert_allclose(_logits(lm.model, *batch), _logits(model, *batch), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from configs import common  # noqa: E402
 from pl_dpo import (  # noqa: E402
     config_lib,  # noqa: E402
     losses,
+    sampler,
     sharding,
 )
 from pl_dpo.models import preset_config  # noqa: E402
@@ -254,6 +255,34 @@ def test_a_model_no_setting_fits_names_the_smallest_slice():
     said = advice.advise(program, s, slices.abstract_devices(s), (1, -1, 1), {}, tried.append)
     assert tried == ["  trying --config.sampling.b=1", "  trying v5litepod-8"]
     assert said == "nothing nearby fits on v5litepod-4; the smallest v5e slice that fits it: v5litepod-8"
+
+
+@pytest.mark.slow  # ~40 s: two steps and two samplers of a 60M model compiled for a v5e-4
+def test_lora_steps_and_int8_samplers_are_planned_with_their_own_state():
+    """The LoRA step's arguments are the weights and the adapters' optimizer state (not 3x the weights); an
+    assistant read straight into the decode layout in int8 holds one int8 copy, not the trained weights too."""
+    from pl_dpo.models.lora import LoraConfig
+
+    cfg = preset_config("tiny-llama", vocab_size=8192, hidden_size=512, intermediate_size=2048, num_layers=8,
+                        num_heads=8, num_kv_heads=8, head_dim=64, compute_dtype="bfloat16", param_dtype="bfloat16")  # fmt: skip
+    optim = config_lib.optimizer(common.optimizer(1e-5, name="adamw"))
+    s = slices.get_slice("v5e-4")
+    devices = slices.abstract_devices(s)
+    step = programs.Program("step", "train", cfg, batch=8, k=2, length=128, prompt_len=64, optim=optim)
+    lora = dataclasses.replace(step, lora=LoraConfig(rank=8, alpha=16.0, rslora=False, targets="_proj$"))
+    full_row, lora_row = (
+        compiler.compile_row(p, s, devices, (1, -1, 1), loss_cfg=losses.LossConfig(T=0.1), chunk_size=64)
+        for p in (step, lora)
+    )
+    weights = cfg.num_params() * 2 / 4  # bf16, over 4 chips
+    assert full_row.fits and lora_row.fits and "LoRA r=8" in programs.settings_text(lora)
+    assert full_row.argument_bytes > 2.5 * weights and lora_row.argument_bytes < 1.3 * weights
+    sampling = sampler.SamplingConfig(max_new_tokens=8, eos_ids=(0,), pad_id=0)
+    trained = programs.Program("sampler", "sample", cfg, batch=8, prompt_len=64, new_tokens=8, sampling=sampling)
+    shipped = dataclasses.replace(trained, sampling=dataclasses.replace(sampling, int8=True), from_folder=True)
+    trained_row, shipped_row = (compiler.compile_row(p, s, devices, (1, -1, 1)) for p in (trained, shipped))
+    assert shipped_row.fits and "int8 weights" in programs.settings_text(shipped)
+    assert shipped_row.argument_bytes < 0.7 * trained_row.argument_bytes
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,6 +1,6 @@
 """pl_dpo's model as an lm-evaluation-harness backend, registered as `pl_dpo` (the `eval` extra brings lm-eval).
 
-    python -m pl_dpo.harness --model pl_dpo --model_args path=<HF folder | a run's policy> --tasks <tasks> ...
+    python -m pl_dpo.harness --model pl_dpo --model_args path=<HF folder | a run's policy>[,peft=<PEFT folder>] --tasks <tasks> ...
     lm_eval.simple_evaluate(model=PlDpoLM(path=...), tasks=[...])   # or PlDpoLM(model=..., tokenizer=...)
 
 Requests are read as lm-eval's own `hf` backend reads them (tokenization, BOS/EOS prefix, left truncation,
@@ -18,9 +18,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from pl_dpo import sampler
+from pl_dpo import sampler, sharding
 from pl_dpo.harness import requests as harness_requests
-from pl_dpo.models import Decoder
+from pl_dpo.models import Decoder, lora, peft_io
 from pl_dpo.models.hf_io import from_pretrained
 from pl_dpo.selfplay import policies
 from pl_dpo.tokenizer import load_tokenizer
@@ -61,6 +61,7 @@ class PlDpoLM(TemplateLM):
         seed: int = 0,
         add_bos_token: bool | None = None,
         share_contexts: bool = True,
+        peft: str | None = None,
         **unused,  # lm-eval's device, max_batch_size: placement is the mesh's
     ):
         super().__init__()
@@ -75,6 +76,12 @@ class PlDpoLM(TemplateLM):
             tokenizer = load_tokenizer(path)
         if tokenizer is None:
             raise ValueError("PlDpoLM: model= needs its tokenizer=")
+        if peft:  # a PEFT LoRA folder on top (as the hf backend's peft=): merged into the weights once
+            kernel = model.layers.attn.q_proj.kernel[...]
+            mesh = getattr(kernel.sharding, "mesh", None)
+            placement = sharding.placement(mesh, sharding.DEFAULT_DECODER_RULES) if mesh is not None else None
+            peft_io.load_peft_adapter(model, peft, placement)
+            model = lora.merge(model)
         self.model, self.tokenizer = model, tokenizer
         self.path = path
         self._batch_size = _batch_size(batch_size)
