@@ -152,22 +152,18 @@ def test_peft_loads_the_adapter_on_the_hf_model_with_equal_logits(tmp_path):
     peft_io.save_peft_adapter(model, str(tmp_path / "adapter"), LORA, base_model=str(tmp_path / "base"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), torch_dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
-    with torch.no_grad():
-        theirs = hf(
-            input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
-            attention_mask=torch.tensor(np.asarray(valid), dtype=torch.long),
-            position_ids=torch.tensor(np.asarray(positions), dtype=torch.long),
-        ).logits.numpy()
+
+    def torch_logits(module) -> np.ndarray:
+        with torch.no_grad():
+            inputs = {"input_ids": tokens, "attention_mask": valid, "position_ids": positions}
+            return module(
+                **{k: torch.tensor(np.asarray(v), dtype=torch.long) for k, v in inputs.items()}
+            ).logits.numpy()
+
     mask = np.asarray(valid)
-    np.testing.assert_allclose(ours[mask], theirs[mask], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours[mask], torch_logits(hf)[mask], rtol=1e-4, atol=1e-4)
     # And merged in peft equals merged here.
-    merged_hf = hf.merge_and_unload()
-    with torch.no_grad():
-        theirs_merged = merged_hf(
-            input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
-            attention_mask=torch.tensor(np.asarray(valid), dtype=torch.long),
-            position_ids=torch.tensor(np.asarray(positions), dtype=torch.long),
-        ).logits.numpy()
+    theirs_merged = torch_logits(hf.merge_and_unload())
     np.testing.assert_allclose(
         _logits(lora.merge(model), tokens, positions, valid)[mask], theirs_merged[mask], rtol=1e-4, atol=1e-4
     )

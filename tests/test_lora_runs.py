@@ -6,12 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import wait_for
 from safetensors.numpy import load_file
 
 from configs import demo
@@ -49,10 +49,7 @@ def test_a_lora_run_killed_mid_round_resumes_to_the_uninterrupted_policy(tmp_pat
     workdir = str(tmp_path / "killed")
     cmd = main_command.argv(workdir, *OVERRIDES)
     proc = subprocess.Popen(cmd, cwd=main_command.cwd, env=main_command.env(), stderr=subprocess.DEVNULL)
-    first = os.path.join(workdir, "spin", "round_0", "train", "3")
-    deadline = time.time() + 300
-    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(proc, os.path.join(workdir, "spin", "round_0", "train", "3"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(workdir, "spin", "policies", "1"))

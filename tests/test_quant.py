@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import left_padded_prompts
 
 from pl_dpo import decode_layout, sampler, sharding
 from pl_dpo.models import create_model, from_pretrained, preset_config, save_pretrained
@@ -25,12 +26,7 @@ def model():
 
 
 def _prompts(batch, length=12, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, VOCAB, (batch, length)).astype(np.int32)
-    valid = np.ones((batch, length), bool)
-    for b in range(batch):
-        valid[b, : rng.integers(0, length // 2)] = False
-    return np.where(valid, tokens, 0), valid
+    return left_padded_prompts(batch, VOCAB, length, seed)
 
 
 def test_int8_quantization_against_float64_numpy():

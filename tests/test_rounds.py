@@ -4,11 +4,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
+from helpers import wait_for
 
 from configs import demo
 from pl_dpo import config_lib, scoring, sharding
@@ -109,10 +109,7 @@ def test_sigkill_mid_round_then_resume_gives_same_parameters(reference_run, main
     env = main_command.env()
     cmd = main_command.argv(workdir, *OVERRIDES, "--config.modes=spin")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_ckpt = os.path.join(workdir, "spin", "round_1", "train", "3")
-    deadline = time.time() + 300
-    while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(proc, os.path.join(workdir, "spin", "round_1", "train", "3"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -177,10 +174,7 @@ def test_sigterm_mid_round_saves_and_exits_143(reference_run, main_command):
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=main_command.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    first_ckpt = os.path.join(workdir, "spin", "round_0", "train", "3")
-    deadline = time.time() + 300
-    while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(proc, os.path.join(workdir, "spin", "round_0", "train", "3"))
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr[-2000:]

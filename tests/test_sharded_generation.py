@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import left_padded_prompts
 
 from pl_dpo import decode_layout, sampler, scoring, sharding
 from pl_dpo.data import RankedBatch, RankedSet
@@ -32,12 +33,7 @@ def _sharded(model, data=1, fsdp=-1, tensor=1):
 
 
 def _prompts(batch, length=12, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, VOCAB, (batch, length)).astype(np.int32)
-    valid = np.ones((batch, length), bool)
-    for b in range(batch):
-        valid[b, : rng.integers(0, length // 2)] = False
-    return np.where(valid, tokens, 0), valid
+    return left_padded_prompts(batch, VOCAB, length, seed)
 
 
 @pytest.mark.parametrize(
