@@ -76,9 +76,9 @@ COLUMNS = {
     "lora_step": [
         ("step", "step_s", "ms"),
         ("trained parameters", "trained_params", "int"),
-        ("train state", "train_state_bytes", "gib"),
-        ("compiled arguments", "argument_bytes", "gib"),
-        ("compiled temporaries", "temp_bytes", "gib"),
+        ("train state", "train_state_bytes", "mib"),
+        ("compiled arguments", "argument_bytes", "mib"),
+        ("compiled temporaries", "temp_bytes", "mib"),
     ],
     "int8_sampler": [
         ("new tokens/s", "new_tokens_per_s", "int"),
@@ -115,6 +115,7 @@ def fmt(value, kind: str) -> str:
         "int": lambda v: f"{v:,.0f}",
         "pct": lambda v: f"{100 * v:.1f}%",
         "gib": lambda v: f"{v / 2**30:.2f} GiB",
+        "mib": lambda v: f"{v / 2**20:.1f} MiB",
         "x": lambda v: f"{v:.2f}x",
         "f1": lambda v: f"{v:.1f}",
         "f3": lambda v: f"{v:.3f}",
