@@ -4,7 +4,7 @@
 # an H200 the parts take: logprob_kernel + train_step ~5 min, sampler + self_play_round ~2.5 min, the
 # numeric tests > 5 min (compiles dominate). So three calls, timeout_s=600 each:
 #     bash benchmarks/gpu_session.sh train      # logprob_kernel, train_step
-#     bash benchmarks/gpu_session.sh rest       # sampler, self_play_round
+#     bash benchmarks/gpu_session.sh rest       # sampler, self_play_round, lora_step
 #     bash benchmarks/gpu_session.sh tests      # model / log-prob / loss / packing tests with JAX_PLATFORMS=cuda
 # Merge the two result files with benchmarks.run.write_results (see BENCHMARKS.md, "GPU").
 #
@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 case $part in
   train) timeout 560 python3 -m benchmarks.run --gpu --only=logprob_kernel,train_step --out="$OUT" 2>&1 \
            | grep -v "Loading weights" | tee "$OUT/benchmarks.log" ;;
-  rest) timeout 560 python3 -m benchmarks.run --gpu --only=sampler,self_play_round --out="$OUT" 2>&1 \
+  rest) timeout 560 python3 -m benchmarks.run --gpu --only=sampler,self_play_round,lora_step --out="$OUT" 2>&1 \
            | grep -v "Loading weights" | tee "$OUT/benchmarks.log" ;;
   # One device (JAX_PLATFORMS=cuda), so the 8-device mesh tests are left out; conftest asks for full float32
   # matmuls (no TF32) on a GPU. Verbose, so that a run cut by the timeout still names every test it finished.
