@@ -71,15 +71,25 @@ def lora(
     rslora: bool = False,
     targets: str = r"(q|k|v|o|gate|up|down)_proj$",
     init_adapter: str = "",
+    frozen_int8: bool = False,
 ) -> ml_collections.ConfigDict:
     """A model's LoRA section (pl_dpo.models.lora). enabled: every phase that trains this model (its SFT, the rounds)
     trains adapters of `rank` on frozen weights, scaled alpha/rank (rslora: alpha/sqrt(rank)), and merges them
     into the phase's policy at its end. targets: a regex searched in the projections' module paths
     ("layers/attn/q_proj", "layers/mlp/down_proj", "lm_head"); the default is every attention and MLP projection.
     init_adapter: a PEFT adapter folder the model's SFT starts from (with sft steps 0: πθ(0) is the model with it
-    merged)."""
+    merged). frozen_int8: QLoRA-style, the frozen projections as int8 while a phase trains (a quarter of float32's
+    bytes); the adapters, trained against those, are merged into the full-precision weights at the phase's end."""
     return ml_collections.ConfigDict(
-        dict(enabled=enabled, rank=rank, alpha=alpha, rslora=rslora, targets=targets, init_adapter=init_adapter)
+        dict(
+            enabled=enabled,
+            rank=rank,
+            alpha=alpha,
+            rslora=rslora,
+            targets=targets,
+            init_adapter=init_adapter,
+            frozen_int8=frozen_int8,
+        )
     )
 
 

@@ -231,7 +231,13 @@ def lora(model_cfg: ml_collections.ConfigDict, where: str = "model") -> LoraConf
     if not section or not section.enabled:
         return None
     try:
-        return LoraConfig(rank=section.rank, alpha=section.alpha, rslora=bool(section.rslora), targets=section.targets)
+        return LoraConfig(
+            rank=section.rank,
+            alpha=section.alpha,
+            rslora=bool(section.rslora),
+            targets=section.targets,
+            frozen_int8=bool(section.get("frozen_int8", False)),
+        )
     except LoraError as e:
         raise ConfigError(f"config.{where}.lora.{e}") from None
 

@@ -52,6 +52,11 @@ DEFAULT_DECODER_RULES: tuple[tuple[str, P], ...] = (
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head)/lora_b$", P(None, "tensor")),
     (r"(o_proj|down_proj)/lora_a$", P("tensor", None)),
     (r"(o_proj|down_proj)/lora_b$", P(None, "fsdp")),
+    # A frozen int8 kernel (models.quant.Int8Kernel, LoRA's frozen_int8): its values as the kernel, its scales [out].
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel/q$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel/scale$", P("tensor")),
+    (r"(o_proj|down_proj)/kernel/q$", P("tensor", "fsdp")),
+    (r"(o_proj|down_proj)/kernel/scale$", P("fsdp")),
 )
 
 

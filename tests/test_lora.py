@@ -183,3 +183,38 @@ def test_the_harness_backend_takes_a_peft_folder_on_its_model(tmp_path):
     lm = PlDpoLM(path=str(tmp_path / "base"), peft=str(tmp_path / "adapter"))
     batch = _tokens()
     np.testing.assert_allclose(_logits(lm.model, *batch), _logits(model, *batch), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_frozen_weights_train_the_adapters_and_merge_into_the_full_precision_weights():
+    """QLoRA-style: the layers' kernels int8 while training (a quarter of their float32 bytes), the adapters
+    trained on them put back on the full-precision start and merged there: start + scale * A @ B exactly."""
+    mesh, rules = sharding.make_mesh(1, -1, 1), sharding.DEFAULT_DECODER_RULES
+    start = lambda: sharding.create_sharded_module(lambda: create_model(CFG, seed=0), mesh, rules)  # noqa: E731
+    model = start()
+    kernel_sharding = model.layers.attn.q_proj.kernel[...].sharding
+    config = lora.LoraConfig(rank=4, alpha=8.0, rslora=False, targets="_proj$", frozen_int8=True)
+    lora.add_adapters(model, config, jax.random.key(0), sharding.placement(mesh, rules))
+    lora.quantize_frozen(model)
+    q_proj = model.layers.attn.q_proj.kernel[...]
+    assert q_proj.q.dtype == jnp.int8 and q_proj.q.sharding == kernel_sharding  # quantized where it lies
+    tx = optax.adam(1e-2)
+    graphdef, state, state_sh = train.init_train_state(model, tx, mesh, rules)
+    frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.frozen))
+    assert frozen_bytes < 0.5 * 4 * CFG.num_params()
+    tokens, positions, valid = _tokens()
+
+    def objective(m, batch):
+        return -jnp.mean(jax.nn.log_softmax(m.logits(m(tokens, positions, valid)))[..., 5]), {}
+
+    step = train.make_train_step(graphdef, objective, tx, state_sh, None)
+    losses = []
+    for _ in range(4):
+        params, opt_state, metrics = step(state.params, state.opt_state, None, state.frozen)
+        state = train.TrainState(params, opt_state, state.frozen)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    trained = nnx.merge(graphdef, state.params, state.frozen)
+    merged = lora.merge(lora.put_on(start(), lora.carried(trained)))
+    a, b = (np.asarray(x, np.float64)[0] for x in lora.adapters(trained)["layers/attn/q_proj"])
+    want = np.asarray(start().layers.attn.q_proj.kernel[...], np.float64)[0] + config.scale * a @ b
+    np.testing.assert_allclose(np.asarray(merged.layers.attn.q_proj.kernel[...])[0], want, rtol=1e-6, atol=1e-6)

@@ -86,3 +86,22 @@ def test_a_lora_setting_the_model_cannot_take_is_one_line_and_exit_2(tmp_path, m
         .startswith("error: config.model.lora: targets='qkv' matches no projection of the model; its projections: ")
     )
     assert not os.path.exists(tmp_path / "run" / "sft")
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_int8_frozen_weights_merges_into_the_full_precision_policy(tmp_path, main_command):
+    """frozen_int8: the round trains on int8 kernels; πθ(1) is πθ(0) in full precision plus its PEFT adapters."""
+    flags = LORA + ["--config.model.lora.frozen_int8=True", "--config.modes=spin"]
+    run = main_command.run(str(tmp_path), *flags)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = demo.get_config("quick")
+    config = config_lib.apply_overrides(config, config_lib.parse_flag_overrides(config, flags))
+    store = rounds.SelfPlay(config, str(tmp_path)).policies
+    start, policy = (store.restore(*where, config.model, t) for where, t in ((("sft",), 0), (("spin",), 1)))
+    adapter = load_file(os.path.join(tmp_path, "spin", "round_0", "adapter", peft_io.WEIGHTS_FILE))
+    name = "base_model.model.model.layers.1.mlp.down_proj.lora_{}.weight"
+    a, b = (adapter[name.format(x)].astype(np.float64) for x in "AB")  # PEFT: A [r, in], B [out, r]
+    peft_config = json.loads(open(os.path.join(tmp_path, "spin", "round_0", "adapter", peft_io.CONFIG_FILE)).read())
+    scale = peft_config["lora_alpha"] / peft_config["r"]
+    want = np.asarray(start.layers.mlp.down_proj.kernel[...], np.float64)[1] + scale * (b @ a).T
+    np.testing.assert_allclose(np.asarray(policy.layers.mlp.down_proj.kernel[...])[1], want, rtol=1e-5, atol=1e-6)

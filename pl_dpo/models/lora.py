@@ -27,8 +27,11 @@ import re
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pl_dpo.models.layers import Linear
+from pl_dpo.models.quant import Int8Kernel, quantize_int8
 
 
 class LoraError(ValueError):
@@ -43,6 +46,9 @@ class LoraConfig:
     alpha: float
     rslora: bool  # scale alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank
     targets: str  # a regex searched in each projection's module path, e.g. "layers/attn/q_proj"
+    # QLoRA-style: the layers' frozen projection kernels as int8 while the phase trains (`quantize_frozen`); the
+    # phase's policy merges the adapters into the full-precision weights (`SelfPlay._merged`).
+    frozen_int8: bool = False
 
     def __post_init__(self):
         if int(self.rank) != self.rank or self.rank < 1:
@@ -96,6 +102,23 @@ def set_adapter(linear: Linear, a, b, scale: float, path: str, shardings=None) -
     linear.lora_scale = float(scale)
 
 
+def quantize_frozen(model: nnx.Module) -> None:
+    """The layers' projection kernels as weight-only int8 (`models.quant`), in place, each where it lies: the
+    int8 values keep the kernel's sharding, the per-column scales its `out` entry. The lm_head stays."""
+    for path, linear in projections(model).items():
+        kernel = linear.kernel[...]
+        if not path.startswith("layers/") or isinstance(kernel, Int8Kernel):
+            continue
+        sharding = (
+            kernel.sharding if isinstance(kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer) else None
+        )
+        out = None
+        if isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+            out = Int8Kernel(sharding, NamedSharding(sharding.mesh, P(*spec[:-2], spec[-1])))
+        linear.kernel.set_value(jax.jit(quantize_int8, out_shardings=out)(kernel))
+
+
 def has_adapters(model: nnx.Module) -> bool:
     return any(m.lora_a is not None for m in projections(model).values())
 
@@ -103,6 +126,21 @@ def has_adapters(model: nnx.Module) -> bool:
 def adapters(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Module path -> (lora_a, lora_b) of every adapted projection."""
     return {p: (m.lora_a[...], m.lora_b[...]) for p, m in projections(model).items() if m.lora_a is not None}
+
+
+def carried(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array, float]]:
+    """Module path -> (lora_a, lora_b, scale): a model's adapters to put on another model (`put_on`)."""
+    return {
+        p: (m.lora_a[...], m.lora_b[...], m.lora_scale) for p, m in projections(model).items() if m.lora_a is not None
+    }
+
+
+def put_on(model: nnx.Module, adapters_by_path: dict[str, tuple[jax.Array, jax.Array, float]]) -> nnx.Module:
+    """Puts `carried` adapters on the same projections of `model` (in place; they keep their placement)."""
+    linears = projections(model)
+    for path, (a, b, scale) in adapters_by_path.items():
+        set_adapter(linears[path], a, b, scale, path)
+    return model
 
 
 def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

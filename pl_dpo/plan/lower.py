@@ -42,6 +42,8 @@ def abstract_lora_model(cfg, adapters: lora.LoraConfig, mesh):
     def adapted():
         model = create_model(cfg, seed=0)
         lora.add_adapters(model, adapters, jax.random.key(0))
+        if adapters.frozen_int8:
+            lora.quantize_frozen(model)
         return model
 
     graphdef, params, frozen = nnx.split(nnx.eval_shape(adapted), nnx.LoRAParam, ...)

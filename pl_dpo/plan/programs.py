@@ -62,6 +62,7 @@ def settings_text(p: Program) -> str:
     accum = p.optim.grad_accum_steps if p.optim is not None and p.optim.grad_accum_steps > 1 else 1
     acc = f" x{accum} accum" if accum > 1 else ""
     adapters = f", LoRA r={p.lora.rank}" if p.kind == "train" and p.lora is not None else ""
+    adapters += " on int8" if adapters and p.lora.frozen_int8 else ""
     return f"batch {p.batch}{acc}, K={p.k}, L={p.length} {layout}, remat {remat}{adapters}"
 
 

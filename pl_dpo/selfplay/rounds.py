@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -141,7 +142,8 @@ class SelfPlay:
                     m, heldout, s.eval_batch_size, batch_type=s.batch_type
                 ),
             )
-            return self._merged(spec, trained, base=model_cfg.hf_path or f"preset {model_cfg.preset} (seed {seed})")
+            base = model_cfg.hf_path or f"preset {model_cfg.preset} (seed {seed})"
+            return self._merged(spec, trained, base, lambda: self.policies.initial(model_cfg, seed))
 
         model = stages.load_or_make(
             saved,
@@ -260,11 +262,13 @@ class SelfPlay:
             if s.export_hf and t > 0
             else os.path.join(wd.policies_dir(self.workdir, "sft" if t == 0 else mode.name), str(t))
         )
-        return self._merged(spec, trained, base)
+        return self._merged(spec, trained, base, lambda: self.round_start(mode, t))
 
-    def _merged(self, spec: PhaseSpec, model: Decoder, base: str) -> Decoder:
+    def _merged(self, spec: PhaseSpec, model: Decoder, base: str, start: Callable[[], Decoder]) -> Decoder:
         """The policy of a phase: with LoRA, its adapters are first written as a PEFT folder `<phase>/adapter`
-        (`base`: where the weights they adapt are), then merged into the weights; else the model as trained."""
+        (`base`: where the weights they adapt are), then merged into the weights; else the model as trained.
+        With `frozen_int8` the model trained on int8 kernels: the adapters go onto `start()`, the phase's start
+        policy in full precision again, and are merged there (the quantization error is not kept)."""
         if spec.lora is None:
             return model
         out = wd.adapter_dir(spec.directory)
@@ -272,6 +276,8 @@ class SelfPlay:
         if jax.process_index() == 0 and not stages.exists(os.path.join(out, peft_io.CONFIG_FILE)):
             with bucket.staged_folder(out, marker=peft_io.CONFIG_FILE) as folder:
                 peft_io.write_peft_adapter(folder, tensors, spec.lora, base)
+        if spec.lora.frozen_int8:
+            model = lora.put_on(start(), lora.carried(model))
         return lora.merge(model)
 
     def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:

@@ -102,8 +102,9 @@ def train_phase(
 
     The step donates its state, so `model`'s buffers are consumed: the caller must
     not use `model` afterwards (no second copy of the weights is ever held). With `spec.lora` the model
-    gets fresh adapters (or keeps those it has, e.g. from a PEFT folder) and only they train: the model is
-    returned with its adapters, unmerged (`lora.merge` makes the phase's policy of it). With
+    gets fresh adapters (or keeps those it has, e.g. from a PEFT folder) and only they train, on int8 frozen
+    kernels with `spec.lora.frozen_int8`: the model is returned with its adapters, unmerged (`SelfPlay._merged`
+    makes the phase's policy of them). With
     `heldout_score` and `spec.eval_every`, the phase stops early (the model of the stopping
     step is returned: `patience` readings after the best one)."""
     # ------------------------------------------------------------------ setup
@@ -135,6 +136,8 @@ def train_phase(
     tx = spec.optim.build(num_steps // max(spec.optim.grad_accum_steps, 1))
     if spec.lora is not None and not lora_lib.has_adapters(model):
         lora_lib.add_adapters(model, spec.lora, jax.random.key(spec.seed), sharding.placement(mesh, rules))
+    if spec.lora is not None and spec.lora.frozen_int8:
+        lora_lib.quantize_frozen(model)
     graphdef, state, state_sh = train.init_train_state(model, tx, mesh, rules)
     train_step = train.make_train_step(graphdef, objective, tx, state_sh, sharding.batch_sharding(mesh))
     frozen = () if state.frozen is None else (state.frozen,)
