@@ -90,8 +90,9 @@ def test_a_lora_setting_the_model_cannot_take_is_one_line_and_exit_2(tmp_path, m
 
 @pytest.mark.slow
 def test_a_lora_run_on_int8_frozen_weights_merges_into_the_full_precision_policy(tmp_path, main_command):
-    """frozen_int8: the round trains on int8 kernels; πθ(1) is πθ(0) in full precision plus its PEFT adapters."""
-    flags = LORA + ["--config.model.lora.frozen_int8=True", "--config.modes=spin"]
+    """frozen_int8 (SPIN and aSFT): the round trains on int8 kernels; πθ(1) is πθ(0) in full precision plus its PEFT
+    adapters. And a PEFT folder as the start of another run."""
+    flags = LORA + ["--config.model.lora.frozen_int8=True"]
     run = main_command.run(str(tmp_path), *flags)
     assert run.returncode == 0, run.stderr[-3000:]
     config = demo.get_config("quick")
@@ -105,3 +106,14 @@ def test_a_lora_run_on_int8_frozen_weights_merges_into_the_full_precision_policy
     scale = peft_config["lora_alpha"] / peft_config["r"]
     want = np.asarray(start.layers.mlp.down_proj.kernel[...], np.float64)[1] + scale * (b @ a).T
     np.testing.assert_allclose(np.asarray(policy.layers.mlp.down_proj.kernel[...])[1], want, rtol=1e-5, atol=1e-6)
+
+    # That run's SFT adapters as the start of another run (model.lora.init_adapter, no SFT steps): its πθ(0) is the
+    # same model, the adapter merged onto the same initial weights.
+    again = tmp_path / "from_adapter"
+    more = ["--config.sft.steps=0", f"--config.model.lora.init_adapter={tmp_path / 'sft' / 'adapter'}"]
+    run = main_command.run(str(again), *flags, *more)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = config_lib.apply_overrides(config, config_lib.parse_flag_overrides(config, more))
+    restored = rounds.SelfPlay(config, str(again)).policies.restore("sft", config.model, 0)
+    for x, y in zip(jax.tree.leaves(nnx.state(start)), jax.tree.leaves(nnx.state(restored))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
