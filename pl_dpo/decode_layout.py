@@ -6,7 +6,8 @@ Decoding runs tensor parallel over ("tp", "tensor") and splits the batch (prompt
 over ("data", "fsdp"). Weights move there once per `sampler.generate_responses` (`decode_weights`): cast to the
 compute dtype, gathered over the outer "fsdp" only (one all-gather per weight, then an all-to-all into the
 Megatron column/row layout of `sharding.DEFAULT_DECODER_RULES` with "tensor" -> ("tp", "tensor")), never inside
-the loop.
+the loop. With `int8` the layers' projections are quantized where they lie, before the gathers (`models.quant`).
+A `ModelFolder` (an assistant used as shipped) is read from its files straight into this layout: one copy.
 """
 
 from __future__ import annotations
