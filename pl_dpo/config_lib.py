@@ -2,8 +2,8 @@
 
 The config is an `ml_collections.ConfigDict` (configs/common.py:base() declares every field and its default).
 Library code takes the frozen dataclasses built below instead: `run_settings` (pl_dpo.settings.RunSettings,
-with the SFT and round PhaseSettings), `optimizer`, `loss`, `sampling`, `model_config`, `lora`. Only the stages that
-create or restore models (selfplay.rounds / policies / run_data, the planner) still read a model, data or
+with the SFT and round PhaseSettings), `optimizer`, `loss`, `sampling`, `model_config`, `lora`. Only the stages
+that create or restore models (selfplay.rounds / policies / run_data, the planner) still read a model, data or
 assistant section. The plain-value helpers (`plain`, `lookup`, `apply_overrides`, `parse_flag_overrides`) live in
 `pl_dpo.config_values` and are re-exported here: the workdir check, experiments/sweep.py and the tests use them.
 """

@@ -17,6 +17,7 @@ import numpy as np
 
 from pl_dpo import config_lib, sampler, scoring
 from pl_dpo.data import DamagedFile, RankedSet, concat_ranked_sets, grade_answer, load_ranked_set, tokenize_examples
+from pl_dpo.decode_layout import ModelFolder
 from pl_dpo.models import Decoder
 from pl_dpo.selfplay import generation, modes, seeds, stages
 from pl_dpo.selfplay.modes import TokenIds
@@ -43,7 +44,7 @@ class RankedSets:
         tokenizer,
         metric_log: MetricLog,
         *,
-        assistant: Callable[[int], Decoder],
+        assistant: Callable[[int], Decoder | ModelFolder],
         assistant_tokenizers: tuple[str, ...],
         assistant_int8: tuple[bool, ...],
         sft_policy: Callable[[], Decoder],
