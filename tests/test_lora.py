@@ -137,11 +137,9 @@ def test_a_peft_folder_round_trips_and_names_a_tensor_of_the_wrong_shape(tmp_pat
         peft_io.load_peft_adapter(create_model(other, seed=0), str(tmp_path / "adapter"))
 
 
-torch = pytest.importorskip("torch")
-
-
 def test_peft_loads_the_adapter_on_the_hf_model_with_equal_logits(tmp_path):
     """The exported base + the PEFT folder in peft (PyTorch), against pl_dpo's unmerged forward."""
+    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     model = _with_random_adapters()
