@@ -43,7 +43,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.compute_dtype)
         kernel = self.kernel[...]
-        if isinstance(kernel, Int8Kernel):  # a sampler's weight-only int8 (`pl_dpo.models.quant`)
+        if isinstance(kernel, Int8Kernel):  # weight-only int8 (`models.quant`): a sampler's, or LoRA's frozen_int8
             y = jnp.einsum("...i,io->...o", x, kernel.q.astype(self.compute_dtype))
             y = y * kernel.scale.astype(self.compute_dtype)
         else:

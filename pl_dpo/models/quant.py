@@ -1,4 +1,5 @@
-"""Weight-only int8 for models that are only sampled or scored (`model.sample_int8`; `pl_dpo.decode_layout`).
+"""Weight-only int8: models that are only sampled (`model.sample_int8`, `pl_dpo.decode_layout`), and LoRA's frozen
+weights while a phase trains (`model.lora.frozen_int8`, `pl_dpo.models.lora.quantize_frozen`).
 
 A projection's kernel [*stack, in, out] becomes int8 values and one float32 scale per output column (symmetric,
 absmax over `in` / 127): `x @ kernel ~= (x @ q) * scale`. The matmul reads int8 from memory (half of bf16,
