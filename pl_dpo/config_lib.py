@@ -81,10 +81,15 @@ def loss(section: ml_collections.ConfigDict) -> losses.LossConfig:
 
 
 def sampling(
-    section: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...] = (), pad_id: int = 0, int8: bool = False
+    section: ml_collections.ConfigDict,
+    *,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    int8: bool = False,
+    num_ids: int = 0,
 ) -> sampler.SamplingConfig:
-    """The sampling section as the sampler's SamplingConfig (EOS and padding come from the tokenizer; `int8`: the
-    sampled model section's `sample_int8`)."""
+    """The sampling section as the sampler's SamplingConfig (EOS, padding and the number of ids come from the
+    tokenizer; `int8`: the sampled model section's `sample_int8`)."""
     return sampler.SamplingConfig(
         max_new_tokens=section.max_new_tokens,
         temperature=section.temperature,
@@ -93,18 +98,18 @@ def sampling(
         eos_ids=tuple(eos_ids),
         pad_id=pad_id,
         int8=bool(int8),
+        num_ids=num_ids,
     )
 
 
 def used_as_shipped(assistant: ml_collections.ConfigDict) -> bool:
     """An assistant section whose model is sampled as its folder has it (no SFT, no PEFT adapter to merge): the
     run reads it straight into the sampler's layout (`decode_layout.ModelFolder`)."""
-    return assistant.sft_steps == 0 and not (lora(assistant.model) and assistant.model.lora.init_adapter)
+    return assistant.sft_steps == 0 and not init_adapter(assistant.model)
 
 
 def sample_int8(model_cfg: ml_collections.ConfigDict) -> bool:
-    """A model section's `sample_int8` (False in configs written before it existed)."""
-    return bool(model_cfg.get("sample_int8", False))
+    return bool(model_cfg.sample_int8)
 
 
 def sft_phase(section: ml_collections.ConfigDict) -> PhaseSettings:
@@ -226,9 +231,9 @@ def model_config(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> Decod
 
 
 def lora(model_cfg: ml_collections.ConfigDict, where: str = "model") -> LoraConfig | None:
-    """A model section's LoRA (configs/common.py:lora) as a LoraConfig; None when off (or absent: older configs)."""
-    section = model_cfg.get("lora")
-    if not section or not section.enabled:
+    """A model section's LoRA (configs/common.py:lora) as a LoraConfig; None when off."""
+    section = model_cfg.lora
+    if not section.enabled:
         return None
     try:
         return LoraConfig(
@@ -236,10 +241,15 @@ def lora(model_cfg: ml_collections.ConfigDict, where: str = "model") -> LoraConf
             alpha=section.alpha,
             rslora=bool(section.rslora),
             targets=section.targets,
-            frozen_int8=bool(section.get("frozen_int8", False)),
+            frozen_int8=bool(section.frozen_int8),
         )
     except LoraError as e:
         raise ConfigError(f"config.{where}.lora.{e}") from None
+
+
+def init_adapter(model_cfg: ml_collections.ConfigDict) -> str:
+    """The PEFT folder a model's LoRA starts from ("": none, or LoRA off)."""
+    return model_cfg.lora.init_adapter if model_cfg.lora.enabled else ""
 
 
 def check_lora(model_cfg: ml_collections.ConfigDict, where: str, vocab_size: int) -> None:
@@ -251,8 +261,8 @@ def check_lora(model_cfg: ml_collections.ConfigDict, where: str, vocab_size: int
     model = nnx.eval_shape(lambda: create_model(model_config(model_cfg, vocab_size), seed=0))
     try:
         lora_lib.targets(model, settings)
-        if model_cfg.lora.init_adapter:
-            peft_io.load_peft_adapter(model, model_cfg.lora.init_adapter)
+        if init_adapter(model_cfg):
+            peft_io.load_peft_adapter(model, init_adapter(model_cfg))
     except LoraError as e:
         raise ConfigError(f"config.{where}.lora: {e}") from None
 

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from pl_dpo import sharding
 from pl_dpo.models import hf_io
 from pl_dpo.models.decoder import Decoder
-from pl_dpo.models.quant import Int8Kernel, quantize_int8
+from pl_dpo.models.quant import Int8Kernel, quantize_int8, scale_sharding
 
 DECODE_AXES = ("data", "fsdp", "tp", "tensor")
 DECODE_BATCH = ("data", "fsdp")
@@ -168,11 +168,10 @@ def _relayout(layers_state, rest_state, *, num_layers, cdt, rest_sh, layer_sh, i
     def move_int8(x, shardings):
         # Quantized where the weight is (its training layout), so the gathers move int8, not the compute dtype.
         kernel = quantize_int8(x)
-        scale_specs = [NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:2])) for sh in shardings]  # the `out` entry
         q, scale = kernel.q, kernel.scale
-        for sh, scale_sh in zip(shardings, scale_specs):
+        for sh in shardings:
             q = jax.lax.with_sharding_constraint(q, sh)
-            scale = jax.lax.with_sharding_constraint(scale, scale_sh)
+            scale = jax.lax.with_sharding_constraint(scale, scale_sharding(sh, x.ndim))
         return Int8Kernel(q, scale)
 
     leaves, treedef = jax.tree.flatten(rest_state)
@@ -194,10 +193,9 @@ def abstract_decode_weights(layers_state, rest_state, static: dict[str, Any]):
     def one(leaf, shardings, stacked: bool, int8: bool):
         shape, final = tuple(leaf.shape[1:] if stacked else leaf.shape), shardings[-1]
         if int8:
-            scale_sh = NamedSharding(final.mesh, P(*tuple(final.spec)[1:2]))
             return Int8Kernel(
                 jax.ShapeDtypeStruct(shape, jnp.int8, sharding=final),
-                jax.ShapeDtypeStruct(shape[:-2] + shape[-1:], jnp.float32, sharding=scale_sh),
+                jax.ShapeDtypeStruct(shape[:-2] + shape[-1:], jnp.float32, sharding=scale_sharding(final, len(shape))),
             )
         dtype = static["cdt"] if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
         return jax.ShapeDtypeStruct(shape, dtype, sharding=final)
@@ -285,8 +283,8 @@ def _folder_weights(folder: ModelFolder, batch: int, max_len: int, tp, hbm_bytes
         final = NamedSharding(layout.mesh, sharding.spec_for(path, value.shape, layout.mesh, rules))
         placed = jax.make_array_from_callback(value.shape, final, lambda idx: value[idx])
         if int8 and layer is not None and path.endswith("_proj/kernel"):
-            scale_sh = NamedSharding(layout.mesh, P(*tuple(final.spec)[1:2]))
-            return jax.jit(quantize_int8, out_shardings=Int8Kernel(final, scale_sh))(placed)
+            out = Int8Kernel(final, scale_sharding(final, placed.ndim))
+            return jax.jit(quantize_int8, out_shardings=out)(placed)
         return jax.jit(lambda x: x.astype(cdt) if jnp.issubdtype(x.dtype, jnp.floating) else x)(placed)
 
     def loaded(state, layer: int | None) -> nnx.State:

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pl_dpo.models.layers import Linear
-from pl_dpo.models.quant import Int8Kernel, quantize_int8
+from pl_dpo.models.quant import Int8Kernel, quantize_int8, scale_sharding
 
 
 class LoraError(ValueError):
@@ -112,10 +111,9 @@ def quantize_frozen(model: nnx.Module) -> None:
         sharding = (
             kernel.sharding if isinstance(kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer) else None
         )
-        out = None
-        if isinstance(sharding, NamedSharding):
-            spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-            out = Int8Kernel(sharding, NamedSharding(sharding.mesh, P(*spec[:-2], spec[-1])))
+        out = (
+            Int8Kernel(sharding, scale_sharding(sharding, kernel.ndim)) if isinstance(sharding, NamedSharding) else None
+        )
         linear.kernel.set_value(jax.jit(quantize_int8, out_shardings=out)(kernel))
 
 
@@ -123,20 +121,15 @@ def has_adapters(model: nnx.Module) -> bool:
     return any(m.lora_a is not None for m in projections(model).values())
 
 
-def adapters(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """Module path -> (lora_a, lora_b) of every adapted projection."""
-    return {p: (m.lora_a[...], m.lora_b[...]) for p, m in projections(model).items() if m.lora_a is not None}
-
-
-def carried(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array, float]]:
-    """Module path -> (lora_a, lora_b, scale): a model's adapters to put on another model (`put_on`)."""
+def adapters(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array, float]]:
+    """Module path -> (lora_a, lora_b, scale) of every adapted projection (what `put_on` puts on another model)."""
     return {
         p: (m.lora_a[...], m.lora_b[...], m.lora_scale) for p, m in projections(model).items() if m.lora_a is not None
     }
 
 
 def put_on(model: nnx.Module, adapters_by_path: dict[str, tuple[jax.Array, jax.Array, float]]) -> nnx.Module:
-    """Puts `carried` adapters on the same projections of `model` (in place; they keep their placement)."""
+    """Puts another model's `adapters` on the same projections of `model` (in place; they keep their placement)."""
     linears = projections(model)
     for path, (a, b, scale) in adapters_by_path.items():
         set_adapter(linears[path], a, b, scale, path)

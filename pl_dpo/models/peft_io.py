@@ -32,7 +32,7 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
     """The model's adapters by PEFT name, on the host (float32). Every process must call it: gathering sharded
     adapters is collective."""
     tensors: dict[str, np.ndarray] = {}
-    for path, (a, b) in lora_lib.adapters(model).items():
+    for path, (a, b, _) in lora_lib.adapters(model).items():
         a, b = to_host(a).astype(np.float32), to_host(b).astype(np.float32)
         stacked = path.startswith("layers/")
         for i, (a_i, b_i) in enumerate(zip(a, b) if stacked else [(a, b)]):

@@ -13,6 +13,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @jax.tree_util.register_dataclass
@@ -29,6 +31,13 @@ class Int8Kernel:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.q.shape)
+
+
+def scale_sharding(kernel_sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """Where the scales [*stack, out] of a kernel [*stack, in, out] placed by `kernel_sharding` go: its spec
+    without the `in` entry."""
+    spec = tuple(kernel_sharding.spec) + (None,) * (ndim - len(kernel_sharding.spec))
+    return NamedSharding(kernel_sharding.mesh, P(*spec[:-2], spec[-1]))
 
 
 def quantize_int8(kernel: jax.Array) -> Int8Kernel:

@@ -11,7 +11,6 @@ The workdir may be a gs:// bucket path: every file goes through etils.epath (pl_
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -65,8 +64,8 @@ class SelfPlay:
             eos_ids=(self.tokenizer.eos_token_id,),
             pad_id=self.tokenizer.pad_token_id,
             int8=config_lib.sample_int8(config.model),
+            num_ids=len(self.tokenizer),
         )
-        sampling = dataclasses.replace(sampling, num_ids=len(self.tokenizer))
         self.sets = RankedSets(
             self.workdir,
             s,
@@ -105,8 +104,7 @@ class SelfPlay:
         s, steps = self.settings, phase.steps
         seed = seeds.sft_seed(s.seed, lineage)
         saved = self.policies.saved(lineage, 0)
-        adapter = config_lib.lora(model_cfg)
-        init_adapter = model_cfg.lora.init_adapter if adapter else ""
+        adapter, init_adapter = config_lib.lora(model_cfg), config_lib.init_adapter(model_cfg)
 
         def initial() -> Decoder:
             """The model as loaded (or created), with the PEFT adapter it starts from."""
@@ -277,7 +275,7 @@ class SelfPlay:
             with bucket.staged_folder(out, marker=peft_io.CONFIG_FILE) as folder:
                 peft_io.write_peft_adapter(folder, tensors, spec.lora, base)
         if spec.lora.frozen_int8:
-            model = lora.put_on(start(), lora.carried(model))
+            model = lora.put_on(start(), lora.adapters(model))
         return lora.merge(model)
 
     def round_policy(self, mode: modes.Mode, t: int, K: int) -> Decoder:
