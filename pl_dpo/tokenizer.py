@@ -17,11 +17,12 @@ Design choices (why):
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -125,6 +126,18 @@ def build_tiny_tokenizer(
     return hf
 
 
+# What AutoTokenizer loads as PreTrainedTokenizerFast (transformers 5 names it TokenizersBackend): a tokenizer.json.
+_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _tokenizer_class(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None  # AutoTokenizer says what is wrong
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Loads a tokenizer from a local folder (never remote code, never a download).
 
@@ -140,7 +153,14 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(
             f"{path!r} holds no tokenizer files (tokenizer.json / tokenizer_config.json); found {sorted(files)}"
         )
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if _tokenizer_class(path) in _FAST_CLASSES:
+        tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+        # Imported here: AutoTokenizer brings transformers' model configs, and with them torch where it is
+        # installed (2 s of every process), which a tokenizer.json-only tokenizer (pl_dpo's own) never needs.
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"Tokenizer at {path!r} has neither a pad nor an eos token; set one.")

@@ -5,6 +5,7 @@ against lm-eval's own `hf` backend on local task files of every output type."""
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -294,15 +295,20 @@ def test_scores_equal_lm_evals_own_hf_backend(smollm2, tmp_path, chat, fewshot):
                 assert ours["results"][name][metric] == pytest.approx(value, rel=1e-4), (name, metric)
 
 
-@pytest.mark.slow  # ~45 s: lm-eval's command line with the pl_dpo backend, in a subprocess
-def test_the_command_line_evaluates_a_model_folder(smollm2, tmp_path, main_command):
+@pytest.mark.slow  # ~45 s: lm-eval's own command line with the pl_dpo backend, in a subprocess
+def test_lm_evals_own_command_line_evaluates_a_model_folder(smollm2, tmp_path, main_command):
     import glob
+    import site
     import subprocess
     import sys
 
     pytest.importorskip("lm_eval")
+    # The install's one-line .pth (setup.py) is what lets the bare `lm_eval` find the backend.
+    assert any(os.path.exists(os.path.join(d, "pl_dpo_lm_eval.pth")) for d in site.getsitepackages()), (
+        "pl_dpo_lm_eval.pth is not in site-packages: reinstall pl_dpo (pip install -e .)"
+    )
     _write_tasks(tmp_path, 0)
-    argv = [sys.executable, "-m", "pl_dpo.harness", "--model", "pl_dpo", "--model_args", f"path={smollm2}",
+    argv = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "pl_dpo", "--model_args", f"path={smollm2}",
             "--batch_size", "4", "--tasks", "pl_dpo_mc", "--include_path", str(tmp_path), "--limit", "2",
             "--output_path", str(tmp_path / "out")]  # fmt: skip
     done = subprocess.run(argv, cwd=tmp_path, env=main_command.env(), capture_output=True, text=True, timeout=600)

@@ -1,6 +1,6 @@
 """`python -m pl_dpo.harness --model pl_dpo --model_args path=<HF folder | a run's policy> --tasks ...`: lm-eval's own
-command line, with pl_dpo's backend registered first (lm-eval finds backends by import, not by entry point). A
-model path that cannot be read is one line and exit code 2."""
+command line (as `lm_eval`, which finds the backend through `lm_eval_hook`), except that a model path that cannot be
+read is one line and exit code 2 instead of lm-eval's traceback."""
 
 import sys
 

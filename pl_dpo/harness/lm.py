@@ -1,6 +1,6 @@
 """pl_dpo's model as an lm-evaluation-harness backend, registered as `pl_dpo` (the `eval` extra brings lm-eval).
 
-    python -m pl_dpo.harness --model pl_dpo --model_args path=<HF folder | a run's policy>[,peft=<PEFT folder>] --tasks <tasks> ...
+    lm_eval --model pl_dpo --model_args path=<HF folder | a run's policy>[,peft=<PEFT folder>] --tasks <tasks> ...
     lm_eval.simple_evaluate(model=PlDpoLM(path=...), tasks=[...])   # or PlDpoLM(model=..., tokenizer=...)
 
 Requests are read as lm-eval's own `hf` backend reads them (tokenization, BOS/EOS prefix, left truncation,

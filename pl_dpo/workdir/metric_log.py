@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +35,22 @@ from pl_dpo.workdir.layout import atomic_write_text
 log = logging.getLogger(__name__)
 
 SYNC_SECONDS = 60.0  # a bucket workdir's metric log is uploaded at least this often while it is written
+
+
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch wherever it is installed,
+    only to take torch tensors as values, and this log writes floats. That import is 2 s of every run (and of
+    every test's run) on a machine with torch. torch stays importable after."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects and skips
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class _ObjectText:
@@ -101,9 +118,7 @@ class MetricLog:
                 os.makedirs(workdir, exist_ok=True)
                 _cut_to_last_record(path)
                 self._jsonl = open(path, "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(tb_dir)
+            self._tb = _summary_writer()(tb_dir)
 
     def write(self, phase: str, step: int, metrics: dict[str, Any], global_step: int | None = None) -> None:
         if not self._active:
