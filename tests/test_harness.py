@@ -434,3 +434,31 @@ def test_a_run_that_asks_for_a_chat_template_its_tokenizer_lacks_is_refused(tmp_
     tokenizer.chat_template = None
     with pytest.raises(harness_run.TaskError, match=r"apply_chat_template=True, but the run's tokenizer .* has no"):
         harness_run.check_chat_template(settings, tokenizer)
+
+
+def test_lm_evals_catalogue_lists_pl_dpo_without_importing_it():
+    """The install's .pth hook: lm-eval's registry names `pl_dpo`, and nothing of pl_dpo's backend or jax is imported
+    until lm-eval asks for it (then it is the backend class)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    probe = (
+        "import sys; import lm_eval.models; from lm_eval.api.registry import model_registry, get_model; "
+        "print('pl_dpo' in model_registry, 'jax' in sys.modules, 'pl_dpo.harness.lm' in sys.modules); "
+        "print(get_model('pl_dpo').__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "False", "False", "PlDpoLM"]
+
+
+def test_the_hook_registers_pl_dpo_in_a_process_that_imported_lm_eval_first():
+    pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.registry import model_registry
+
+    from pl_dpo.harness import lm_eval_hook
+
+    lm_eval_hook.install()
+    assert "pl_dpo" in model_registry
