@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pl_dpo.workdir import agreement
 from pl_dpo.workdir import layout as wd
 
@@ -87,3 +89,19 @@ def test_an_hf_export_is_complete_or_absent(tmp_path, monkeypatch):
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     SelfPlay._export(run, modes.MODES["spin"], 1, model)
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_run_imports_neither_torch_nor_autotokenizer_for_its_own_tokenizer_and_log(tmp_path):
+    """torch (where installed) costs every run's process seconds; the metric log and pl_dpo's own tokenizer do
+    not need it, and torch stays importable after."""
+    pytest.importorskip("torch")
+    probe = (
+        "import sys, pl_dpo.tokenizer as t; from pl_dpo.workdir import metric_log; "
+        f"t.build_tiny_tokenizer({str(tmp_path / 'tok')!r}, ['a b c'] * 8, vocab_size=300); "
+        f"tok = t.load_tokenizer({str(tmp_path / 'tok')!r}); w = metric_log._summary_writer(); "
+        "print(isinstance(tok, t.PreTrainedTokenizerFast), w.__name__, 'torch' in sys.modules); "
+        "import torch; print(torch.ones(1).item())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "SummaryWriter", "False", "1.0"]

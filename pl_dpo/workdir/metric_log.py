@@ -48,8 +48,15 @@ def _summary_writer() -> type:
     sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects and skips
     try:
         from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:  # a tensorboardX that needs torch where it is there: imported again, with it
+        for name in [m for m in sys.modules if m.split(".")[0] == "tensorboardX"]:
+            del sys.modules[name]
     finally:
         del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
     return SummaryWriter
 
 
