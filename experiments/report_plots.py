@@ -71,27 +71,29 @@ def plot_paired(rep: Report, arms: list[Cell], control: Cell) -> str:
     return _save(rep, fig, "paired_vs_control.png", "each arm minus continued SFT")
 
 
+def _errorbar(ax, xs: list, stats: list, **style) -> None:
+    """Mean ± std over seeds at each x."""
+    ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std for s in stats], marker="o", capsize=3, **style)
+
+
+def _log_x_axes(ax, xlabel: str, metric: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+
+
 def plot_vs_T(rep: Report, by_arm: dict[str, list[Cell]]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
         for label, cells in by_arm.items():
             last = max(set.intersection(*(set(rep.rounds(c)) for c in cells)))
             stats = [rep.cell_stat(metric, c, last) for c in cells]
-            ax.errorbar(
-                [c.T for c in cells],
-                [s.mean for s in stats],
-                yerr=[s.std for s in stats],
-                marker="o",
-                capsize=3,
-                label=f"{label}, round {last}",
-            )
+            _errorbar(ax, [c.T for c in cells], stats, label=f"{label}, round {last}")
         start = rep.cell_stat(metric, next(iter(by_arm.values()))[0], 0)
         if start:
             ax.axhline(start.mean, color="gray", ls="--", label="SFT start")
-        ax.set_xscale("log")
-        ax.set_xlabel("T")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
+        _log_x_axes(ax, "T", metric)
     axes[0].legend(fontsize=8)
     fig.suptitle("metric vs T per arm (mean ± std over seeds)")
     return _save(rep, fig, "vs_T.png", "metric vs T")
@@ -102,32 +104,13 @@ def plot_size(rep: Report, arms: list[Cell], modes: list[str], sizes: list[int])
     for ax, metric in zip(axes, ("exact_match", "answer_logp_per_token")):
         first = [next(c for c in arms if c.num_train == n and c.mode == modes[0]) for n in sizes]
         s0 = [rep.cell_stat(metric, c, 0) for c in first]
-        ax.errorbar(
-            sizes,
-            [s.mean for s in s0],
-            yerr=[s.std for s in s0],
-            marker="o",
-            capsize=3,
-            color="gray",
-            ls="--",
-            label="SFT start",
-        )
+        _errorbar(ax, sizes, s0, color="gray", ls="--", label="SFT start")
         for m in modes:
             cells = [next(c for c in arms if c.num_train == n and c.mode == m) for n in sizes]
             last = max(set.intersection(*(set(rep.rounds(c)) for c in cells)))
             st = [rep.cell_stat(metric, c, last) for c in cells]
-            ax.errorbar(
-                sizes,
-                [s.mean for s in st],
-                yerr=[s.std for s in st],
-                marker="o",
-                capsize=3,
-                label=f"{arm_label(cells[0])} round {last}",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("training prompts")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
+            _errorbar(ax, sizes, st, label=f"{arm_label(cells[0])} round {last}")
+        _log_x_axes(ax, "training prompts", metric)
     axes[0].legend(fontsize=8)
     fig.suptitle("training-set size (mean ± std over seeds)")
     return _save(rep, fig, "train_size.png", "training-set size")
