@@ -261,8 +261,8 @@ def check_lora(model_cfg: ml_collections.ConfigDict, where: str, vocab_size: int
     model = nnx.eval_shape(lambda: create_model(model_config(model_cfg, vocab_size), seed=0))
     try:
         lora_lib.targets(model, settings)
-        if init_adapter(model_cfg):
-            peft_io.load_peft_adapter(model, init_adapter(model_cfg))
+        if start := init_adapter(model_cfg):
+            peft_io.load_peft_adapter(model, start)
     except LoraError as e:
         raise ConfigError(f"config.{where}.lora: {e}") from None
 
